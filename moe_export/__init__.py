@@ -1,0 +1,66 @@
+"""moe-export: replace static top-k MoE gating in ONNX graphs with a dynamic-routing op."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__version__ = "0.1.0"
+DOMAIN = "moe_export"
+OP_TYPE = "DynamicRouter"
+
+_LIB_DIR = Path(__file__).resolve().parent / "lib"
+
+
+class MoeExportError(Exception):
+    """An error the CLI reports as one line (bad input, unsupported graph, missing build)."""
+
+
+def _native(name: str, env: str, what: str) -> str:
+    override = os.environ.get(env)
+    if override:
+        if not Path(override).is_file():
+            raise MoeExportError(f"{env}={override} does not exist")
+        return override
+    path = _LIB_DIR / f"lib{name}.so"
+    if not path.is_file():
+        raise MoeExportError(f"{what} is not built ({path} missing); reinstall with `pip install .` "
+                             f"from the repository, or set {env}")
+    return str(path)
+
+
+def custom_op_library() -> str:
+    """Path of the compiled ONNX Runtime custom-op library (DynamicRouter CPU kernel)."""
+    return _native("moe_export_ort", "MOE_EXPORT_OP_LIBRARY", "the ONNX Runtime custom-op library")
+
+
+def cuda_library() -> str:
+    """Path of the CUDA routing kernel library (C entry point moe_dynamic_router_cuda)."""
+    return _native("moe_export_cuda", "MOE_EXPORT_CUDA_LIBRARY", "the CUDA routing library")
+
+
+def trt_plugin_library() -> str:
+    """Path of the TensorRT plugin library (exports getCreators)."""
+    return _native("moe_export_trt", "MOE_EXPORT_TRT_PLUGIN", "the TensorRT plugin library")
+
+
+def session(path, providers=None, **session_options):
+    """An onnxruntime.InferenceSession with the DynamicRouter library registered.
+
+    Keyword arguments set SessionOptions fields, e.g. intra_op_num_threads=1.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    for key, value in session_options.items():
+        if not hasattr(so, key):
+            raise TypeError(f"onnxruntime.SessionOptions has no field {key!r}")
+        setattr(so, key, value)
+    so.register_custom_ops_library(custom_op_library())
+    return ort.InferenceSession(str(path), sess_options=so,
+                                providers=providers or ["CPUExecutionProvider"])
+
+
+from .spec import dynamic_router, RouterAttrs  # noqa: E402  (public API)
+
+__all__ = ["session", "custom_op_library", "cuda_library", "trt_plugin_library", "dynamic_router",
+           "RouterAttrs", "MoeExportError", "DOMAIN", "OP_TYPE", "__version__"]

@@ -1,0 +1,255 @@
+"""Executable specification of the ``moe_export::DynamicRouter`` op (numpy).
+
+The compiled CPU kernel, the CUDA kernel and the portable ONNX expansion are all
+tested against :func:`dynamic_router`. The arithmetic mirrors
+``plugins/core/router_core.h`` step for step (float32 throughout, the same exp
+polynomial, the same tie-breaking), so that implementations agree bit for bit
+on the selection except where a policy decision sits within rounding of its
+boundary; :func:`dynamic_router` reports those tokens as ``ambiguous``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, asdict
+import math
+
+import numpy as np
+
+POLICIES = ("static", "top-p", "ratio", "entropy")
+SCORE_FUNCS = ("softmax", "sigmoid")
+SELECTS = ("after_score", "before_score")
+# Integer codes shared with router_core.h (kept in the same order there).
+POLICY_CODE = {p: i for i, p in enumerate(POLICIES)}
+SCORE_CODE = {s: i for i, s in enumerate(SCORE_FUNCS)}
+SELECT_CODE = {s: i for i, s in enumerate(SELECTS)}
+MAX_EXPERTS_LIMIT = 4096
+# Decisions closer than this (relative) to a policy boundary may differ between
+# implementations because float sums are taken in different orders.
+DECISION_EPS = 1e-5
+
+
+class SpecError(ValueError):
+    """Attributes that do not describe a valid router."""
+
+
+@dataclass
+class RouterAttrs:
+    """Attributes of one DynamicRouter node (names match the ONNX attributes)."""
+
+    num_experts: int
+    k: int
+    policy: str = "static"
+    threshold: float = 0.0
+    min_experts: int = 1
+    max_experts: int = 0  # 0 means "k"
+    score_func: str = "softmax"
+    select: str = "after_score"
+    normalize: int = 0
+    scale: float = 1.0
+    n_group: int = 1
+    topk_group: int = 0  # 0 means "n_group"
+    group_score_topk: int = 2
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def resolved(self) -> "RouterAttrs":
+        a = RouterAttrs(**{k: v for k, v in asdict(self).items() if k != "extra"})
+        if a.max_experts == 0:
+            a.max_experts = a.k
+        if a.topk_group == 0:
+            a.topk_group = a.n_group
+        a.validate()
+        return a
+
+    def validate(self) -> None:
+        E = self.num_experts
+        def bad(msg):
+            raise SpecError(msg)
+        if not (1 <= E <= MAX_EXPERTS_LIMIT):
+            bad(f"num_experts must be in [1, {MAX_EXPERTS_LIMIT}], got {E}")
+        if not (1 <= self.k <= E):
+            bad(f"k must be in [1, num_experts={E}], got {self.k}")
+        if self.policy not in POLICIES:
+            bad(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.score_func not in SCORE_FUNCS:
+            bad(f"unknown score_func {self.score_func!r}")
+        if self.select not in SELECTS:
+            bad(f"unknown select {self.select!r}")
+        t = float(self.threshold)
+        if not math.isfinite(t):
+            bad(f"threshold must be finite, got {self.threshold}")
+        if self.policy in ("top-p", "ratio") and not (0.0 <= t <= 1.0):
+            bad(f"threshold for policy {self.policy} must be in [0, 1], got {t}")
+        if self.policy == "entropy" and not (0.0 <= t < 1.0):
+            bad(f"threshold for policy entropy must be in [0, 1), got {t}")
+        if not (1 <= self.max_experts <= E):
+            bad(f"max_experts must be in [1, num_experts={E}], got {self.max_experts}")
+        if not (1 <= self.min_experts <= self.max_experts):
+            bad(f"min_experts must be in [1, max_experts={self.max_experts}], got {self.min_experts}")
+        if self.policy == "static" and self.max_experts < self.k:
+            bad(f"policy static needs max_experts >= k ({self.k}), got {self.max_experts}")
+        if not math.isfinite(float(self.scale)):
+            bad("scale must be finite")
+        if self.n_group < 1 or E % self.n_group:
+            bad(f"n_group ({self.n_group}) must divide num_experts ({E})")
+        if not (1 <= self.topk_group <= self.n_group):
+            bad(f"topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
+        if self.n_group > 1 and not (1 <= self.group_score_topk <= E // self.n_group):
+            bad(f"group_score_topk must be in [1, experts per group={E // self.n_group}]")
+        if self.select == "before_score" and self.score_func != "softmax":
+            bad("select=before_score is defined for score_func=softmax only")
+
+
+# --- float32 arithmetic shared with router_core.h -------------------------------------------
+_F = np.float32
+
+
+def exp32(x: np.ndarray) -> np.ndarray:
+    """Cephes-style expf, evaluated in float32 in exactly the kernel's operation order."""
+    x = np.asarray(x, dtype=_F)
+    with np.errstate(invalid="ignore", over="ignore"):
+        xc = np.clip(x, _F(-87.0), _F(88.0))
+        fx = np.floor(xc * _F(1.44269504088896341) + _F(0.5)).astype(_F)
+        r = xc - fx * _F(0.693359375)
+        r = r - fx * _F(-2.12194440e-4)
+        y = _F(1.9875691500e-4)
+        y = y * r + _F(1.3981999507e-3)
+        y = y * r + _F(8.3334519073e-3)
+        y = y * r + _F(4.1665795894e-2)
+        y = y * r + _F(1.6666665459e-1)
+        y = y * r + _F(5.0000001201e-1)
+        y = y * (r * r) + r + _F(1.0)
+        pow2 = ((fx.astype(np.int32) + 127) << 23).view(_F)
+        y = (y * pow2).astype(_F)
+        y = np.where(x < _F(-87.0), _F(0.0), y)
+        y = np.where(x > _F(88.0), _F(np.inf), y)
+    return y.astype(_F)
+
+
+def _sanitize(x: np.ndarray) -> np.ndarray:
+    # NaN logits never win a slot: they rank as -inf.
+    return np.where(np.isnan(x), _F(-np.inf), x).astype(_F)
+
+
+def _softmax_rows(x: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Row softmax over `valid` entries. Entries equal to the row max contribute exp(0)=1,
+    so +inf logits share the mass and an all -inf row is uniform."""
+    if valid is not None:
+        x = np.where(valid, x, _F(-np.inf))
+    m = x.max(axis=-1, keepdims=True)
+    d = np.where(x == m, _F(0.0), (x - m).astype(_F))
+    e = exp32(d)
+    if valid is not None:
+        e = np.where(valid, e, _F(0.0))
+    s = _seq_sum(e)
+    return (e * (_F(1.0) / s)[..., None]).astype(_F)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (_F(1.0) / (_F(1.0) + exp32(-x))).astype(_F)
+
+
+def _seq_sum(a: np.ndarray) -> np.ndarray:
+    """Left-to-right float32 sum along the last axis, the order router_core.h sums in
+    (np.sum is pairwise, which would differ in the last bits)."""
+    a = a.astype(_F)
+    if a.shape[-1] == 0:
+        return np.zeros(a.shape[:-1], dtype=_F)
+    return np.cumsum(a, axis=-1, dtype=_F)[..., -1]
+
+
+def _stable_desc_order(v: np.ndarray) -> np.ndarray:
+    # Descending by value, ties by lower expert index: ONNX TopK's order.
+    return np.argsort(-v, axis=-1, kind="stable")
+
+
+def dynamic_router(logits, bias=None, *, return_counts=False, **attrs):
+    """Reference DynamicRouter. Returns (weights, indices[, counts, ambiguous]).
+
+    logits: [..., E] float32/float16/bfloat16-as-float32; bias: [E] or None.
+    """
+    a = RouterAttrs(**attrs).resolved()
+    x0 = np.asarray(logits)
+    out_dtype = x0.dtype if x0.dtype in (np.float16, np.float32) else np.float32
+    E, K = a.num_experts, a.max_experts
+    if x0.shape[-1:] != (E,):
+        raise SpecError(f"logits last dimension must be num_experts={E}, got shape {x0.shape}")
+    lead = x0.shape[:-1]
+    x = _sanitize(x0.reshape(-1, E).astype(_F))
+    T = x.shape[0]
+    b = None if bias is None else _sanitize(np.asarray(bias, dtype=_F).reshape(E))
+
+    # 1. scores (what the weights are made of) and the ranking key.
+    if a.score_func == "softmax":
+        s = _softmax_rows(x)
+        key = x.copy() if a.select == "before_score" else s.copy()
+    else:
+        s = _sigmoid(x)
+        key = s.copy()
+    if b is not None:
+        key = _sanitize((key + b).astype(_F))
+
+    # 2. group-limited selection (DeepSeek-V3): keep the best topk_group groups.
+    valid = np.ones((T, E), dtype=bool)
+    if a.n_group > 1:
+        G, gs = a.n_group, E // a.n_group
+        kg = np.sort(key.reshape(T, G, gs), axis=-1)[..., ::-1][..., : a.group_score_topk]
+        gscore = _sanitize(_seq_sum(kg))
+        gorder = _stable_desc_order(gscore)[:, : a.topk_group]
+        gvalid = np.zeros((T, G), dtype=bool)
+        np.put_along_axis(gvalid, gorder, True, axis=1)
+        valid = np.repeat(gvalid, gs, axis=1)
+        key = np.where(valid, key, _F(-np.inf))
+    order = _stable_desc_order(key)[:, :K]
+
+    # 3. how many experts each token gets.
+    ambiguous = np.zeros(T, dtype=bool)
+    n_valid = valid.sum(axis=1)
+    if a.policy == "static":
+        counts = np.full(T, a.k, dtype=np.int64)
+    else:
+        if a.score_func == "softmax":
+            q = _softmax_rows(x, valid if a.n_group > 1 else None)
+        else:
+            sv = np.where(valid, s, _F(0.0))
+            tot = _seq_sum(sv)
+            q = np.where(tot[:, None] > 0, sv * (_F(1.0) / np.where(tot > 0, tot, 1))[:, None],
+                         np.where(valid, _F(1.0) / n_valid[:, None].astype(_F), _F(0.0))).astype(_F)
+        qs = np.take_along_axis(q, order, axis=1)
+        t = _F(a.threshold)
+        if a.policy == "top-p":
+            cum = np.cumsum(qs, axis=1, dtype=_F)
+            counts = 1 + (cum[:, :-1] < t).sum(axis=1)
+            ambiguous = (np.abs(cum - t) <= DECISION_EPS).any(axis=1)
+        elif a.policy == "ratio":
+            ref = (qs[:, :1] * t).astype(_F)
+            counts = 1 + (qs[:, 1:] >= ref).sum(axis=1)
+            ambiguous = (np.abs(qs[:, 1:] - ref) <= DECISION_EPS * np.maximum(qs[:, :1], 1e-30)).any(axis=1)
+        else:  # entropy
+            with np.errstate(divide="ignore", invalid="ignore"):
+                plogp = np.where(q > 0, q * np.log(np.where(q > 0, q, 1)).astype(_F), _F(0.0))
+            H = -_seq_sum(plogp.astype(_F))
+            Hn = np.where(n_valid > 1, H / np.log(np.maximum(n_valid, 2)).astype(_F), _F(0.0)).astype(_F)
+            frac = np.clip((Hn - t) / _F(1.0 - t), 0.0, 1.0).astype(_F)
+            span = _F(a.max_experts - a.min_experts)
+            raw = frac * span
+            counts = a.min_experts + np.floor(raw + _F(0.5)).astype(np.int64)
+            ambiguous = np.abs(raw + _F(0.5) - np.round(raw + _F(0.5))) <= DECISION_EPS * (1 + span)
+        counts = np.clip(counts, a.min_experts, a.max_experts)
+        counts = np.minimum(counts, np.maximum(n_valid, 1)).astype(np.int64)
+
+    # 4. weights of the kept experts; dropped slots are (index=E, weight=0).
+    keep = np.arange(K)[None, :] < counts[:, None]
+    if a.select == "before_score":
+        sel = np.take_along_axis(x, order, axis=1)
+        w = _softmax_rows(sel, keep)
+    else:
+        w = np.where(keep, np.take_along_axis(s, order, axis=1), _F(0.0)).astype(_F)
+        if a.normalize:
+            tot = _seq_sum(w)
+            w = np.where(tot[:, None] > 0, w * (_F(1.0) / np.where(tot > 0, tot, 1))[:, None], _F(0.0))
+    w = np.where(keep, (w * _F(a.scale)).astype(_F), _F(0.0))
+    idx = np.where(keep, order, E).astype(np.int64)
+    w = w.astype(out_dtype).reshape(*lead, K)
+    idx = idx.reshape(*lead, K)
+    if return_counts:
+        return w, idx, counts.reshape(lead), ambiguous.reshape(lead)
+    return w, idx

@@ -1,0 +1,263 @@
+// The one routing core of moe-export: shared by the ONNX Runtime CPU kernel, the CUDA kernel
+// and (through the same arithmetic) the numpy spec in moe_export/spec.py. Header-only and free of
+// ORT, TensorRT and CUDA types so every backend compiles exactly this code.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__CUDACC__)
+#define MOE_HD __host__ __device__ __forceinline__
+#else
+#define MOE_HD inline
+#endif
+
+namespace moe {
+
+// Codes shared with spec.py (POLICIES, SCORE_FUNCS, SELECTS keep this order).
+enum Policy : int32_t { kStatic = 0, kTopP = 1, kRatio = 2, kEntropy = 3 };
+enum ScoreFunc : int32_t { kSoftmax = 0, kSigmoid = 1 };
+enum Select : int32_t { kAfterScore = 0, kBeforeScore = 1 };
+
+constexpr int kMaxExperts = 4096;
+constexpr int kLanes = 8;  // independent partial sums, so the compiler can use one SIMD register
+
+struct Params {
+  int32_t num_experts;
+  int32_t k;
+  int32_t policy;
+  float threshold;
+  int32_t min_experts;
+  int32_t max_experts;  // K: the width of the outputs
+  int32_t score_func;
+  int32_t select;
+  int32_t normalize;
+  float scale;
+  int32_t n_group;
+  int32_t topk_group;
+  int32_t group_score_topk;
+};
+
+// Returns nullptr when valid, else a message naming the first bad attribute. Mirrors
+// RouterAttrs.validate() in spec.py.
+inline const char* validate(const Params& p) {
+  const int E = p.num_experts;
+  if (E < 1 || E > kMaxExperts) return "num_experts must be in [1, 4096]";
+  if (p.k < 1 || p.k > E) return "k must be in [1, num_experts]";
+  if (p.policy < kStatic || p.policy > kEntropy) return "unknown policy";
+  if (p.score_func != kSoftmax && p.score_func != kSigmoid) return "unknown score_func";
+  if (p.select != kAfterScore && p.select != kBeforeScore) return "unknown select";
+  if (!(p.threshold == p.threshold) || isinf(p.threshold)) return "threshold must be finite";
+  if ((p.policy == kTopP || p.policy == kRatio) && (p.threshold < 0.f || p.threshold > 1.f))
+    return "threshold must be in [0, 1] for top-p and ratio";
+  if (p.policy == kEntropy && (p.threshold < 0.f || p.threshold >= 1.f))
+    return "threshold must be in [0, 1) for entropy";
+  if (p.max_experts < 1 || p.max_experts > E) return "max_experts must be in [1, num_experts]";
+  if (p.min_experts < 1 || p.min_experts > p.max_experts) return "min_experts must be in [1, max_experts]";
+  if (p.policy == kStatic && p.max_experts < p.k) return "policy static needs max_experts >= k";
+  if (!(p.scale == p.scale) || isinf(p.scale)) return "scale must be finite";
+  if (p.n_group < 1 || E % p.n_group != 0) return "n_group must divide num_experts";
+  if (p.topk_group < 1 || p.topk_group > p.n_group) return "topk_group must be in [1, n_group]";
+  if (p.n_group > 1 && (p.group_score_topk < 1 || p.group_score_topk > E / p.n_group))
+    return "group_score_topk must be in [1, experts per group]";
+  if (p.select == kBeforeScore && p.score_func != kSoftmax) return "select=before_score needs softmax";
+  return nullptr;
+}
+
+MOE_HD float bits_to_float(uint32_t u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+// Cephes expf, in the exact operation order of spec.exp32 (build with -ffp-contract=off so no
+// FMA changes the rounding). Branch-free so loops over it vectorize.
+MOE_HD float exp32(float x) {
+  float xc = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  float fx = floorf(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  y = y * bits_to_float((uint32_t)((int32_t)fx + 127) << 23);
+  y = x < -87.f ? 0.f : y;
+  return x > 88.f ? INFINITY : y;
+}
+
+MOE_HD float sanitize(float v) { return v != v ? -INFINITY : v; }
+
+// Ranks experts: higher key first, ties to the lower index (ONNX TopK's order).
+MOE_HD bool before(float ka, int ia, float kb, int ib) { return ka > kb || (ka == kb && ia < ib); }
+
+// Softmax over n values (entries with mask==0 excluded when mask is given), written to out.
+// Entries equal to the max contribute exp(0): +inf logits share the mass, an all -inf row is
+// uniform. Sums in kLanes partial sums; spec.py sums left to right (see DECISION_EPS there).
+MOE_HD void softmax(const float* x, const unsigned char* mask, int n, float* out) {
+  float m = -INFINITY;
+  for (int i = 0; i < n; ++i) {
+    float v = (mask && !mask[i]) ? -INFINITY : x[i];
+    m = v > m ? v : m;
+  }
+  float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int i = 0; i < n; ++i) {
+    float v = (mask && !mask[i]) ? -INFINITY : x[i];
+    float e = exp32(v == m ? 0.f : v - m);
+    e = (mask && !mask[i]) ? 0.f : e;
+    out[i] = e;
+    acc[i % kLanes] += e;
+  }
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  const float inv = 1.0f / s;
+  for (int i = 0; i < n; ++i) out[i] *= inv;
+}
+
+MOE_HD float lane_sum(const float* v, int n) {
+  float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int i = 0; i < n; ++i) acc[i % kLanes] += v[i];
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+// Keeps the K best of n keys (optionally only where valid) in order[0..K), sorted by before().
+// Insertion is O(n*K) worst case but O(n) for random keys once the list has filled, which is the
+// common case (K <= 16); it also runs unchanged on the GPU.
+MOE_HD void select_top(const float* key, const unsigned char* valid, int n, int K, int32_t* order,
+                       float* okey) {
+  int filled = 0;
+  for (int i = 0; i < n; ++i) {
+    float v = key[i];
+    if (valid && !valid[i]) v = -INFINITY;
+    if (filled == K && !before(v, i, okey[K - 1], order[K - 1])) continue;
+    int j = filled < K ? filled++ : K - 1;
+    while (j > 0 && before(v, i, okey[j - 1], order[j - 1])) {
+      okey[j] = okey[j - 1];
+      order[j] = order[j - 1];
+      --j;
+    }
+    okey[j] = v;
+    order[j] = i;
+  }
+}
+
+// Scratch a row needs, in floats: scores, keys, policy distribution, sorted keys, plus bytes
+// for the group mask; callers size it with scratch_floats().
+MOE_HD int scratch_floats(const Params& p) { return 4 * p.num_experts + p.max_experts + p.n_group * 2 + 8; }
+
+// Routes one token. x: E logits (already float), bias: E or nullptr, work: scratch_floats()
+// floats, order: E ints, valid: E bytes. Writes K = max_experts weights and indices.
+// Returns the number of experts kept.
+template <typename OutT, typename Store>
+MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, float* work,
+                     int32_t* order, unsigned char* valid, OutT* w_out, int64_t* i_out, Store store) {
+  const int E = p.num_experts, K = p.max_experts;
+  float* x = work;          // sanitized logits
+  float* s = x + E;         // scores
+  float* key = s + E;       // ranking key
+  float* q = key + E;       // policy distribution
+  float* okey = q + E;      // keys of the selected, in order
+  float* gscore = okey + K; // group scores
+  float* gtmp = gscore + p.n_group;
+
+  for (int i = 0; i < E; ++i) x[i] = sanitize(x_in[i]);
+  if (p.score_func == kSoftmax) {
+    softmax(x, nullptr, E, s);
+    const float* k0 = p.select == kBeforeScore ? x : s;
+    for (int i = 0; i < E; ++i) key[i] = k0[i];
+  } else {
+    for (int i = 0; i < E; ++i) s[i] = 1.0f / (1.0f + exp32(-x[i]));
+    for (int i = 0; i < E; ++i) key[i] = s[i];
+  }
+  if (bias)
+    for (int i = 0; i < E; ++i) key[i] = sanitize(key[i] + sanitize(bias[i]));
+
+  // Group-limited choice (DeepSeek-V3): score each group by the sum of its best
+  // group_score_topk keys, keep the best topk_group groups.
+  bool grouped = p.n_group > 1;
+  int n_valid = E;
+  if (grouped) {
+    const int G = p.n_group, gs = E / G, t = p.group_score_topk;
+    int32_t* gorder = order;  // borrowed; the final selection overwrites it later
+    for (int g = 0; g < G; ++g) {
+      select_top(key + g * gs, nullptr, gs, t, gorder, gtmp);
+      float acc = 0.f;
+      for (int j = 0; j < t; ++j) acc += gtmp[j];
+      gscore[g] = sanitize(acc);
+    }
+    select_top(gscore, nullptr, G, p.topk_group, gorder, gtmp);
+    for (int i = 0; i < E; ++i) valid[i] = 0;
+    for (int j = 0; j < p.topk_group; ++j)
+      for (int i = gorder[j] * gs; i < (gorder[j] + 1) * gs; ++i) valid[i] = 1;
+    n_valid = p.topk_group * gs;
+  }
+  select_top(key, grouped ? valid : nullptr, E, K, order, okey);
+
+  int count = p.k;
+  if (p.policy != kStatic) {
+    if (p.score_func == kSoftmax) {
+      if (grouped) softmax(x, valid, E, q);
+      else for (int i = 0; i < E; ++i) q[i] = s[i];
+    } else {
+      for (int i = 0; i < E; ++i) q[i] = (!grouped || valid[i]) ? s[i] : 0.f;
+      float tot = lane_sum(q, E);
+      if (tot > 0.f) {
+        const float inv = 1.0f / tot;
+        for (int i = 0; i < E; ++i) q[i] *= inv;
+      } else {
+        for (int i = 0; i < E; ++i) q[i] = (!grouped || valid[i]) ? 1.0f / (float)n_valid : 0.f;
+      }
+    }
+    const float t = p.threshold;
+    if (p.policy == kTopP) {
+      float cum = 0.f;
+      count = 1;
+      for (int j = 0; j < K - 1; ++j) {
+        cum += q[order[j]];
+        if (cum < t) ++count; else break;
+      }
+    } else if (p.policy == kRatio) {
+      const float ref = q[order[0]] * t;
+      count = 1;
+      for (int j = 1; j < K; ++j) count += q[order[j]] >= ref;
+    } else {
+      float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int i = 0; i < E; ++i) acc[i % kLanes] += q[i] > 0.f ? q[i] * logf(q[i]) : 0.f;
+      float H = 0.f;
+      for (int l = 0; l < kLanes; ++l) H -= acc[l];
+      float hn = n_valid > 1 ? H / (float)log((double)n_valid) : 0.f;
+      float frac = (hn - t) / (1.0f - t);
+      frac = frac < 0.f ? 0.f : (frac > 1.f ? 1.f : frac);
+      count = p.min_experts + (int)floorf(frac * (float)(p.max_experts - p.min_experts) + 0.5f);
+    }
+    count = count < p.min_experts ? p.min_experts : (count > p.max_experts ? p.max_experts : count);
+    if (count > n_valid) count = n_valid;
+  }
+
+  // Weights of the kept experts; dropped slots get (index=E, weight=0).
+  float* w = okey;  // okey is no longer needed
+  if (p.select == kBeforeScore) {
+    for (int j = 0; j < count; ++j) w[j] = x[order[j]];
+    softmax(w, nullptr, count, w);
+  } else {
+    for (int j = 0; j < count; ++j) w[j] = s[order[j]];
+    if (p.normalize) {
+      float tot = lane_sum(w, count);
+      const float inv = tot > 0.f ? 1.0f / tot : 0.f;
+      for (int j = 0; j < count; ++j) w[j] = tot > 0.f ? w[j] * inv : 0.f;
+    }
+  }
+  for (int j = 0; j < K; ++j) {
+    store(w_out + j, j < count ? w[j] * p.scale : 0.f);
+    i_out[j] = j < count ? (int64_t)order[j] : (int64_t)E;
+  }
+  return count;
+}
+
+}  // namespace moe
