@@ -59,6 +59,11 @@ class RouterAttrs:
         a.validate()
         return a
 
+    @property
+    def width(self) -> int:
+        """Output slots: max(k, max_experts), so a cap below k keeps the graph's k-wide shapes."""
+        return max(self.k, self.max_experts)
+
     def validate(self) -> None:
         E = self.num_experts
         def bad(msg):
@@ -84,8 +89,6 @@ class RouterAttrs:
             bad(f"max_experts must be in [1, num_experts={E}], got {self.max_experts}")
         if not (1 <= self.min_experts <= self.max_experts):
             bad(f"min_experts must be in [1, max_experts={self.max_experts}], got {self.min_experts}")
-        if self.policy == "static" and self.max_experts < self.k:
-            bad(f"policy static needs max_experts >= k ({self.k}), got {self.max_experts}")
         if not math.isfinite(float(self.scale)):
             bad("scale must be finite")
         if self.n_group < 1 or E % self.n_group:
@@ -169,7 +172,7 @@ def dynamic_router(logits, bias=None, *, return_counts=False, **attrs):
     a = RouterAttrs(**attrs).resolved()
     x0 = np.asarray(logits)
     out_dtype = x0.dtype if x0.dtype in (np.float16, np.float32) else np.float32
-    E, K = a.num_experts, a.max_experts
+    E, K = a.num_experts, a.width
     if x0.shape[-1:] != (E,):
         raise SpecError(f"logits last dimension must be num_experts={E}, got shape {x0.shape}")
     lead = x0.shape[:-1]
@@ -213,7 +216,7 @@ def dynamic_router(logits, bias=None, *, return_counts=False, **attrs):
             tot = _seq_sum(sv)
             q = np.where(tot[:, None] > 0, sv * (_F(1.0) / np.where(tot > 0, tot, 1))[:, None],
                          np.where(valid, _F(1.0) / n_valid[:, None].astype(_F), _F(0.0))).astype(_F)
-        qs = np.take_along_axis(q, order, axis=1)
+        qs = np.take_along_axis(q, order[:, : a.max_experts], axis=1)
         t = _F(a.threshold)
         if a.policy == "top-p":
             cum = np.cumsum(qs, axis=1, dtype=_F)

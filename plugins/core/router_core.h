@@ -29,7 +29,7 @@ struct Params {
   int32_t policy;
   float threshold;
   int32_t min_experts;
-  int32_t max_experts;  // K: the width of the outputs
+  int32_t max_experts;
   int32_t score_func;
   int32_t select;
   int32_t normalize;
@@ -55,7 +55,6 @@ inline const char* validate(const Params& p) {
     return "threshold must be in [0, 1) for entropy";
   if (p.max_experts < 1 || p.max_experts > E) return "max_experts must be in [1, num_experts]";
   if (p.min_experts < 1 || p.min_experts > p.max_experts) return "min_experts must be in [1, max_experts]";
-  if (p.policy == kStatic && p.max_experts < p.k) return "policy static needs max_experts >= k";
   if (!(p.scale == p.scale) || isinf(p.scale)) return "scale must be finite";
   if (p.n_group < 1 || E % p.n_group != 0) return "n_group must divide num_experts";
   if (p.topk_group < 1 || p.topk_group > p.n_group) return "topk_group must be in [1, n_group]";
@@ -149,15 +148,18 @@ MOE_HD void select_top(const float* key, const unsigned char* valid, int n, int 
 
 // Scratch a row needs, in floats: scores, keys, policy distribution, sorted keys, plus bytes
 // for the group mask; callers size it with scratch_floats().
-MOE_HD int scratch_floats(const Params& p) { return 4 * p.num_experts + p.max_experts + p.n_group * 2 + 8; }
+MOE_HD int scratch_floats(const Params& p) { return 5 * p.num_experts + p.n_group * 2 + 8; }
+
+// Output slots per token: max(k, max_experts), so capping below k keeps the graph's k-wide shapes.
+MOE_HD int width(const Params& p) { return p.k > p.max_experts ? p.k : p.max_experts; }
 
 // Routes one token. x: E logits (already float), bias: E or nullptr, work: scratch_floats()
-// floats, order: E ints, valid: E bytes. Writes K = max_experts weights and indices.
+// floats, order: E ints, valid: E bytes. Writes width(p) weights and indices.
 // Returns the number of experts kept.
 template <typename OutT, typename Store>
 MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, float* work,
                      int32_t* order, unsigned char* valid, OutT* w_out, int64_t* i_out, Store store) {
-  const int E = p.num_experts, K = p.max_experts;
+  const int E = p.num_experts, K = width(p);
   float* x = work;          // sanitized logits
   float* s = x + E;         // scores
   float* key = s + E;       // ranking key
@@ -218,14 +220,14 @@ MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, floa
     if (p.policy == kTopP) {
       float cum = 0.f;
       count = 1;
-      for (int j = 0; j < K - 1; ++j) {
+      for (int j = 0; j < p.max_experts - 1; ++j) {
         cum += q[order[j]];
         if (cum < t) ++count; else break;
       }
     } else if (p.policy == kRatio) {
       const float ref = q[order[0]] * t;
       count = 1;
-      for (int j = 1; j < K; ++j) count += q[order[j]] >= ref;
+      for (int j = 1; j < p.max_experts; ++j) count += q[order[j]] >= ref;
     } else {
       float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
       for (int i = 0; i < E; ++i) acc[i % kLanes] += q[i] > 0.f ? q[i] * logf(q[i]) : 0.f;

@@ -72,7 +72,7 @@ struct RowsTask {
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void route_rows(const RowsTask& t, int64_t begin, int64_t end) {
   const moe::Params& p = *t.p;
-  const int E = p.num_experts, K = p.max_experts;
+  const int E = p.num_experts, K = moe::width(p);
   std::vector<float> work((size_t)moe::scratch_floats(p) + E);
   std::vector<int32_t> order(E);
   std::vector<unsigned char> valid(E);
@@ -176,7 +176,7 @@ struct DynamicRouterKernel {
                                            : bf16_to_float(static_cast<const uint16_t*>(bp)[i]);
         }
       }
-      shape.back() = p.max_experts;
+      shape.back() = moe::width(p);
       Ort::UnownedValue w = ctx.GetOutput(0, shape);
       Ort::UnownedValue idx = ctx.GetOutput(1, shape);
       if (rows == 0) return nullptr;

@@ -1,0 +1,282 @@
+"""Replace every matched gate with one DynamicRouter node (or its standard-ONNX expansion)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from . import DOMAIN, OP_TYPE, MoeExportError
+from .graph import GraphIndex, load_model, write_model_atomic
+from .patterns import Gate, find_gates, no_gates_message
+from .spec import RouterAttrs, SpecError
+
+# Ops through which an expert id reaches a weight gather; a dropped slot's id (= E) must be
+# clamped before such a gather, while OneHot/Equal consumers skip it by themselves.
+_SKIPS_SENTINEL = {"OneHot", "Equal"}
+
+
+@dataclass
+class Policy:
+    policy: str = "static"
+    threshold: float = 0.0
+    min_experts: int = 1
+    max_experts: int | None = None  # None: the gate's own k
+    # per-gate overrides written by calibrate: {gate name: threshold}
+    per_layer: dict | None = None
+
+
+def router_attrs(gate: Gate, pol: Policy) -> RouterAttrs:
+    t = pol.threshold if not pol.per_layer else pol.per_layer.get(gate.name, pol.threshold)
+    a = RouterAttrs(**gate.attrs, policy=pol.policy, threshold=float(t), min_experts=pol.min_experts,
+                    max_experts=pol.max_experts or gate.attrs["k"])
+    if a.max_experts > a.k:
+        raise MoeExportError(f"max_experts={a.max_experts} exceeds the graph's k={a.k} at {gate.name}: the "
+                             "expert section of this graph is built for k slots per token")
+    try:
+        return a.resolved()
+    except SpecError as e:
+        raise MoeExportError(f"invalid policy arguments: {e}") from None
+
+
+def _node_attrs(a: RouterAttrs) -> dict:
+    return dict(num_experts=a.num_experts, k=a.k, policy=a.policy, threshold=float(a.threshold),
+                min_experts=a.min_experts, max_experts=a.max_experts, score_func=a.score_func,
+                select=a.select, normalize=int(a.normalize), scale=float(a.scale), n_group=a.n_group,
+                topk_group=a.topk_group, group_score_topk=a.group_score_topk)
+
+
+class _Builder:
+    """Emits nodes with unique names next to a gate."""
+
+    def __init__(self, model, prefix):
+        self.model, self.prefix, self.nodes, self.inits = model, prefix, [], []
+        self._n = 0
+
+    def name(self, hint):
+        self._n += 1
+        return f"{self.prefix}/{hint}_{self._n}"
+
+    def const(self, value, dtype=None, hint="c"):
+        arr = np.asarray(value, dtype=dtype)
+        t = numpy_helper.from_array(arr, self.name(hint))
+        self.inits.append(t)
+        return t.name
+
+    def op(self, op_type, inputs, n_out=1, hint=None, **kw):
+        outs = [self.name((hint or op_type.lower()) + f"_o{i}") for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), **kw))
+        return outs if n_out > 1 else outs[0]
+
+
+def _portable(b: _Builder, a: RouterAttrs, logits: str, bias: str | None, float_type: int):
+    """DynamicRouter in standard ONNX ops (opset >= 13), following spec.dynamic_router step by step."""
+    E, W = a.num_experts, a.width
+    f32 = lambda v: b.const(np.float32(v))
+    i64 = lambda v: b.const(np.asarray(v, dtype=np.int64))
+    x = b.op("Cast", [logits], to=TensorProto.FLOAT) if float_type != TensorProto.FLOAT else logits
+    lead = b.op("Slice", [b.op("Shape", [x]), i64([0]), i64([-1])])
+    x = b.op("Reshape", [x, i64([-1, E])])
+    s = b.op("Softmax", [x], axis=-1) if a.score_func == "softmax" else b.op("Sigmoid", [x])
+    key = x if a.select == "before_score" else s
+    if bias:
+        bf = b.op("Cast", [bias], to=TensorProto.FLOAT)
+        key = b.op("Add", [key, bf])
+    valid = None
+    if a.n_group > 1:
+        G, gs = a.n_group, E // a.n_group
+        gv = b.op("TopK", [b.op("Reshape", [key, i64([-1, G, gs])]), i64([a.group_score_topk])], n_out=2)[0]
+        gsc = b.op("ReduceSum", [gv, i64([-1])], keepdims=0)
+        gidx = b.op("TopK", [gsc, i64([a.topk_group])], n_out=2)[1]
+        zeros = b.op("Mul", [gsc, f32(0.0)])
+        ones = b.op("Add", [b.op("Mul", [b.op("Cast", [gidx], to=TensorProto.FLOAT), f32(0.0)]), f32(1.0)])
+        gmask = b.op("ScatterElements", [zeros, gidx, ones], axis=1)
+        gm3 = b.op("Expand", [b.op("Unsqueeze", [gmask, i64([-1])]), i64([1, 1, gs])])
+        valid = b.op("Greater", [b.op("Reshape", [gm3, i64([-1, E])]), f32(0.5)])
+        key = b.op("Where", [valid, key, f32(-np.inf)])
+    vals, idx = b.op("TopK", [key, i64([W])], n_out=2, axis=-1, largest=1, sorted=1)
+    slot = b.op("Unsqueeze", [i64(list(range(W))), i64([0])])
+    if a.policy == "static":
+        keep = b.op("Less", [slot, i64(a.k)])
+    else:
+        if a.score_func == "softmax":
+            q = b.op("Softmax", [b.op("Where", [valid, x, f32(-np.inf)])], axis=-1) if valid else s
+        else:
+            sv = b.op("Where", [valid, s, f32(0.0)]) if valid else s
+            q = b.op("Div", [sv, b.op("ReduceSum", [sv, i64([-1])], keepdims=1)])
+        qs = b.op("GatherElements", [q, idx], axis=1)
+        M = a.max_experts
+        if a.policy == "top-p":
+            cum = b.op("CumSum", [qs, i64(1)])
+            below = b.op("Cast", [b.op("Less", [b.op("Slice", [cum, i64([0]), i64([M - 1]), i64([1])]),
+                                                f32(a.threshold)])], to=TensorProto.FLOAT)
+            cnt = b.op("Add", [b.op("ReduceSum", [below, i64([-1])], keepdims=1), f32(1.0)])
+        elif a.policy == "ratio":
+            ref = b.op("Mul", [b.op("Slice", [qs, i64([0]), i64([1]), i64([1])]), f32(a.threshold)])
+            ge = b.op("Cast", [b.op("GreaterOrEqual", [b.op("Slice", [qs, i64([1]), i64([M]), i64([1])]), ref])],
+                      to=TensorProto.FLOAT)
+            cnt = b.op("Add", [b.op("ReduceSum", [ge, i64([-1]), ], keepdims=1), f32(1.0)])
+        else:
+            pos = b.op("Greater", [q, f32(0.0)])
+            safe = b.op("Where", [pos, q, f32(1.0)])
+            H = b.op("Neg", [b.op("ReduceSum", [b.op("Mul", [safe, b.op("Log", [safe])]), i64([-1])], keepdims=1)])
+            n_valid = a.topk_group * (E // a.n_group)
+            hn = b.op("Div", [H, f32(np.log(n_valid) if n_valid > 1 else np.inf)])
+            frac = b.op("Clip", [b.op("Div", [b.op("Sub", [hn, f32(a.threshold)]), f32(1.0 - a.threshold)]),
+                                 f32(0.0), f32(1.0)])
+            raw = b.op("Mul", [frac, f32(a.max_experts - a.min_experts)])
+            cnt = b.op("Add", [b.op("Floor", [b.op("Add", [raw, f32(0.5)])]), f32(a.min_experts)])
+        n_valid = a.topk_group * (E // a.n_group)
+        hi = min(a.max_experts, n_valid)
+        cnt = b.op("Cast", [b.op("Clip", [cnt, f32(min(a.min_experts, hi)), f32(hi)])], to=TensorProto.INT64)
+        keep = b.op("Less", [slot, cnt])
+    if a.select == "before_score":
+        w = b.op("Softmax", [b.op("Where", [keep, vals, f32(-np.inf)])], axis=-1)
+    else:
+        w = b.op("Where", [keep, b.op("GatherElements", [s, idx], axis=1), f32(0.0)])
+        if a.normalize:
+            tot = b.op("ReduceSum", [w, i64([-1])], keepdims=1)
+            w = b.op("Div", [w, b.op("Where", [b.op("Greater", [tot, f32(0.0)]), tot, f32(1.0)])])
+    w = b.op("Where", [keep, b.op("Mul", [w, f32(a.scale)]), f32(0.0)])
+    idx = b.op("Where", [keep, idx, i64(E)])
+    out_shape = b.op("Concat", [lead, i64([W])], axis=0)
+    w = b.op("Reshape", [w, out_shape])
+    if float_type != TensorProto.FLOAT:
+        w = b.op("Cast", [w], to=float_type)
+    return w, b.op("Reshape", [idx, out_shape])
+
+
+def _float_type(ix: GraphIndex, gate: Gate):
+    t = ix.elem_type(gate.logits) or ix.elem_type(gate.weights)
+    return t or TensorProto.FLOAT
+
+
+def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False):
+    """Rewrites `model` in memory; returns (model, gates). Raises MoeExportError if nothing matches."""
+    ix = GraphIndex(model.graph)
+    gates, misses = find_gates(model, ix)
+    if not gates:
+        raise MoeExportError(no_gates_message(model, misses))
+    if portable and _opset(model) < 13:
+        raise MoeExportError(f"--portable needs ONNX opset >= 13, the model has {_opset(model)}")
+    graph = model.graph
+    insert_at = {}     # TopK node name -> nodes to place there
+    rename = {}        # old tensor -> new tensor, for consumers outside the gate
+    new_inits = []
+    for gi, gate in enumerate(gates):
+        a = router_attrs(gate, pol)
+        b = _Builder(model, f"moe_export/router_{gi}")
+        ftype = _float_type(ix, gate)
+        if portable:
+            w, idx = _portable(b, a, gate.logits, gate.bias, ftype)
+        else:
+            inputs = [gate.logits] + ([gate.bias] if gate.bias else [])
+            w, idx = b.name("weights"), b.name("indices")
+            b.nodes.append(helper.make_node(OP_TYPE, inputs, [w, idx], name=b.name("DynamicRouter"),
+                                            domain=DOMAIN, **_node_attrs(a)))
+        if gate.cast_to is not None and gate.cast_to != ftype:
+            w = b.op("Cast", [w], to=gate.cast_to)
+        clamped = None
+        for c in ix.consumers_of(gate.indices):
+            if c.op_type in _SKIPS_SENTINEL:
+                continue
+            if clamped is None:
+                clamped = b.op("Min", [idx, b.const(np.int64(a.num_experts - 1))], hint="clamped_indices")
+        rename[gate.weights] = w
+        rename[gate.indices] = (idx, clamped)
+        insert_at[gate.topk.name or id(gate.topk)] = b.nodes
+        new_inits += b.inits
+    # Rewire consumers. Graph outputs that were gate tensors keep their names through Identity.
+    out_names = {o.name for o in graph.output}
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                r = rename[name]
+                if isinstance(r, tuple):
+                    n.input[i] = r[0] if (n.op_type in _SKIPS_SENTINEL or r[1] is None) else r[1]
+                else:
+                    n.input[i] = r
+    ident = []
+    for old, r in rename.items():
+        if old in out_names:
+            src = r[0] if isinstance(r, tuple) else r
+            ident.append(helper.make_node("Identity", [src], [old], name=f"moe_export/keep_{old}"))
+    # Place the new nodes where each gate's TopK stood (after logits and bias are produced and
+    # before anything that used the gate), then drop the gate nodes nothing uses any more.
+    nodes = []
+    for n in graph.node:
+        key = n.name or id(n)
+        if n.op_type == "TopK" and key in insert_at:
+            nodes.extend(insert_at[key])
+        nodes.append(n)
+    region = set()
+    for g in gates:
+        region |= _gate_region(ix, g)
+    nodes = _prune(nodes + ident, region, out_names)
+    # Small constants only the removed gate nodes read (k, axes, shapes) go with them.
+    still_read = {i for n in nodes for i in n.input} | out_names
+    removed_reads = {i for n in graph.node if n.name in region for i in n.input}
+    orphans = {t for t in removed_reads - still_read if t in ix.initializers}
+    keep_inits = [t for t in graph.initializer if t.name not in orphans]
+    del graph.initializer[:]
+    graph.initializer.extend(keep_inits + new_inits)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    # value_info entries for the replaced tensors describe shapes that may have changed.
+    produced = {o for n in nodes for o in n.output}
+    stale = set(rename) | (set(ix.producer) - produced)
+    keep_vi = [v for v in graph.value_info if v.name not in stale]
+    del graph.value_info[:]
+    graph.value_info.extend(keep_vi)
+    if not portable and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return model, gates
+
+
+def _opset(model):
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _gate_region(ix: GraphIndex, gate: Gate) -> set:
+    """Names of nodes between the gate's inputs (logits, bias) and outputs (weights, indices)."""
+    stop = {gate.logits, gate.bias}
+    region, stack = set(), [gate.weights, gate.indices]
+    while stack:
+        t = stack.pop()
+        if t in stop or t in ix.initializers:
+            continue
+        n = ix.producer.get(t)
+        if n is None or n.name in region:
+            continue
+        region.add(n.name)
+        stack.extend(n.input)
+    return region
+
+
+def _prune(nodes, region, outputs):
+    """Removes nodes of `region` whose outputs nothing reads (iteratively)."""
+    while True:
+        used = {i for n in nodes for i in n.input} | outputs
+        keep = [n for n in nodes if n.name not in region or any(o in used for o in n.output if o)]
+        if len(keep) == len(nodes):
+            return keep
+        nodes = keep
+
+
+def convert(src, dst, pol: Policy, portable=False):
+    """Converts the model at `src` into `dst` (never modifying `src`). Returns the gates."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and src.exists() and os.path.samefile(src, dst) or dst.resolve() == src.resolve():
+        raise MoeExportError("output path is the input path; moe-export never modifies its input")
+    if dst.is_dir():
+        raise MoeExportError(f"output {dst} is a directory; give a file name")
+    if not dst.parent.is_dir():
+        raise MoeExportError(f"output directory {dst.parent} does not exist")
+    model = load_model(src)
+    model, gates = rewrite_model(model, pol, portable=portable)
+    model.producer_name = "moe-export"
+    write_model_atomic(model, dst, src.parent)
+    return gates
