@@ -8,7 +8,12 @@ __version__ = "0.1.0"
 DOMAIN = "moe_export"
 OP_TYPE = "DynamicRouter"
 
-_LIB_DIR = Path(__file__).resolve().parent / "lib"
+def _lib_dirs():
+    # lib/ beside this file (regular install), else in site-packages (an editable install keeps
+    # the sources here and the compiled libraries there).
+    import sysconfig
+    yield Path(__file__).resolve().parent / "lib"
+    yield Path(sysconfig.get_paths()["platlib"]) / "moe_export" / "lib"
 
 
 class MoeExportError(Exception):
@@ -21,11 +26,12 @@ def _native(name: str, env: str, what: str) -> str:
         if not Path(override).is_file():
             raise MoeExportError(f"{env}={override} does not exist")
         return override
-    path = _LIB_DIR / f"lib{name}.so"
-    if not path.is_file():
-        raise MoeExportError(f"{what} is not built ({path} missing); reinstall with `pip install .` "
-                             f"from the repository, or set {env}")
-    return str(path)
+    for d in _lib_dirs():
+        path = d / f"lib{name}.so"
+        if path.is_file():
+            return str(path)
+    raise MoeExportError(f"{what} is not built (lib{name}.so missing); reinstall with `pip install .` "
+                         f"from the repository, or set {env}")
 
 
 def custom_op_library() -> str:

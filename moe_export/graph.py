@@ -150,12 +150,19 @@ def write_model_atomic(model: onnx.ModelProto, out: Path, src_dir: Path) -> None
     if not out_dir.is_dir():
         raise MoeExportError(f"output directory {out_dir} does not exist")
     staged = []  # (tmp path, final path)
+    # Replacing an earlier output may replace the data files that output referenced, no others.
+    replaceable = set()
+    if out.is_file():
+        try:
+            replaceable = set(external_files(onnx.load(str(out), load_external_data=False)))
+        except Exception:
+            pass
     try:
         for loc in external_files(model):
             src, dst = src_dir / loc, out_dir / loc
             if dst.exists() and os.path.samefile(src, dst):
                 continue
-            if dst.exists():
+            if dst.exists() and loc not in replaceable:
                 raise MoeExportError(f"{dst} exists and is not the input's external data; "
                                      "choose another output directory")
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +175,9 @@ def write_model_atomic(model: onnx.ModelProto, out: Path, src_dir: Path) -> None
         fd, tmp_model = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out_dir)
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_model, 0o666 & ~umask)  # mkstemp's 0600 is not what a user expects
         staged.append((Path(tmp_model), out))
     except BaseException:
         for tmp, _ in staged:

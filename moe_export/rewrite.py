@@ -1,6 +1,7 @@
 """Replace every matched gate with one DynamicRouter node (or its standard-ONNX expansion)."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,7 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False):
     insert_at = {}     # TopK node name -> nodes to place there
     rename = {}        # old tensor -> new tensor, for consumers outside the gate
     new_inits = []
+    routers = []       # recorded in metadata for validate/profile/calibrate
     for gi, gate in enumerate(gates):
         a = router_attrs(gate, pol)
         b = _Builder(model, f"moe_export/router_{gi}")
@@ -187,6 +189,8 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False):
                 clamped = b.op("Min", [idx, b.const(np.int64(a.num_experts - 1))], hint="clamped_indices")
         rename[gate.weights] = w
         rename[gate.indices] = (idx, clamped)
+        routers.append({"layer": gate.name, "family": gate.family, "weights": w, "indices": idx,
+                        "attrs": _node_attrs(a)})
         insert_at[gate.topk.name or id(gate.topk)] = b.nodes
         new_inits += b.inits
     # Rewire consumers. Graph outputs that were gate tensors keep their names through Identity.
@@ -231,9 +235,29 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False):
     keep_vi = [v for v in graph.value_info if v.name not in stale]
     del graph.value_info[:]
     graph.value_info.extend(keep_vi)
+    set_routers_metadata(model, routers, portable)
     if not portable and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return model, gates
+
+
+META_KEY = "moe_export.routers"
+
+
+def set_routers_metadata(model, routers, portable):
+    for i, p in enumerate(model.metadata_props):
+        if p.key == META_KEY:
+            del model.metadata_props[i]
+            break
+    model.metadata_props.add(key=META_KEY, value=json.dumps({"portable": portable, "routers": routers}))
+
+
+def routers_metadata(model):
+    """The routers a conversion recorded, or None for a graph moe-export did not write."""
+    for p in model.metadata_props:
+        if p.key == META_KEY:
+            return json.loads(p.value)
+    return None
 
 
 def _opset(model):

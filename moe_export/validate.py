@@ -1,0 +1,182 @@
+"""Parity and routing statistics of a converted graph against its original, through polygraphy."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from . import MoeExportError
+from .graph import GraphIndex, load_model
+from .patterns import find_gates
+from .rewrite import routers_metadata
+
+PAIRS_PREFIX = "moe_export.indices."
+
+_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64,
+       TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.BOOL: np.bool_}
+
+
+def _int_bound(ix: GraphIndex, name):
+    """Token ids index an embedding: the first Gather over an initializer tells the vocab size."""
+    for c in ix.consumers_of(name):
+        if c.op_type == "Gather" and c.input[1] == name and c.input[0] in ix.initializers:
+            return ix.initializers[c.input[0]].dims[0]
+    return None
+
+
+def make_feeds(model, dims=None, seed=0, tokens=16, batch=2):
+    """Random inputs from the graph's input specs. Symbolic dims take `dims[name]`, else the
+    first one `batch` and the others `tokens`."""
+    dims = dict(dims or {})
+    ix = GraphIndex(model.graph)
+    rng = np.random.default_rng(seed)
+    init_names = set(ix.initializers)
+    feeds = {}
+    for inp in model.graph.input:
+        if inp.name in init_names:
+            continue
+        tt = inp.type.tensor_type
+        shape = []
+        for j, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value"):
+                shape.append(d.dim_value)
+            else:
+                shape.append(int(dims.get(d.dim_param, batch if j == 0 and len(tt.shape.dim) > 1 else tokens)))
+        dt = _NP.get(tt.elem_type)
+        if dt is None:
+            raise MoeExportError(f"input {inp.name!r}: element type {tt.elem_type} is not supported; pass --data")
+        if np.issubdtype(dt, np.integer):
+            hi = _int_bound(ix, inp.name) or 100
+            feeds[inp.name] = rng.integers(0, hi, size=shape).astype(dt)
+        elif dt is np.bool_:
+            feeds[inp.name] = rng.integers(0, 2, size=shape).astype(bool)
+        else:
+            feeds[inp.name] = (rng.standard_normal(shape) * 2.0).astype(dt)
+    return feeds
+
+
+def load_feeds(path):
+    try:
+        with np.load(path) as d:
+            return {k: d[k] for k in d.files}
+    except Exception as e:
+        raise MoeExportError(f"{path}: cannot read inputs ({type(e).__name__}); expected an .npz of named arrays") from None
+
+
+def with_routing_outputs(model, index_tensors):
+    """A copy of `model` whose router index tensors are also graph outputs, under fixed names."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for i, t in enumerate(index_tensors):
+        name = f"{PAIRS_PREFIX}{i}"
+        m.graph.node.append(helper.make_node("Identity", [t], [name], name=f"moe_export/expose_{i}"))
+        m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT64, None))
+    return m
+
+
+def session_from_proto(model, base_dir, custom_ops=True, **opts):
+    import onnxruntime as ort
+    from . import custom_op_library
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    for k, v in opts.items():
+        setattr(so, k, v)
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
+    if custom_ops:
+        so.register_custom_ops_library(custom_op_library())
+    try:
+        return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise MoeExportError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
+
+
+def routing_indices(model):
+    """Index tensors of the gates: from the converter's metadata, else matched in the graph."""
+    meta = routers_metadata(model)
+    if meta is not None:
+        return [r["indices"] for r in meta["routers"]], [r["attrs"] for r in meta["routers"]]
+    gates, _ = find_gates(model)
+    return [g.indices for g in gates], [dict(g.attrs, policy="static", max_experts=g.attrs["k"]) for g in gates]
+
+
+def count_pairs(index_arrays, attrs):
+    """Routed (token, expert) pairs per layer: slots whose index is a real expert."""
+    return [int((np.asarray(ix) < a["num_experts"]).sum()) for ix, a in zip(index_arrays, attrs)]
+
+
+def validate(original, converted, feeds=None, atol=1e-4, rtol=1e-3, dims=None, seed=0, trt=False):
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL  # expected differences (dynamic policies) are reported by us
+    np.seterr(divide="ignore", invalid="ignore")  # polygraphy's relative error divides by zeros
+    orig_m, conv_m = load_model(original), load_model(converted)
+    oi, oattrs = routing_indices(orig_m)
+    ci, cattrs = routing_indices(conv_m)
+    if routers_metadata(conv_m) is None:
+        raise MoeExportError(f"{converted}: not written by moe-export convert (no router metadata)")
+    if feeds is None:
+        feeds = make_feeds(orig_m, dims=dims, seed=seed)
+    names_o = {o.name for o in orig_m.graph.output}
+    names_c = {o.name for o in conv_m.graph.output}
+    if names_o != names_c:
+        raise MoeExportError(f"the graphs' outputs differ: {sorted(names_o ^ names_c)}")
+    so = with_routing_outputs(orig_m, oi)
+    sc = with_routing_outputs(conv_m, ci)
+    runners = [OnnxrtRunner(lambda: session_from_proto(so, Path(original).parent), name="original"),
+               OnnxrtRunner(lambda: session_from_proto(sc, Path(converted).parent), name="converted")]
+    if trt:
+        runners.append(_trt_runner(converted))
+    try:
+        results = Comparator.run(runners, data_loader=[feeds])
+    except MoeExportError:
+        raise
+    except Exception as e:
+        raise MoeExportError(f"running the graphs failed: {str(e).splitlines()[0]}") from None
+    static = all(a.get("policy", "static") == "static" and a.get("max_experts", a["k"]) >= a["k"] for a in cattrs)
+    graph_outputs = [o.name for o in orig_m.graph.output]
+    accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(
+        atol=atol, rtol=rtol, check_shapes=True))
+    report = {"original": str(original), "converted": str(converted), "atol": atol, "rtol": rtol,
+              "static_policy": static}
+    if not hasattr(accuracy, "keys"):  # polygraphy >= 0.50 returns one AccuracyResult per compare func
+        accuracy = accuracy[0]
+
+    def stats(pair):
+        per_out = accuracy[pair][0]
+        return {name: {"max_abs": float(r.max_absdiff), "mean_abs": float(r.mean_absdiff),
+                       "max_rel": float(r.max_reldiff), "mean_rel": float(r.mean_reldiff), "passed": bool(r)}
+                for name, r in per_out.items() if name in graph_outputs}
+    report["outputs"] = stats(("original", "converted"))
+    if trt:
+        report["tensorrt"] = stats(("original", "tensorrt"))
+    outs = {runner: res[0] for runner, res in results.items()}
+    o_idx = [outs["original"][f"{PAIRS_PREFIX}{i}"] for i in range(len(oi))]
+    c_idx = [outs["converted"][f"{PAIRS_PREFIX}{i}"] for i in range(len(ci))]
+    po, pc = count_pairs(o_idx, oattrs), count_pairs(c_idx, cattrs)
+    tokens = [a.size // a.shape[-1] if a.ndim else 0 for a in c_idx]
+    report["layers"] = [{"layer": i, "pairs_original": a, "pairs_converted": b, "mean_experts": b / max(1, t)}
+                        for i, (a, b, t) in enumerate(zip(po, pc, tokens))]
+    report["routed_pairs"] = {"original": sum(po), "converted": sum(pc),
+                              "reduction": 1 - sum(pc) / sum(po) if sum(po) else 0.0}
+    report["outputs_match"] = all(v["passed"] for v in report["outputs"].values())
+    report["static_reproduces"] = (report["outputs_match"] and
+                                   all(np.array_equal(a, b) for a, b in zip(o_idx, c_idx))) if static else None
+    return report
+
+
+def _trt_runner(converted):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        raise MoeExportError("--trt needs TensorRT (pip install tensorrt, with NVIDIA's index) and a GPU") from None
+    from polygraphy.backend.trt import EngineFromNetwork, NetworkFromOnnxPath, TrtRunner
+    from polygraphy.backend.trt import load_plugins
+    from . import trt_plugin_library
+
+    load_plugins(plugins=[trt_plugin_library()])
+    return TrtRunner(EngineFromNetwork(NetworkFromOnnxPath(str(converted))), name="tensorrt")
