@@ -206,6 +206,10 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False):
     ident = []
     for old, r in rename.items():
         if old in out_names:
+            # The old producer lets go of the name (and so becomes dead) and an Identity takes it.
+            for o_i, o in enumerate(ix.producer[old].output):
+                if o == old:
+                    ix.producer[old].output[o_i] = f"{old}/replaced_by_moe_export"
             src = r[0] if isinstance(r, tuple) else r
             ident.append(helper.make_node("Identity", [src], [old], name=f"moe_export/keep_{old}"))
     # Place the new nodes where each gate's TopK stood (after logits and bias are produced and

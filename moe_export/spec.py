@@ -138,7 +138,8 @@ def _softmax_rows(x: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     if valid is not None:
         x = np.where(valid, x, _F(-np.inf))
     m = x.max(axis=-1, keepdims=True)
-    d = np.where(x == m, _F(0.0), (x - m).astype(_F))
+    with np.errstate(invalid="ignore"):  # inf - inf where x == m is replaced right away
+        d = np.where(x == m, _F(0.0), (x - m).astype(_F))
     e = exp32(d)
     if valid is not None:
         e = np.where(valid, e, _F(0.0))
@@ -170,6 +171,11 @@ def dynamic_router(logits, bias=None, *, return_counts=False, **attrs):
     logits: [..., E] float32/float16/bfloat16-as-float32; bias: [E] or None.
     """
     a = RouterAttrs(**attrs).resolved()
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _route(a, logits, bias, return_counts)
+
+
+def _route(a, logits, bias, return_counts):
     x0 = np.asarray(logits)
     out_dtype = x0.dtype if x0.dtype in (np.float16, np.float32) else np.float32
     E, K = a.num_experts, a.width

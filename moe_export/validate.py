@@ -27,8 +27,8 @@ def _int_bound(ix: GraphIndex, name):
 
 
 def make_feeds(model, dims=None, seed=0, tokens=16, batch=2):
-    """Random inputs from the graph's input specs. Symbolic dims take `dims[name]`, else the
-    first one `batch` and the others `tokens`."""
+    """Random inputs from the graph's input specs. Symbolic dims take `dims[name]`, else `batch`
+    for a dim named like a batch and `tokens` for the others."""
     dims = dict(dims or {})
     ix = GraphIndex(model.graph)
     rng = np.random.default_rng(seed)
@@ -39,11 +39,12 @@ def make_feeds(model, dims=None, seed=0, tokens=16, batch=2):
             continue
         tt = inp.type.tensor_type
         shape = []
-        for j, d in enumerate(tt.shape.dim):
+        for d in tt.shape.dim:
             if d.HasField("dim_value"):
                 shape.append(d.dim_value)
             else:
-                shape.append(int(dims.get(d.dim_param, batch if j == 0 and len(tt.shape.dim) > 1 else tokens)))
+                guess = batch if "batch" in d.dim_param.lower() else tokens
+                shape.append(int(dims.get(d.dim_param, guess)))
         dt = _NP.get(tt.elem_type)
         if dt is None:
             raise MoeExportError(f"input {inp.name!r}: element type {tt.elem_type} is not supported; pass --data")
@@ -139,8 +140,11 @@ def validate(original, converted, feeds=None, atol=1e-4, rtol=1e-3, dims=None, s
         raise MoeExportError(f"running the graphs failed: {str(e).splitlines()[0]}") from None
     static = all(a.get("policy", "static") == "static" and a.get("max_experts", a["k"]) >= a["k"] for a in cattrs)
     graph_outputs = [o.name for o in orig_m.graph.output]
-    accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(
-        atol=atol, rtol=rtol, check_shapes=True))
+    try:  # polygraphy >= 0.50; CompareFunc.simple before
+        from polygraphy.comparator.compare import SimpleCompareFunc as simple
+    except ImportError:
+        simple = CompareFunc.simple
+    accuracy = Comparator.compare_accuracy(results, compare_func=simple(atol=atol, rtol=rtol, check_shapes=True))
     report = {"original": str(original), "converted": str(converted), "atol": atol, "rtol": rtol,
               "static_policy": static}
     if not hasattr(accuracy, "keys"):  # polygraphy >= 0.50 returns one AccuracyResult per compare func

@@ -1,0 +1,74 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+ROOT = Path(__file__).resolve().parents[1]
+GRAPHS = ROOT / "graphs"
+FAMILY_GRAPHS = sorted(p for p in GRAPHS.glob("*.onnx") if not p.name.startswith("gate_"))
+GATE_GRAPHS = sorted(GRAPHS.glob("gate_*.onnx"))
+ALL_GRAPHS = FAMILY_GRAPHS + GATE_GRAPHS
+
+_DT = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
+
+
+def router_model(attrs, dtype=TensorProto.FLOAT, bias=False, rank=2):
+    """A graph holding one DynamicRouter node (logits [, bias] -> weights, indices).
+    bfloat16 is fed and fetched as float32 through Cast nodes (numpy has no bfloat16 that
+    onnxruntime's Python binding accepts)."""
+    E = attrs["num_experts"]
+    dims = ["n", E] if rank == 2 else ["b", "s", E][-rank:]
+    io = TensorProto.FLOAT if dtype == TensorProto.BFLOAT16 else dtype
+    ins = [helper.make_tensor_value_info("logits", io, dims)]
+    if bias:
+        ins.append(helper.make_tensor_value_info("bias", io, [E]))
+    nodes, names = [], [i.name for i in ins]
+    if io != dtype:
+        nodes = [helper.make_node("Cast", [n], [n + "_c"], to=dtype) for n in names]
+        names = [n + "_c" for n in names]
+    w = "weights" if io == dtype else "weights_c"
+    nodes.append(helper.make_node("DynamicRouter", names, [w, "indices"], domain="moe_export", **attrs))
+    if io != dtype:
+        nodes.append(helper.make_node("Cast", [w], ["weights"], to=io))
+    outs = [helper.make_tensor_value_info("weights", io, None), helper.make_tensor_value_info("indices", TensorProto.INT64, None)]
+    m = helper.make_model(helper.make_graph(nodes, "router", ins, outs),
+                          opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("moe_export", 1)])
+    m.ir_version = 9
+    return m
+
+
+def session_of(model, **opts):
+    import onnxruntime as ort
+    import moe_export
+
+    so = ort.SessionOptions()
+    for k, v in opts.items():
+        setattr(so, k, v)
+    so.register_custom_ops_library(moe_export.custom_op_library())
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run_cli(*args, cwd=None):
+    """Runs the installed `moe-export` command as a user would."""
+    exe = Path(sys.executable).parent / "moe-export"
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def input_feeds(path, tokens=16, seed=0):
+    from moe_export.validate import make_feeds
+    return make_feeds(onnx.load(str(path), load_external_data=False), dims={}, seed=seed, tokens=tokens)
+
+
+@pytest.fixture(scope="session")
+def ort_ref():
+    import onnxruntime as ort
+
+    def run(path, feeds):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    return run

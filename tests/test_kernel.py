@@ -1,0 +1,155 @@
+"""The compiled ORT kernel against the numpy spec: every policy, family form and dtype."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from onnx import TensorProto
+
+from conftest import router_model, session_of
+from moe_export.spec import dynamic_router
+
+try:
+    from ml_dtypes import bfloat16
+except ImportError:  # onnxruntime accepts bfloat16 arrays only through ml_dtypes
+    bfloat16 = None
+
+FORMS = {
+    "softmax": dict(score_func="softmax", select="after_score"),
+    "softmax_norm": dict(score_func="softmax", select="after_score", normalize=1),
+    "before_score": dict(score_func="softmax", select="before_score"),
+    "sigmoid_grouped": dict(score_func="sigmoid", select="after_score", normalize=1, scale=2.5),
+}
+DTYPES = {"float32": (np.float32, TensorProto.FLOAT, 1e-6), "float16": (np.float16, TensorProto.FLOAT16, 1e-3)}
+if bfloat16 is not None:
+    DTYPES["bfloat16"] = (bfloat16, TensorProto.BFLOAT16, 1e-2)
+
+_SESSIONS = {}
+
+
+def cached_session(attrs, onnx_type, bias):
+    key = (tuple(sorted(attrs.items())), onnx_type, bias)
+    if key not in _SESSIONS:
+        _SESSIONS[key] = session_of(router_model(attrs, onnx_type, bias), intra_op_num_threads=2)
+    return _SESSIONS[key]
+
+
+def check(attrs, x, bias, dtype_name):
+    np_t, onnx_t, tol = DTYPES[dtype_name]
+    # The spec sees exactly the values the kernel saw (after rounding to the dtype).
+    xs = x.astype(np_t).astype(np.float32)
+    bs = None if bias is None else bias.astype(np_t).astype(np.float32)
+    io_t = np.float32 if dtype_name == "bfloat16" else np_t
+    feeds = {"logits": xs.astype(io_t)}
+    if bias is not None:
+        feeds["bias"] = bs.astype(io_t)
+    w, i = cached_session(attrs, onnx_t, bias is not None).run(None, feeds)
+    rw, ri, counts, amb = dynamic_router(xs, bs, return_counts=True, **attrs)
+    assert w.shape == rw.shape and i.shape == ri.shape and i.dtype == np.int64
+    ok = ~amb.reshape(-1)
+    I, RI = i.reshape(-1, i.shape[-1]), ri.reshape(-1, ri.shape[-1])
+    assert np.array_equal(I[ok], RI[ok]), "indices differ from the spec"
+    W, RW = w.astype(np.float32).reshape(I.shape), rw.astype(np.float32).reshape(I.shape)
+    assert np.allclose(W[ok], RW[ok], atol=tol, rtol=tol)
+    # Ambiguous tokens (a decision within rounding of the threshold) still route validly.
+    E = attrs["num_experts"]
+    assert ((I >= 0) & (I <= E)).all()
+    kept = (I < E).sum(axis=1)
+    assert (np.abs(kept[~ok] - counts.reshape(-1)[~ok]) <= 1).all()
+    assert np.isfinite(W).all()
+
+
+@st.composite
+def router_case(draw):
+    form = draw(st.sampled_from(sorted(FORMS)))
+    E = draw(st.sampled_from([1, 2, 3, 8, 16, 60, 64, 128, 256, 512]))
+    if form == "sigmoid_grouped":
+        E = max(E, 4)
+        E = E - E % 4
+        n_group = draw(st.sampled_from([g for g in (1, 2, 4) if E % g == 0]))
+        topk_group = draw(st.integers(1, n_group))
+        gs = E // n_group
+        extra = dict(n_group=n_group, topk_group=topk_group, group_score_topk=draw(st.integers(1, min(2, gs))))
+    else:
+        extra = {}
+    k = draw(st.integers(1, min(E, 16)))
+    policy = draw(st.sampled_from(["static", "top-p", "ratio", "entropy"]))
+    max_e = draw(st.integers(1, min(E, 20)))
+    min_e = draw(st.integers(1, max_e))
+    thr = draw(st.floats(0.0, 0.99)) if policy != "static" else 0.0
+    attrs = dict(num_experts=E, k=k, policy=policy, threshold=float(np.float32(thr)), min_experts=min_e,
+                 max_experts=max_e, **FORMS[form], **extra)
+    tokens = draw(st.sampled_from([0, 1, 2, 7, 33, 300]))
+    kind = draw(st.sampled_from(["normal", "wide", "ties", "adversarial"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    if kind == "normal":
+        x = rng.standard_normal((tokens, E))
+    elif kind == "wide":
+        x = rng.standard_normal((tokens, E)) * 30
+    elif kind == "ties":
+        x = rng.integers(-2, 3, (tokens, E)).astype(np.float64)
+    else:
+        x = rng.choice([0.0, 1.0, -1.0, 1e30, -1e30, np.inf, -np.inf, np.nan, 88.5, -87.5, 1e-30],
+                       size=(tokens, E))
+    bias = rng.standard_normal(E) * 0.1 if form == "sigmoid_grouped" and draw(st.booleans()) else None
+    dtype = draw(st.sampled_from(sorted(DTYPES)))
+    return attrs, x, bias, dtype
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(router_case())
+def test_kernel_matches_spec(case):
+    check(*case)
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("policy", ["static", "top-p", "ratio", "entropy"])
+def test_large_token_counts_use_thread_pool(dtype, policy):
+    attrs = dict(num_experts=64, k=8, policy=policy, threshold=0.5 if policy != "entropy" else 0.3,
+                 max_experts=8, normalize=1)
+    x = np.random.default_rng(1).standard_normal((20000, 64)) * 2
+    check(attrs, x, None, dtype)
+
+
+def test_leading_dims_are_kept():
+    attrs = dict(num_experts=8, k=2)
+    s = session_of(router_model(attrs, rank=3))
+    x = np.random.default_rng(0).standard_normal((3, 5, 8)).astype(np.float32)
+    w, i = s.run(None, {"logits": x})
+    assert w.shape == (3, 5, 2) and i.shape == (3, 5, 2)
+    rw, ri = dynamic_router(x, **attrs)
+    assert np.array_equal(i, ri)
+
+
+def test_nan_and_inf_rows_are_defined():
+    """NaN ranks last; +inf logits share the mass; an all -inf row is uniform."""
+    attrs = dict(num_experts=4, k=2, normalize=1)
+    s = session_of(router_model(attrs))
+    x = np.array([[np.nan, 1.0, 2.0, 0.0], [np.inf, 0.0, np.inf, 1.0], [-np.inf] * 4, [np.nan] * 4], np.float32)
+    w, i = s.run(None, {"logits": x})
+    assert i[0].tolist() == [2, 1]
+    assert i[1].tolist() == [0, 2] and np.allclose(w[1], [0.5, 0.5])
+    assert i[2].tolist() == [0, 1] and np.allclose(w[2], [0.5, 0.5])
+    assert i[3].tolist() == [0, 1] and np.isfinite(w[3]).all()
+
+
+@pytest.mark.parametrize("attrs, message", [
+    (dict(num_experts=8, k=9), "k must be"),
+    (dict(num_experts=8, k=2, policy="top-q"), "unknown policy"),
+    (dict(num_experts=8, k=2, policy="top-p", threshold=1.5), "threshold"),
+    (dict(num_experts=8, k=2, policy="top-p", threshold=float("nan")), "threshold"),
+    (dict(num_experts=8, k=2, min_experts=3, max_experts=2), "min_experts"),
+    (dict(num_experts=8, k=2, n_group=3), "n_group"),
+    (dict(num_experts=0, k=1), "num_experts"),
+    (dict(num_experts=8, k=2, score_func="tanh"), "score_func"),
+])
+def test_bad_attributes_fail_at_session_creation(attrs, message):
+    with pytest.raises(Exception, match=message):
+        session_of(router_model(attrs))
+
+
+def test_wrong_logits_width_is_an_error_not_a_crash():
+    m = router_model(dict(num_experts=8, k=2))
+    m.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "e"  # let the 7 reach the kernel
+    s = session_of(m)
+    with pytest.raises(Exception, match="num_experts"):
+        s.run(None, {"logits": np.zeros((4, 7), np.float32)})
