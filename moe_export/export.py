@@ -1,7 +1,7 @@
 """Export a local transformers MoE checkpoint to ONNX (no hub access)."""
 from __future__ import annotations
 
-import os
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -45,11 +45,15 @@ def load_checkpoint(ckpt_dir):
     if not (ckpt / "config.json").is_file():
         raise MoeExportError(f"{ckpt}: not a transformers checkpoint directory (no config.json)")
     try:
-        cfg = tf.AutoConfig.from_pretrained(str(ckpt), local_files_only=True)
+        model_type = json.loads((ckpt / "config.json").read_text()).get("model_type")
+    except (ValueError, AttributeError):
+        raise MoeExportError(f"{ckpt}/config.json is not a JSON object") from None
+    if model_type not in SUPPORTED:
+        raise MoeExportError(f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED)}")
+    try:
+        tf.AutoConfig.from_pretrained(str(ckpt), local_files_only=True)
     except Exception as e:
-        raise MoeExportError(f"{ckpt}: cannot read config.json ({e})") from None
-    if cfg.model_type not in SUPPORTED:
-        raise MoeExportError(f"unsupported architecture {cfg.model_type!r}; supported: {', '.join(SUPPORTED)}")
+        raise MoeExportError(f"{ckpt}: cannot read config.json ({str(e).splitlines()[0]})") from None
     kw = {"local_files_only": True}
     if int(tf.__version__.split(".")[0]) >= 5:
         # The default grouped_mm and eager expert implementations do not export (shared/BUILDING.md).
@@ -57,7 +61,7 @@ def load_checkpoint(ckpt_dir):
     try:
         model = tf.AutoModelForCausalLM.from_pretrained(str(ckpt), **kw).eval()
     except Exception as e:
-        raise MoeExportError(f"{ckpt}: cannot load the model ({type(e).__name__}: {e})") from None
+        raise MoeExportError(f"{ckpt}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model
 
 

@@ -21,7 +21,8 @@ case "${1:-}" in
     if [ ! -f "$dest/NvInfer.h" ]; then
       tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
       py=$(command -v python3 || command -v python)
-      "$py" -m pip download -q --no-deps --no-cache-dir kernel-lens==2.0.1 -d "$tmp" >/dev/null 2>&1 \
+      { "$py" -m pip download -q --no-deps --no-cache-dir kernel-lens==2.0.1 -d "$tmp" \
+          || pip download -q --no-deps --no-cache-dir kernel-lens==2.0.1 -d "$tmp"; } >/dev/null 2>&1 \
         || { echo "fetch_headers: could not download kernel-lens (TensorRT headers)" >&2; exit 1; }
       (cd "$tmp" && "$py" -m zipfile -e kernel_lens-*.whl x >/dev/null)
       mkdir -p "$dest.part" && cp "$tmp"/x/kernel_lens/include/tensorrt/*.h "$dest.part/"

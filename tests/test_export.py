@@ -1,0 +1,63 @@
+"""`moe-export export` on a real checkpoint, then conversion with external weights."""
+import hashlib
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import moe_export
+from conftest import GRAPHS, run_cli
+
+sys.path.insert(0, str(GRAPHS))
+from make_graphs import tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    tiny_model("qwen3_moe").save_pretrained(d / "ckpt")
+    r = run_cli("export", d / "ckpt", "-o", d / "model.onnx")
+    assert r.returncode == 0, r.stderr
+    return d / "model.onnx"
+
+
+def test_export_writes_external_data_and_dynamic_axes(exported):
+    m = onnx.load(str(exported), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
+    assert (exported.parent / "model.onnx.data").is_file()
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for d in dims), "batch and sequence axes must be dynamic"
+    r = run_cli("inspect", exported)
+    assert r.returncode == 0 and "2 MoE layer(s)" in r.stdout and "E=16 k=4" in r.stdout
+
+
+def test_convert_to_another_directory_keeps_weights_valid(exported, tmp_path):
+    data = exported.parent / "model.onnx.data"
+    before = hashlib.sha256(data.read_bytes()).hexdigest()
+    out = tmp_path / "sub" / "model.dynamic.onnx"
+    out.parent.mkdir()
+    r = run_cli("convert", exported, "-o", out, "--policy", "static")
+    assert r.returncode == 0, r.stderr
+    copied = out.parent / "model.onnx.data"
+    assert copied.is_file() and hashlib.sha256(copied.read_bytes()).hexdigest() == before
+    assert hashlib.sha256(data.read_bytes()).hexdigest() == before
+    ref = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    conv = moe_export.session(out)
+    rng = np.random.default_rng(0)
+    for batch, seq in [(1, 1), (2, 7), (3, 33)]:
+        ids = rng.integers(0, 128, (batch, seq)).astype(np.int64)
+        np.testing.assert_allclose(conv.run(None, {"input_ids": ids})[0], ref.run(None, {"input_ids": ids})[0],
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_convert_in_same_directory_shares_the_weights(exported):
+    out = exported.parent / "model.top-p.onnx"
+    r = run_cli("convert", exported, "-o", out, "--policy", "top-p", "--threshold", "0.3")
+    assert r.returncode == 0, r.stderr
+    m = onnx.load(str(out), load_external_data=False)
+    locs = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locs == {"model.onnx.data"}
+    ids = np.random.default_rng(1).integers(0, 128, (2, 16)).astype(np.int64)
+    assert np.isfinite(moe_export.session(out).run(None, {"input_ids": ids})[0]).all()
