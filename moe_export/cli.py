@@ -133,6 +133,23 @@ def cmd_export(args):
     print(f"exported {args.checkpoint} -> {out}")
 
 
+def cmd_build_engine(args):
+    from .deploy import build_engine, parse_shapes
+
+    out = build_engine(args.model, args.output, fp16=args.fp16, shapes=parse_shapes(args.shape),
+                       workspace_mb=args.workspace_mb)
+    print(f"built TensorRT engine {out}")
+
+
+def cmd_triton(args):
+    from .deploy import triton_repository
+
+    d = triton_repository(args.model, args.output, args.name, backend=args.backend, plan=args.plan,
+                          max_batch_size=args.max_batch_size, server_repo_path=args.server_repository,
+                          instances=args.instances)
+    print(f"wrote Triton model {d} ({args.backend} backend)")
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -178,6 +195,28 @@ def build_parser():
     e.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
     e.add_argument("--embed-weights", action="store_true", help="keep weights inside the .onnx file")
     e.set_defaults(fn=cmd_export)
+
+    b = sub.add_parser("build-engine", help="build a TensorRT engine with the DynamicRouter plugin")
+    b.add_argument("model", type=Path)
+    b.add_argument("-o", "--output", type=Path, required=True)
+    b.add_argument("--fp16", action="store_true")
+    b.add_argument("--shape", action="append", metavar="NAME:MIN,OPT,MAX",
+                   help="optimization profile of a dynamic input, dims like 1x16 (repeat per input)")
+    b.add_argument("--workspace-mb", type=int, default=4096)
+    b.set_defaults(fn=cmd_build_engine)
+
+    t = sub.add_parser("triton", help="write a Triton Inference Server model repository entry")
+    t.add_argument("model", type=Path, help="a converted .onnx")
+    t.add_argument("-o", "--output", type=Path, required=True, help="model repository directory")
+    t.add_argument("--name", required=True)
+    t.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    t.add_argument("--plan", type=Path, help="tensorrt backend: a prebuilt engine (default: build one)")
+    t.add_argument("--max-batch-size", type=int, default=8,
+                   help="Triton batching when every input/output has a dynamic leading dim (0: off)")
+    t.add_argument("--server-repository", help="where the repository is mounted on the server "
+                   "(for the op library path; default: the output's absolute path)")
+    t.add_argument("--instances", type=int, default=1)
+    t.set_defaults(fn=cmd_triton)
 
     d = sub.add_parser("demo", help="export a tiny Mixtral, convert it, and report parity and routing")
     d.add_argument("--workdir", default="demo_out")
