@@ -91,70 +91,119 @@ MOE_HD float exp32(float x) {
 
 MOE_HD float sanitize(float v) { return v != v ? -INFINITY : v; }
 
-// Ranks experts: higher key first, ties to the lower index (ONNX TopK's order).
-MOE_HD bool before(float ka, int ia, float kb, int ib) { return ka > kb || (ka == kb && ia < ib); }
+// Ranks experts: higher key first, ties to the lower index (ONNX TopK's order). Bitwise, not
+// short-circuit, so loops over it vectorize.
+MOE_HD bool before(float ka, int ia, float kb, int ib) { return (ka > kb) | ((ka == kb) & (ia < ib)); }
+
+// Adds v[0..n) into kLanes partial sums, element i into lane i % kLanes. Whole blocks first, so
+// the partial sums stay in one SIMD register; the lane assignment (and so the result) is the
+// same as a plain i % kLanes loop.
+MOE_HD void lane_accumulate(const float* v, int n, float* acc) {
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += v[i + l];
+  for (; i < n; ++i) acc[i - (n / kLanes) * kLanes] += v[i];
+}
+
+MOE_HD float lane_sum(const float* v, int n) {
+  float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  lane_accumulate(v, n, acc);
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
 
 // Softmax over n values (entries with mask==0 excluded when mask is given), written to out.
 // Entries equal to the max contribute exp(0): +inf logits share the mass, an all -inf row is
 // uniform. Sums in kLanes partial sums; spec.py sums left to right (see DECISION_EPS there).
 MOE_HD void softmax(const float* x, const unsigned char* mask, int n, float* out) {
   float m = -INFINITY;
-  for (int i = 0; i < n; ++i) {
-    float v = (mask && !mask[i]) ? -INFINITY : x[i];
-    m = v > m ? v : m;
+  if (mask) {
+    for (int i = 0; i < n; ++i) {
+      float v = mask[i] ? x[i] : -INFINITY;
+      m = v > m ? v : m;
+    }
+    for (int i = 0; i < n; ++i) {
+      float v = mask[i] ? x[i] : -INFINITY;
+      out[i] = mask[i] ? exp32(v == m ? 0.f : v - m) : 0.f;
+    }
+  } else {  // the common case: branch-free loops the compiler vectorizes
+    // lane-wise partial maxima: a max is exact in any order, and this order vectorizes
+    float lm[kLanes] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) lm[l] = x[i + l] > lm[l] ? x[i + l] : lm[l];
+    for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+    for (int l = 0; l < kLanes; ++l) m = lm[l] > m ? lm[l] : m;
+    for (int i = 0; i < n; ++i) out[i] = exp32(x[i] == m ? 0.f : x[i] - m);
   }
-  float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int i = 0; i < n; ++i) {
-    float v = (mask && !mask[i]) ? -INFINITY : x[i];
-    float e = exp32(v == m ? 0.f : v - m);
-    e = (mask && !mask[i]) ? 0.f : e;
-    out[i] = e;
-    acc[i % kLanes] += e;
-  }
-  float s = 0.f;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  const float inv = 1.0f / s;
+  const float inv = 1.0f / lane_sum(out, n);
   for (int i = 0; i < n; ++i) out[i] *= inv;
 }
 
-MOE_HD float lane_sum(const float* v, int n) {
-  float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int i = 0; i < n; ++i) acc[i % kLanes] += v[i];
-  float s = 0.f;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
+MOE_HD void insert_sorted(float v, int i, int K, int& filled, int32_t* order, float* okey) {
+  if (filled == K && !before(v, i, okey[K - 1], order[K - 1])) return;
+  int j = filled < K ? filled++ : K - 1;
+  while (j > 0 && before(v, i, okey[j - 1], order[j - 1])) {
+    okey[j] = okey[j - 1];
+    order[j] = order[j - 1];
+    --j;
+  }
+  okey[j] = v;
+  order[j] = i;
 }
 
-// Keeps the K best of n keys (optionally only where valid) in order[0..K), sorted by before().
-// Insertion is O(n*K) worst case but O(n) for random keys once the list has filled, which is the
-// common case (K <= 16); it also runs unchanged on the GPU.
-MOE_HD void select_top(const float* key, const unsigned char* valid, int n, int K, int32_t* order,
-                       float* okey) {
-  int filled = 0;
+// Keeps the K best of n keys in order[0..K) (their keys in okey), sorted by before().
+// fscratch and iscratch hold n floats and n ints.
+// For K <= kLanes it is branch-free: the kLanes strided lane maxima are distinct elements, so
+// the K-th best key is at least the K-th best of them (`bound`); the few keys >= bound are
+// compacted, and each one's rank among them (unique, as before() is a total order) is its slot.
+// Larger K insert one by one.
+MOE_HD void select_top(const float* key, int n, int K, int32_t* order, float* okey, float* fscratch,
+                       int32_t* iscratch) {
+  if (K > kLanes || n < kLanes) {
+    int filled = 0;
+    for (int i = 0; i < n; ++i) insert_sorted(key[i], i, K, filled, order, okey);
+    return;
+  }
+  float lmax[kLanes];
+  for (int l = 0; l < kLanes; ++l) lmax[l] = key[l];
+  const int full = (n / kLanes) * kLanes;
+  for (int i = kLanes; i < full; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lmax[l] = key[i + l] > lmax[l] ? key[i + l] : lmax[l];
+  float bound = -INFINITY;
+  for (int a = 0; a < kLanes; ++a) {
+    int r = 0;
+    for (int b = 0; b < kLanes; ++b) r += before(lmax[b], b, lmax[a], a);
+    bound = r == K - 1 ? lmax[a] : bound;
+  }
+  int nc = 0;
   for (int i = 0; i < n; ++i) {
-    float v = key[i];
-    if (valid && !valid[i]) v = -INFINITY;
-    if (filled == K && !before(v, i, okey[K - 1], order[K - 1])) continue;
-    int j = filled < K ? filled++ : K - 1;
-    while (j > 0 && before(v, i, okey[j - 1], order[j - 1])) {
-      okey[j] = okey[j - 1];
-      order[j] = order[j - 1];
-      --j;
+    iscratch[nc] = i;
+    fscratch[nc] = key[i];
+    nc += key[i] >= bound;
+  }
+  for (int a = 0; a < nc; ++a) {
+    const float ka = fscratch[a];
+    const int ia = iscratch[a];
+    int r = 0;
+    for (int b = 0; b < nc; ++b) r += before(fscratch[b], iscratch[b], ka, ia);
+    if (r < K) {
+      order[r] = ia;
+      okey[r] = ka;
     }
-    okey[j] = v;
-    order[j] = i;
   }
 }
 
-// Scratch a row needs, in floats: scores, keys, policy distribution, sorted keys, plus bytes
-// for the group mask; callers size it with scratch_floats().
-MOE_HD int scratch_floats(const Params& p) { return 5 * p.num_experts + p.n_group * 2 + 8; }
+// Scratch a row needs, in floats: logits, scores, keys, policy distribution, sorted keys and
+// selection scratch, plus group scores; callers size it with scratch_floats().
+MOE_HD int scratch_floats(const Params& p) { return 6 * p.num_experts + p.n_group * 2 + 8; }
 
 // Output slots per token: max(k, max_experts), so capping below k keeps the graph's k-wide shapes.
 MOE_HD int width(const Params& p) { return p.k > p.max_experts ? p.k : p.max_experts; }
 
 // Routes one token. x: E logits (already float), bias: E or nullptr, work: scratch_floats()
-// floats, order: E ints, valid: E bytes. Writes width(p) weights and indices.
+// floats, order: 2E ints, valid: E bytes. Writes width(p) weights and indices.
 // Returns the number of experts kept.
 template <typename OutT, typename Store>
 MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, float* work,
@@ -165,8 +214,10 @@ MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, floa
   float* key = s + E;       // ranking key
   float* q = key + E;       // policy distribution
   float* okey = q + E;      // keys of the selected, in order
-  float* gscore = okey + K; // group scores
+  float* sel = okey + E;    // select_top's scratch
+  float* gscore = sel + E;  // group scores
   float* gtmp = gscore + p.n_group;
+  int32_t* isel = order + E;
 
   for (int i = 0; i < E; ++i) x[i] = sanitize(x_in[i]);
   if (p.score_func == kSoftmax) {
@@ -188,18 +239,19 @@ MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, floa
     const int G = p.n_group, gs = E / G, t = p.group_score_topk;
     int32_t* gorder = order;  // borrowed; the final selection overwrites it later
     for (int g = 0; g < G; ++g) {
-      select_top(key + g * gs, nullptr, gs, t, gorder, gtmp);
+      select_top(key + g * gs, gs, t, gorder, gtmp, sel, isel);
       float acc = 0.f;
       for (int j = 0; j < t; ++j) acc += gtmp[j];
       gscore[g] = sanitize(acc);
     }
-    select_top(gscore, nullptr, G, p.topk_group, gorder, gtmp);
+    select_top(gscore, G, p.topk_group, gorder, gtmp, sel, isel);
     for (int i = 0; i < E; ++i) valid[i] = 0;
     for (int j = 0; j < p.topk_group; ++j)
       for (int i = gorder[j] * gs; i < (gorder[j] + 1) * gs; ++i) valid[i] = 1;
+    for (int i = 0; i < E; ++i) key[i] = valid[i] ? key[i] : -INFINITY;
     n_valid = p.topk_group * gs;
   }
-  select_top(key, grouped ? valid : nullptr, E, K, order, okey);
+  select_top(key, E, width(p), order, okey, sel, isel);
 
   int count = p.k;
   if (p.policy != kStatic) {

@@ -30,8 +30,8 @@ __global__ void __launch_bounds__(128) route_kernel(moe::Params p, const T* __re
                                                     int64_t* __restrict__ indices, int64_t rows) {
   float x[MAXE];
   float b[MAXE];
-  float work[5 * MAXE + 2 * MAXE + 8];
-  int32_t order[MAXE];
+  float work[6 * MAXE + 2 * MAXE + 8];
+  int32_t order[2 * MAXE];
   unsigned char valid[MAXE];
   const int E = p.num_experts, K = moe::width(p);
   if (bias)

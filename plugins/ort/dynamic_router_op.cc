@@ -68,13 +68,14 @@ struct RowsTask {
 };
 
 // One block of tokens. target_clones lets the same binary use AVX-512/AVX2 where the CPU has
-// them; the core's loops are written so GCC vectorizes them.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+// them; flatten inlines the whole core into each clone, so each is compiled for its target
+// (the core's loops are written so GCC vectorizes them; no FMA, so all clones round alike).
+__attribute__((target_clones("avx512f", "avx2", "default"), flatten))
 void route_rows(const RowsTask& t, int64_t begin, int64_t end) {
   const moe::Params& p = *t.p;
   const int E = p.num_experts, K = moe::width(p);
   std::vector<float> work((size_t)moe::scratch_floats(p) + E);
-  std::vector<int32_t> order(E);
+  std::vector<int32_t> order(2 * (size_t)E);
   std::vector<unsigned char> valid(E);
   float* row = work.data() + moe::scratch_floats(p);
   for (int64_t r = begin; r < end; ++r) {
