@@ -133,6 +133,28 @@ def cmd_export(args):
     print(f"exported {args.checkpoint} -> {out}")
 
 
+def cmd_calibrate(args):
+    from .calibrate import calibrate_and_convert
+
+    layers = calibrate_and_convert(args.model, args.data, args.output, args.target_experts, policy=args.policy,
+                                   mode=args.mode, min_experts=args.min_experts, max_experts=args.max_experts,
+                                   portable=args.portable)
+    if args.json:
+        print(json.dumps({"output": str(args.output), "policy": args.policy, "mode": args.mode,
+                          "target_experts": args.target_experts, "layers": layers}, indent=2))
+        return
+    for r in layers:
+        print(f"{r['layer']}: threshold {r['threshold']:.4f} -> {r['mean_experts']:.3f} experts/token (k={r['k']})")
+    print(f"wrote {args.output}")
+
+
+def cmd_profile(args):
+    from .profile import profile, print_profile
+
+    rep = profile(args.model, args.data, flops_per_pair_override=args.flops_per_pair)
+    print(json.dumps(rep, indent=2) if args.json else print_profile(rep))
+
+
 def cmd_build_engine(args):
     from .deploy import build_engine, parse_shapes
 
@@ -195,6 +217,28 @@ def build_parser():
     e.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
     e.add_argument("--embed-weights", action="store_true", help="keep weights inside the .onnx file")
     e.set_defaults(fn=cmd_export)
+
+    cal = sub.add_parser("calibrate", help="choose per-layer thresholds for a compute budget and convert")
+    cal.add_argument("model", type=Path, help="the original (static top-k) model")
+    cal.add_argument("--data", type=Path, required=True, help=".npy token ids [batch, seq] (or .npz of inputs)")
+    cal.add_argument("--target-experts", type=float, required=True, help="mean experts per token to aim for")
+    cal.add_argument("-o", "--output", type=Path, required=True)
+    cal.add_argument("--policy", choices=[p for p in POLICIES if p != "static"], default="top-p")
+    cal.add_argument("--mode", choices=("per-layer", "global"), default="per-layer",
+                     help="a threshold per layer hitting the target in each, or one threshold for all")
+    cal.add_argument("--min-experts", type=int, default=1)
+    cal.add_argument("--max-experts", type=int, default=None)
+    cal.add_argument("--portable", action="store_true")
+    cal.add_argument("--json", action="store_true")
+    cal.set_defaults(fn=cmd_calibrate)
+
+    pr = sub.add_parser("profile", help="expert FLOPs, experts per token and expert load, static vs converted")
+    pr.add_argument("model", type=Path, help="a converted model")
+    pr.add_argument("--data", type=Path, required=True, help=".npy token ids [batch, seq] (or .npz of inputs)")
+    pr.add_argument("--flops-per-pair", type=float, default=None,
+                    help="FLOPs of one (token, expert) pair (default: read off the expert weights)")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(fn=cmd_profile)
 
     b = sub.add_parser("build-engine", help="build a TensorRT engine with the DynamicRouter plugin")
     b.add_argument("model", type=Path)

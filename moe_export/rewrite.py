@@ -190,7 +190,7 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False):
         rename[gate.weights] = w
         rename[gate.indices] = (idx, clamped)
         routers.append({"layer": gate.name, "family": gate.family, "weights": w, "indices": idx,
-                        "attrs": _node_attrs(a)})
+                        "logits": gate.logits, "bias": gate.bias, "attrs": _node_attrs(a)})
         insert_at[gate.topk.name or id(gate.topk)] = b.nodes
         new_inits += b.inits
     # Rewire consumers. Graph outputs that were gate tensors keep their names through Identity.

@@ -175,18 +175,19 @@ def dynamic_router(logits, bias=None, *, return_counts=False, **attrs):
         return _route(a, logits, bias, return_counts)
 
 
-def _route(a, logits, bias, return_counts):
-    x0 = np.asarray(logits)
-    out_dtype = x0.dtype if x0.dtype in (np.float16, np.float32) else np.float32
-    E, K = a.num_experts, a.width
-    if x0.shape[-1:] != (E,):
-        raise SpecError(f"logits last dimension must be num_experts={E}, got shape {x0.shape}")
-    lead = x0.shape[:-1]
-    x = _sanitize(x0.reshape(-1, E).astype(_F))
-    T = x.shape[0]
-    b = None if bias is None else _sanitize(np.asarray(bias, dtype=_F).reshape(E))
+@dataclass
+class PolicyView:
+    """What the count policies read, per token: the routing distribution in ranking order over
+    the first max_experts candidates (`qs`), the normalized entropy (`hn`) and the number of
+    eligible experts. Calibration evaluates many thresholds on one view."""
+    qs: np.ndarray
+    hn: np.ndarray
+    n_valid: np.ndarray
 
-    # 1. scores (what the weights are made of) and the ranking key.
+
+def _rank(a, x, b):
+    """Scores, ranking order (top `width`), eligibility; steps 1, 2 and 5 of the spec."""
+    T, E = x.shape
     if a.score_func == "softmax":
         s = _softmax_rows(x)
         key = x.copy() if a.select == "before_score" else s.copy()
@@ -195,8 +196,7 @@ def _route(a, logits, bias, return_counts):
         key = s.copy()
     if b is not None:
         key = _sanitize((key + b).astype(_F))
-
-    # 2. group-limited selection (DeepSeek-V3): keep the best topk_group groups.
+    # group-limited selection (DeepSeek-V3): keep the best topk_group groups.
     valid = np.ones((T, E), dtype=bool)
     if a.n_group > 1:
         G, gs = a.n_group, E // a.n_group
@@ -207,43 +207,78 @@ def _route(a, logits, bias, return_counts):
         np.put_along_axis(gvalid, gorder, True, axis=1)
         valid = np.repeat(gvalid, gs, axis=1)
         key = np.where(valid, key, _F(-np.inf))
-    order = _stable_desc_order(key)[:, :K]
+    return s, valid, _stable_desc_order(key)[:, : a.width]
 
-    # 3. how many experts each token gets.
-    ambiguous = np.zeros(T, dtype=bool)
+
+def _policy_view(a, x, s, valid, order) -> PolicyView:
     n_valid = valid.sum(axis=1)
-    if a.policy == "static":
-        counts = np.full(T, a.k, dtype=np.int64)
+    if a.score_func == "softmax":
+        q = _softmax_rows(x, valid if a.n_group > 1 else None)
     else:
-        if a.score_func == "softmax":
-            q = _softmax_rows(x, valid if a.n_group > 1 else None)
-        else:
-            sv = np.where(valid, s, _F(0.0))
-            tot = _seq_sum(sv)
-            q = np.where(tot[:, None] > 0, sv * (_F(1.0) / np.where(tot > 0, tot, 1))[:, None],
-                         np.where(valid, _F(1.0) / n_valid[:, None].astype(_F), _F(0.0))).astype(_F)
-        qs = np.take_along_axis(q, order[:, : a.max_experts], axis=1)
-        t = _F(a.threshold)
-        if a.policy == "top-p":
-            cum = np.cumsum(qs, axis=1, dtype=_F)
-            counts = 1 + (cum[:, :-1] < t).sum(axis=1)
-            ambiguous = (np.abs(cum - t) <= DECISION_EPS).any(axis=1)
-        elif a.policy == "ratio":
-            ref = (qs[:, :1] * t).astype(_F)
-            counts = 1 + (qs[:, 1:] >= ref).sum(axis=1)
-            ambiguous = (np.abs(qs[:, 1:] - ref) <= DECISION_EPS * np.maximum(qs[:, :1], 1e-30)).any(axis=1)
-        else:  # entropy
-            with np.errstate(divide="ignore", invalid="ignore"):
-                plogp = np.where(q > 0, q * np.log(np.where(q > 0, q, 1)).astype(_F), _F(0.0))
-            H = -_seq_sum(plogp.astype(_F))
-            Hn = np.where(n_valid > 1, H / np.log(np.maximum(n_valid, 2)).astype(_F), _F(0.0)).astype(_F)
-            frac = np.clip((Hn - t) / _F(1.0 - t), 0.0, 1.0).astype(_F)
-            span = _F(a.max_experts - a.min_experts)
-            raw = frac * span
-            counts = a.min_experts + np.floor(raw + _F(0.5)).astype(np.int64)
-            ambiguous = np.abs(raw + _F(0.5) - np.round(raw + _F(0.5))) <= DECISION_EPS * (1 + span)
-        counts = np.clip(counts, a.min_experts, a.max_experts)
-        counts = np.minimum(counts, np.maximum(n_valid, 1)).astype(np.int64)
+        sv = np.where(valid, s, _F(0.0))
+        tot = _seq_sum(sv)
+        q = np.where(tot[:, None] > 0, sv * (_F(1.0) / np.where(tot > 0, tot, 1))[:, None],
+                     np.where(valid, _F(1.0) / n_valid[:, None].astype(_F), _F(0.0))).astype(_F)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(q > 0, q * np.log(np.where(q > 0, q, 1)).astype(_F), _F(0.0))
+    H = -_seq_sum(plogp.astype(_F))
+    hn = np.where(n_valid > 1, H / np.log(np.maximum(n_valid, 2)).astype(_F), _F(0.0)).astype(_F)
+    return PolicyView(np.take_along_axis(q, order[:, : a.max_experts], axis=1), hn, n_valid)
+
+
+def policy_counts(a: RouterAttrs, v: PolicyView):
+    """Experts per token under policy a (step 6), and which decisions sit on a boundary."""
+    T = v.qs.shape[0]
+    if a.policy == "static":
+        return np.full(T, a.k, dtype=np.int64), np.zeros(T, dtype=bool)
+    qs, t = v.qs[:, : a.max_experts], _F(a.threshold)
+    if a.policy == "top-p":
+        cum = np.cumsum(qs, axis=1, dtype=_F)
+        counts = 1 + (cum[:, :-1] < t).sum(axis=1)
+        ambiguous = (np.abs(cum - t) <= DECISION_EPS).any(axis=1)
+    elif a.policy == "ratio":
+        ref = (qs[:, :1] * t).astype(_F)
+        counts = 1 + (qs[:, 1:] >= ref).sum(axis=1)
+        ambiguous = (np.abs(qs[:, 1:] - ref) <= DECISION_EPS * np.maximum(qs[:, :1], 1e-30)).any(axis=1)
+    else:  # entropy
+        frac = np.clip((v.hn - t) / _F(1.0 - t), 0.0, 1.0).astype(_F)
+        span = _F(a.max_experts - a.min_experts)
+        raw = frac * span
+        counts = a.min_experts + np.floor(raw + _F(0.5)).astype(np.int64)
+        ambiguous = np.abs(raw + _F(0.5) - np.round(raw + _F(0.5))) <= DECISION_EPS * (1 + span)
+    counts = np.clip(counts, a.min_experts, a.max_experts)
+    return np.minimum(counts, np.maximum(v.n_valid, 1)).astype(np.int64), ambiguous
+
+
+def _prepare(a, logits, bias):
+    x0 = np.asarray(logits)
+    E = a.num_experts
+    if x0.shape[-1:] != (E,):
+        raise SpecError(f"logits last dimension must be num_experts={E}, got shape {x0.shape}")
+    x = _sanitize(x0.reshape(-1, E).astype(_F))
+    b = None if bias is None else _sanitize(np.asarray(bias, dtype=_F).reshape(E))
+    return x0, x, b
+
+
+def policy_view(logits, bias=None, **attrs) -> PolicyView:
+    """The PolicyView of some router logits (for calibration)."""
+    a = RouterAttrs(**attrs).resolved()
+    with np.errstate(over="ignore", invalid="ignore"):
+        _, x, b = _prepare(a, logits, bias)
+        s, valid, order = _rank(a, x, b)
+        return _policy_view(a, x, s, valid, order)
+
+
+def _route(a, logits, bias, return_counts):
+    x0, x, b = _prepare(a, logits, bias)
+    out_dtype = x0.dtype if x0.dtype in (np.float16, np.float32) else np.float32
+    E, K = a.num_experts, a.width
+    lead = x0.shape[:-1]
+    s, valid, order = _rank(a, x, b)
+    if a.policy == "static":
+        counts, ambiguous = policy_counts(a, PolicyView(np.zeros((x.shape[0], 0), _F), None, None))
+    else:
+        counts, ambiguous = policy_counts(a, _policy_view(a, x, s, valid, order))
 
     # 4. weights of the kept experts; dropped slots are (index=E, weight=0).
     keep = np.arange(K)[None, :] < counts[:, None]

@@ -1,0 +1,96 @@
+"""Expert FLOPs, experts per token and per-expert load of a converted model, static vs dynamic."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import MoeExportError
+from .calibrate import load_data
+from .graph import load_model
+from .rewrite import routers_metadata
+from .spec import dynamic_router
+from .validate import session_from_proto
+
+
+def flops_per_pair(model, E, n_layers):
+    """2 x the parameters of one expert, read off the per-expert weight tensors ([E, ...], rank 3,
+    as exported with batched experts); None where the experts are not stored that way."""
+    per_expert = sum(int(np.prod(t.dims[1:])) for t in model.graph.initializer if len(t.dims) == 3 and t.dims[0] == E)
+    return 2.0 * per_expert / n_layers if per_expert else None
+
+
+def profile(model_path, data_path, flops_per_pair_override=None, batch=16):
+    model = load_model(model_path)
+    meta = routers_metadata(model)
+    if meta is None:
+        raise MoeExportError(f"{model_path}: not written by moe-export convert; profile a converted model")
+    feeds = load_data(data_path, model)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    names = []
+    for i, r in enumerate(meta["routers"]):
+        for kind, t in (("i", r["indices"]), ("l", r["logits"]), ("b", r.get("bias"))):
+            if t:
+                out = f"moe_export.profile.{kind}{i}"
+                m.graph.node.append(onnx.helper.make_node("Identity", [t], [out]))
+                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(out))
+                names.append(out)
+    sess = session_from_proto(m, Path(model_path).parent, custom_ops=not meta["portable"])
+    n = next(iter(feeds.values())).shape[0]
+    got = {k: [] for k in names}
+    for s in range(0, n, batch):
+        for k, v in zip(names, sess.run(names, {k: v[s:s + batch] for k, v in feeds.items()})):
+            got[k].append(v)
+    layers, by_e = [], {}
+    for r in meta["routers"]:
+        by_e[r["attrs"]["num_experts"]] = by_e.get(r["attrs"]["num_experts"], 0) + 1
+    for i, r in enumerate(meta["routers"]):
+        a = r["attrs"]
+        E, k = a["num_experts"], a["k"]
+        idx = np.concatenate([x.reshape(-1, x.shape[-1]) for x in got[f"moe_export.profile.i{i}"]])
+        logits = np.concatenate([x.reshape(-1, E) for x in got[f"moe_export.profile.l{i}"]]).astype(np.float32)
+        bias = got[f"moe_export.profile.b{i}"][0].astype(np.float32) if r.get("bias") else None
+        static_attrs = dict(a, policy="static", threshold=0.0, max_experts=k, min_experts=1)
+        _, sidx = dynamic_router(logits, bias, **static_attrs)
+        fpp = flops_per_pair_override or flops_per_pair(model, E, by_e[E])
+        load = np.bincount(idx[idx < E], minlength=E)
+        sload = np.bincount(sidx[sidx < E], minlength=E)
+        pairs, spairs = int(load.sum()), int(sload.sum())
+        tokens = idx.shape[0]
+        layers.append({
+            "layer": r["layer"], "tokens": tokens, "num_experts": E, "k": k, "policy": a["policy"],
+            "threshold": a["threshold"], "pairs_static": spairs, "pairs": pairs,
+            "mean_experts_static": spairs / max(tokens, 1), "mean_experts": pairs / max(tokens, 1),
+            "experts_per_token_hist": np.bincount((idx < E).sum(axis=1), minlength=idx.shape[1] + 1).tolist(),
+            "expert_gflops_static": None if fpp is None else spairs * fpp / 1e9,
+            "expert_gflops": None if fpp is None else pairs * fpp / 1e9,
+            "load_static": sload.tolist(), "load": load.tolist(),
+            "load_cv_static": float(sload.std() / max(sload.mean(), 1e-9)),
+            "load_cv": float(load.std() / max(load.mean(), 1e-9)),
+            "load_max_over_mean": float(load.max() / max(load.mean(), 1e-9)),
+        })
+    tp, tsp = sum(x["pairs"] for x in layers), sum(x["pairs_static"] for x in layers)
+    total = {"pairs_static": tsp, "pairs": tp, "pair_reduction": 1 - tp / tsp if tsp else 0.0}
+    if all(x["expert_gflops"] is not None for x in layers):
+        total["expert_gflops_static"] = sum(x["expert_gflops_static"] for x in layers)
+        total["expert_gflops"] = sum(x["expert_gflops"] for x in layers)
+        total["flops_reduction"] = 1 - total["expert_gflops"] / total["expert_gflops_static"]
+    return {"model": str(model_path), "layers": layers, "total": total,
+            "flops_source": "--flops-per-pair" if flops_per_pair_override else "expert weights"}
+
+
+def print_profile(rep) -> str:
+    lines = [f"{'layer':40s} {'experts/token':>16s} {'expert GFLOPs':>20s} {'load CV':>14s}",
+             f"{'':40s} {'static -> dyn':>16s} {'static -> dyn':>20s} {'static -> dyn':>14s}"]
+    for x in rep["layers"]:
+        fl = "n/a" if x["expert_gflops"] is None else f"{x['expert_gflops_static']:.4g} -> {x['expert_gflops']:.4g}"
+        lines.append(f"{x['layer'][:40]:40s} {x['mean_experts_static']:6.2f} -> {x['mean_experts']:5.2f} "
+                     f"{fl:>20s} {x['load_cv_static']:5.2f} -> {x['load_cv']:4.2f}")
+        top = max(x["load"]) or 1
+        lines.append("  load " + "".join(" .:-=+*#%@"[min(9, int(9 * v / top))] for v in x["load"]))
+    t = rep["total"]
+    lines.append(f"routed pairs {t['pairs_static']} -> {t['pairs']} ({100 * t['pair_reduction']:.1f}% fewer)"
+                 + (f"; expert FLOPs {100 * t['flops_reduction']:.1f}% fewer" if "flops_reduction" in t else ""))
+    return "\n".join(lines)

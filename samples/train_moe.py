@@ -1,0 +1,116 @@
+"""Train a small MoE causal LM on real text that exists offline: the CPython standard library
+sources installed with this Python (byte-level, vocab 256), with a held-out split by file.
+
+    python samples/train_moe.py mixtral8   [--minutes 25]   # 8 experts, top-2 (Mixtral-style)
+    python samples/train_moe.py qwen3moe32 [--minutes 25]   # 32 experts, top-4, renormalized (Qwen3-MoE-style)
+
+Seeded; uses the usual load-balancing auxiliary loss; saves with save_pretrained under
+~/.cache/moe-export/models/NAME (outside the repo), plus held-out token arrays for evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sysconfig
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+CACHE = Path.home() / ".cache" / "moe-export"
+SEQ = 128
+
+
+def corpus(max_bytes=24 << 20):
+    """(train, heldout) byte arrays: every .py under the stdlib; one file in ten is held out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    train, held = [], []
+    total = 0
+    for p in sorted(root.rglob("*.py")):
+        if "site-packages" in p.parts:
+            continue
+        try:
+            b = p.read_bytes()
+        except OSError:
+            continue
+        (held if zlib.crc32(str(p.relative_to(root)).encode()) % 10 == 0 else train).append(b)
+        total += len(b)
+        if total > max_bytes:
+            break
+    join = lambda xs: np.frombuffer(b"\n".join(xs), dtype=np.uint8).astype(np.int64)
+    return join(train), join(held), str(root)
+
+
+def config(name):
+    import transformers as tf
+
+    common = dict(vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, router_aux_loss_coef=0.02,
+                  output_router_logits=True, tie_word_embeddings=True)
+    if name == "mixtral8":
+        return tf.MixtralConfig(intermediate_size=256, num_local_experts=8, num_experts_per_tok=2, **common)
+    if name == "qwen3moe32":
+        return tf.Qwen3MoeConfig(moe_intermediate_size=64, intermediate_size=256, num_experts=32,
+                                 num_experts_per_tok=4, norm_topk_prob=True, head_dim=32, **common)
+    raise SystemExit(f"unknown model {name}")
+
+
+def main():
+    import torch
+    import transformers as tf
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name", choices=["mixtral8", "qwen3moe32"])
+    ap.add_argument("--minutes", type=float, default=25)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    tf.utils.logging.set_verbosity_error()
+    train, held, root = corpus()
+    out = CACHE / "models" / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    model = tf.AutoModelForCausalLM.from_config(config(args.name))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    rng = np.random.default_rng(0)
+    t0, step, log = time.time(), 0, []
+    budget = args.minutes * 60
+    est_steps = None
+    model.train()
+    while time.time() - t0 < budget:
+        starts = rng.integers(0, len(train) - SEQ - 1, args.batch)
+        ids = torch.from_numpy(np.stack([train[s:s + SEQ] for s in starts]))
+        frac = (time.time() - t0) / budget
+        lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        outp = model(input_ids=ids, labels=ids)
+        opt.zero_grad(set_to_none=True)
+        outp.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            aux = float(outp.aux_loss) if getattr(outp, "aux_loss", None) is not None else float("nan")
+            log.append({"step": step, "loss": float(outp.loss), "aux": aux, "s": time.time() - t0})
+            print(json.dumps(log[-1]), flush=True)
+        step += 1
+    model.eval()
+    model.config.output_router_logits = False
+    model.save_pretrained(out)
+    np.save(out / "heldout.npy", held)
+    with torch.no_grad():  # held-out perplexity in PyTorch, for reference (the curve uses ONNX)
+        n = min(64, (len(held) - 1) // SEQ)
+        ids = torch.from_numpy(held[: n * SEQ].reshape(n, SEQ))
+        nll = float(model(input_ids=ids, labels=ids).loss)
+    (out / "train_log.json").write_text(json.dumps({"corpus": root, "train_bytes": int(len(train)),
+                                                    "heldout_bytes": int(len(held)), "steps": step,
+                                                    "torch_heldout_ppl": math.exp(nll), "log": log}, indent=1))
+    print(f"saved {out}: {step} steps, held-out ppl {math.exp(nll):.3f} (byte-level; chance = 256)")
+
+
+if __name__ == "__main__":
+    main()
