@@ -1,0 +1,157 @@
+"""The quality/compute curve of dynamic routing on trained MoE models, measured entirely through
+the exported and converted ONNX graphs in ONNX Runtime.
+
+    .venv/bin/python samples/train_moe.py mixtral8 && .venv/bin/python samples/train_moe.py qwen3moe32
+    .venv/bin/python benchmarks/quality.py [--models mixtral8 qwen3moe32] [--eval-seqs 128]
+
+For each model: held-out byte-level perplexity and routed (token, expert) pairs for every policy
+over a sweep of thresholds, then per-layer calibration against one global threshold at equal
+compute (calibrated on a separate slice of the held-out text). Writes
+benchmarks/results/quality.json and benchmarks/results/quality.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from moe_export.calibrate import calibrate
+from moe_export.export import export_checkpoint
+from moe_export.graph import load_model
+from moe_export.rewrite import Policy, convert, routers_metadata
+from moe_export.validate import routing_indices, session_from_proto, with_routing_outputs
+
+HERE = Path(__file__).resolve().parent
+CACHE = Path.home() / ".cache" / "moe-export"
+SEQ = 128
+SWEEP = {
+    "top-p": [0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98],
+    "ratio": [0.9, 0.7, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.02],
+    "entropy": [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.2, 0.0],
+}
+
+
+def evaluate(model_path, ids, batch=16):
+    """Perplexity (next-byte) and routed pairs per layer of a graph on ids [n, SEQ]."""
+    model = load_model(model_path)
+    idx_names, attrs = routing_indices(model)
+    sess = session_from_proto(with_routing_outputs(model, idx_names), Path(model_path).parent,
+                              custom_ops=routers_metadata(model) is not None, intra_op_num_threads=2)
+    nll, count, pairs = 0.0, 0, np.zeros(len(idx_names))
+    tokens = 0
+    for s in range(0, len(ids), batch):
+        x = ids[s:s + batch]
+        outs = sess.run(None, {"input_ids": x})
+        logits = outs[0].astype(np.float64)
+        lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        tgt = np.take_along_axis(logits[:, :-1], x[:, 1:, None], axis=-1)[..., 0]
+        nll += float((lse[:, :-1] - tgt).sum())
+        count += tgt.size
+        for i, a in enumerate(attrs):
+            pairs[i] += (outs[1 + i] < a["num_experts"]).sum()
+        tokens += x.size
+    k = np.array([a["k"] for a in attrs], dtype=float)
+    return {"ppl": math.exp(nll / count), "pairs": pairs.tolist(), "tokens": tokens,
+            "mean_experts": float(pairs.sum() / (tokens * len(attrs))),
+            "per_layer_mean": (pairs / tokens).tolist(), "pair_fraction": float(pairs.sum() / (tokens * k.sum()))}
+
+
+def run_model(name, eval_seqs, calib_seqs, work: Path):
+    ckpt = CACHE / "models" / name
+    if not (ckpt / "config.json").is_file():
+        raise SystemExit(f"{ckpt} missing: run samples/train_moe.py {name} first")
+    held = np.load(ckpt / "heldout.npy")
+    seqs = held[: (len(held) // SEQ) * SEQ].reshape(-1, SEQ)
+    calib, ev = seqs[:calib_seqs], seqs[calib_seqs:calib_seqs + eval_seqs]
+    original = work / f"{name}.onnx"
+    export_checkpoint(ckpt, original)
+    base = evaluate(original, ev)
+    log = json.loads((ckpt / "train_log.json").read_text())
+    print(f"{name}: static held-out ppl {base['ppl']:.4f} over {base['tokens']} bytes "
+          f"(PyTorch: {log['torch_heldout_ppl']:.4f}; chance 256)")
+    curve = []
+
+    def point(policy, threshold, path, extra=None):
+        r = evaluate(path, ev)
+        row = {"policy": policy, "threshold": threshold, "mean_experts": r["mean_experts"],
+               "pair_reduction": 1 - r["pair_fraction"], "ppl": r["ppl"],
+               "ppl_increase": r["ppl"] / base["ppl"] - 1, "per_layer_mean": r["per_layer_mean"], **(extra or {})}
+        curve.append(row)
+        print(f"  {policy:>22s} {str(threshold):>8s}: experts/token {row['mean_experts']:.3f}, "
+              f"pairs -{100 * row['pair_reduction']:.1f}%, ppl {row['ppl']:.4f} (+{100 * row['ppl_increase']:.2f}%)")
+
+    for policy, ts in SWEEP.items():
+        for t in ts:
+            out = work / f"{name}.{policy}.{t}.onnx"
+            convert(original, out, Policy(policy, t))
+            point(policy, t, out)
+    gates_k = routing_indices(load_model(original))[1][0]["k"]
+    for policy in ("top-p", "ratio"):
+        for frac in (0.5, 0.55, 0.6, 0.65, 0.7, 0.8):
+            target = frac * gates_k
+            for mode in ("per-layer", "global"):
+                layers = calibrate(original, {"input_ids": calib}, target, policy=policy, mode=mode)
+                out = work / f"{name}.{policy}.{mode}.{frac}.onnx"
+                convert(original, out, Policy(policy, layers[0]["threshold"],
+                                              per_layer={x["layer"]: x["threshold"] for x in layers}))
+                point(f"{policy} calibrated {mode}", round(target, 3), out,
+                      {"thresholds": [x["threshold"] for x in layers]})
+    ok = [c for c in curve if c["ppl_increase"] <= 0.01]
+    best = max(ok, key=lambda c: c["pair_reduction"]) if ok else None
+    return {"model": name, "corpus": log["corpus"], "train_steps": log["steps"], "k": gates_k,
+            "static_ppl": base["ppl"], "eval_tokens": base["tokens"], "calib_tokens": int(calib.size),
+            "curve": curve,
+            "best_at_1pct": None if best is None else {k_: best[k_] for k_ in
+                                                        ("policy", "threshold", "pair_reduction", "ppl_increase", "mean_experts")}}
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        for policy in sorted({c["policy"] for c in res["curve"]}):
+            pts = sorted((c["pair_reduction"] * 100, c["ppl_increase"] * 100) for c in res["curve"] if c["policy"] == policy)
+            ax.plot(*zip(*pts), marker="o", ms=3, label=policy)
+        ax.plot([0], [0], "k*", ms=12, label="static top-k")
+        ax.axhline(1.0, color="gray", ls="--", lw=0.8)
+        ax.axvline(30.0, color="gray", ls=":", lw=0.8)
+        ax.set_xlabel("routed (token, expert) pairs saved vs static top-k (%)")
+        ax.set_ylabel("held-out perplexity increase (%)")
+        ax.set_ylim(-0.5, 6)
+        ax.set_title(f"{res['model']} (k={res['k']}, static ppl {res['static_ppl']:.3f})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["mixtral8", "qwen3moe32"])
+    ap.add_argument("--eval-seqs", type=int, default=128)
+    ap.add_argument("--calib-seqs", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        results = [run_model(m, args.eval_seqs, args.calib_seqs, Path(d)) for m in args.models]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # Top level: every model's curve in one list, and the weaker of the models' best points.
+    curve = [dict(c, model=r["model"]) for r in results for c in r["curve"]]
+    bests = [dict(r["best_at_1pct"], model=r["model"]) for r in results if r["best_at_1pct"]]
+    best = min(bests, key=lambda b: b["pair_reduction"]) if len(bests) == len(results) else None
+    args.out.write_text(json.dumps({"date": date.today().isoformat(), "machine": "2-core x86-64 build VM",
+                                    "best_at_1pct": best, "curve": curve, "models": results}, indent=1))
+    plot(results, args.out.with_suffix(".png"))
+    for r in results:
+        print(r["model"], "best at <=1% ppl:", r["best_at_1pct"])
+
+
+if __name__ == "__main__":
+    main()
