@@ -64,7 +64,8 @@ def _dims(items):
 def cmd_convert(args):
     from .rewrite import convert
 
-    gates = convert(args.model, args.output, _policy(args), portable=args.portable)
+    gates = convert(args.model, args.output, _policy(args), portable=args.portable,
+                    group_experts=not args.no_group_experts)
     summary = {"output": str(args.output), "layers": len(gates), "policy": args.policy,
                "threshold": args.threshold, "portable": args.portable,
                "families": sorted({g.family for g in gates})}
@@ -190,6 +191,9 @@ def build_parser():
     _add_policy_args(c)
     c.add_argument("--portable", action="store_true",
                    help="express the router in standard ONNX ops (runs without the moe-export library)")
+    c.add_argument("--no-group-experts", action="store_true",
+                   help="keep batched expert sections as exported (by default they are regrouped by "
+                        "expert so that dropped slots cost nothing)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_convert)
 

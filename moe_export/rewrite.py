@@ -15,9 +15,28 @@ from .graph import GraphIndex, load_model, write_model_atomic
 from .patterns import Gate, find_gates, no_gates_message
 from .spec import RouterAttrs, SpecError
 
-# Ops through which an expert id reaches a weight gather; a dropped slot's id (= E) must be
-# clamped before such a gather, while OneHot/Equal consumers skip it by themselves.
+# A dropped slot's id (= E) must be clamped before it indexes a gather; comparisons (OneHot, Equal:
+# the per-expert loops) skip it by themselves, and must see it unclamped or expert E-1 would
+# compute every dropped slot.
 _SKIPS_SENTINEL = {"OneHot", "Equal"}
+_VIEWS = {"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Identity", "Cast"}
+
+
+def _only_compared(ix, node):
+    """True when every path from this consumer of the expert ids, through view ops, ends in a
+    comparison (so the raw ids, sentinel included, are safe and skip work)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.op_type in _SKIPS_SENTINEL:
+            continue
+        if n.op_type not in _VIEWS or any(o in ix.graph_outputs for o in n.output):
+            return False
+        stack.extend(c for o in n.output for c in ix.consumers_of(o))
+    return True
 
 
 @dataclass
@@ -155,8 +174,12 @@ def _float_type(ix: GraphIndex, gate: Gate):
     return t or TensorProto.FLOAT
 
 
-def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False):
-    """Rewrites `model` in memory; returns (model, gates). Raises MoeExportError if nothing matches."""
+def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_experts=True):
+    """Rewrites `model` in memory; returns (model, gates). Raises MoeExportError if nothing matches.
+    group_experts: also regroup batched expert sections so dropped slots cost nothing."""
+    for j, n in enumerate(model.graph.node):  # the passes below track nodes by name
+        if not n.name:
+            n.name = f"moe_export/node_{j}"
     ix = GraphIndex(model.graph)
     gates, misses = find_gates(model, ix)
     if not gates:
@@ -182,13 +205,11 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False):
         if gate.cast_to is not None and gate.cast_to != ftype:
             w = b.op("Cast", [w], to=gate.cast_to)
         clamped = None
-        for c in ix.consumers_of(gate.indices):
-            if c.op_type in _SKIPS_SENTINEL:
-                continue
-            if clamped is None:
-                clamped = b.op("Min", [idx, b.const(np.int64(a.num_experts - 1))], hint="clamped_indices")
+        raw_ok = {c.name for c in ix.consumers_of(gate.indices) if _only_compared(ix, c)}
+        if any(c.name not in raw_ok for c in ix.consumers_of(gate.indices)):
+            clamped = b.op("Min", [idx, b.const(np.int64(a.num_experts - 1))], hint="clamped_indices")
         rename[gate.weights] = w
-        rename[gate.indices] = (idx, clamped)
+        rename[gate.indices] = (idx, clamped, raw_ok)
         routers.append({"layer": gate.name, "family": gate.family, "weights": w, "indices": idx,
                         "logits": gate.logits, "bias": gate.bias, "attrs": _node_attrs(a)})
         insert_at[gate.topk.name or id(gate.topk)] = b.nodes
@@ -200,7 +221,7 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False):
             if name in rename:
                 r = rename[name]
                 if isinstance(r, tuple):
-                    n.input[i] = r[0] if (n.op_type in _SKIPS_SENTINEL or r[1] is None) else r[1]
+                    n.input[i] = r[0] if (n.name in r[2] or r[1] is None) else r[1]
                 else:
                     n.input[i] = r
     ident = []
@@ -239,7 +260,12 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False):
     keep_vi = [v for v in graph.value_info if v.name not in stale]
     del graph.value_info[:]
     graph.value_info.extend(keep_vi)
-    set_routers_metadata(model, routers, portable)
+    if group_experts:
+        from .experts import group_by_expert
+        grouped = group_by_expert(model, routers)
+    else:
+        grouped = 0
+    set_routers_metadata(model, routers, portable, grouped)
     if not portable and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return model, gates
@@ -248,12 +274,13 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False):
 META_KEY = "moe_export.routers"
 
 
-def set_routers_metadata(model, routers, portable):
+def set_routers_metadata(model, routers, portable, grouped=0):
     for i, p in enumerate(model.metadata_props):
         if p.key == META_KEY:
             del model.metadata_props[i]
             break
-    model.metadata_props.add(key=META_KEY, value=json.dumps({"portable": portable, "routers": routers}))
+    model.metadata_props.add(key=META_KEY, value=json.dumps({"portable": portable, "routers": routers,
+                                                             "grouped_expert_sections": grouped}))
 
 
 def routers_metadata(model):
@@ -294,7 +321,7 @@ def _prune(nodes, region, outputs):
         nodes = keep
 
 
-def convert(src, dst, pol: Policy, portable=False):
+def convert(src, dst, pol: Policy, portable=False, group_experts=True):
     """Converts the model at `src` into `dst` (never modifying `src`). Returns the gates."""
     src, dst = Path(src), Path(dst)
     if dst.exists() and src.exists() and os.path.samefile(src, dst) or dst.resolve() == src.resolve():
@@ -304,7 +331,7 @@ def convert(src, dst, pol: Policy, portable=False):
     if not dst.parent.is_dir():
         raise MoeExportError(f"output directory {dst.parent} does not exist")
     model = load_model(src)
-    model, gates = rewrite_model(model, pol, portable=portable)
+    model, gates = rewrite_model(model, pol, portable=portable, group_experts=group_experts)
     model.producer_name = "moe-export"
     write_model_atomic(model, dst, src.parent)
     return gates

@@ -1,0 +1,208 @@
+"""Group a batched expert section by expert, so only routed (token, expert) pairs are computed.
+
+transformers 5.x `batched_mm` graphs compute every (token, slot) pair: each pair gathers its
+expert's weight matrices (GatherND over [E, ...] tables by the flat expert ids) and runs a batched
+matmul, so a dropped slot still costs a full expert and the gathers copy weights per pair. This
+pass clones the section once per expert, fed only that expert's pairs (NonZero(ids == e)); gathered
+tables become the expert's own slice (Gather(table, e): constant-folded by ONNX Runtime at load,
+never read here), batched matmuls become one GEMM per expert, and the contributions are scattered
+back to their pair rows before the graph's own per-token sum. A dropped slot (id = E) matches no
+expert and costs nothing. Layers whose section does not have this shape are left as they are.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .graph import GraphIndex, attr
+
+class _Skip(Exception):
+    """The section is not of the batched shape this pass understands."""
+
+
+def _axes(ix, node):
+    a = attr(node, "axes")
+    if a is None and len(node.input) > 1:
+        v = ix.const(node.input[1])
+        a = None if v is None else v.reshape(-1).tolist()
+    return a
+
+
+def _flat(ix, t):
+    """The consumer Reshape(t, [-1]) (through our clamp), i.e. the tensor indexed by pair."""
+    for c in ix.consumers_of(t):
+        if c.op_type == "Min":
+            r = _flat(ix, c.output[0])
+            if r:
+                return r
+        if c.op_type == "Reshape":
+            shape = ix.const(c.input[1])
+            if shape is not None and shape.reshape(-1).tolist() == [-1]:
+                return c.output[0]
+    return None
+
+
+def _section(ix, ids_flat, w_flat):
+    """Nodes from the flat ids/weights to the weighted pair contributions, in graph order."""
+    wmul = None
+    for u in ix.consumers_of(w_flat):
+        if u.op_type == "Unsqueeze":
+            wmul = next((m for m in ix.consumers_of(u.output[0]) if m.op_type == "Mul"), None)
+    if wmul is None:
+        raise _Skip("weights are not applied by one Mul")
+    inside, stack = set(), [ids_flat, w_flat]
+    while stack:
+        t = stack.pop()
+        for c in ix.consumers_of(t):
+            if c.name in inside:
+                continue
+            inside.add(c.name)
+            if c is not wmul:
+                stack.extend(c.output)
+    nodes = [n for n in ix.graph.node if n.name in inside]
+    if any(o in ix.graph_outputs for n in nodes for o in n.output):
+        raise _Skip("a pair tensor is a graph output")
+    feeds, stack = set(), [wmul]  # every section node must feed the weighted contributions
+    while stack:
+        n = stack.pop()
+        if n.name in feeds:
+            continue
+        feeds.add(n.name)
+        stack.extend(ix.producer[t] for t in n.input if t in ix.producer and ix.producer[t].name in inside)
+    if feeds != inside:
+        raise _Skip("the section's tensors are used outside it")
+    return nodes, wmul
+
+
+def group_by_expert(model: onnx.ModelProto, routers) -> int:
+    """Rewrites, in place, the batched expert sections fed by `routers` (the rewriter's metadata).
+    Returns how many layers were grouped."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 15:
+        return 0
+    done = 0  # (rewrite_model has named every node: sections are tracked by name)
+    for i, r in enumerate(routers):
+        ix = GraphIndex(model.graph)
+        try:
+            _group(model, ix, r, f"moe_export/experts_{i}")
+            done += 1
+        except _Skip:
+            continue
+    return done
+
+
+def _group(model, ix, router, prefix):
+    E = router["attrs"]["num_experts"]
+    ids_flat, w_flat = _flat(ix, router["indices"]), _flat(ix, router["weights"])
+    if ids_flat is None or w_flat is None:
+        raise _Skip("no flat pair view of the routing")
+    nodes, wmul = _section(ix, ids_flat, w_flat)
+    inside = {o for n in nodes for o in n.output}
+    tables = {}  # GatherND output -> weight table, for tables indexed by Unsqueeze(ids_flat)
+    for n in nodes:
+        if n.op_type == "Unsqueeze" and n.input[0] == ids_flat:
+            continue
+        if n.op_type == "GatherND":
+            u = ix.producer.get(n.input[1])
+            if u is None or u.op_type != "Unsqueeze" or u.input[0] != ids_flat or attr(n, "batch_dims", 0) != 0:
+                raise _Skip("ids gather of another form")
+            t = ix.initializers.get(n.input[0])
+            if t is None or not t.dims or t.dims[0] != E:
+                raise _Skip("gathered table is not an [E, ...] initializer")
+            tables[n.output[0]] = n.input[0]
+        elif ids_flat in n.input:
+            raise _Skip(f"expert ids used by {n.op_type}")
+    if not tables:
+        raise _Skip("no weight tables gathered by expert id")
+
+    out, inits = [], []
+    def name(h):
+        return f"{prefix}/{h}_{len(out)}_{len(inits)}"
+    def const(v):
+        t = numpy_helper.from_array(np.asarray(v), name("c"))
+        inits.append(t)
+        return t.name
+    def op(op_type, ins, **kw):
+        o = name(op_type.lower())
+        out.append(helper.make_node(op_type, ins, [o], name=o + "/n", **kw))
+        return o
+
+    i64 = lambda v: const(np.asarray(v, dtype=np.int64))
+    contribs, positions = [], []
+    for e in range(E):
+        pos = op("Reshape", [op("NonZero", [op("Equal", [ids_flat, i64(e)])]), i64([-1])])
+        m = {}          # section tensor -> this expert's tensor
+        gathered = {}   # outside pair tensor -> its rows for this expert
+
+        def rows(t):
+            if t in m:
+                return m[t]
+            if t in inside or ix.const(t) is not None or t in ix.initializers:
+                return m.get(t, t)
+            if t not in gathered:
+                gathered[t] = op("Gather", [t, pos], axis=0)
+            return gathered[t]
+
+        for n in nodes:
+            if n.op_type == "Unsqueeze" and n.input[0] == ids_flat:
+                continue
+            if n.op_type == "GatherND":
+                m[n.output[0]] = op("Gather", [tables[n.output[0]], i64(e)], axis=0)
+                continue
+            if n.op_type == "MatMul" and (n.input[0] in tables or n.input[1] in tables):
+                if n.input[1] in tables:  # act [P, 1, b] x W [P, b, a]: a 3-D x 2-D matmul is one GEMM
+                    m[n.output[0]] = op("MatMul", [rows(n.input[0]), m[n.input[1]]])
+                else:  # W [P, a, b] x Unsqueeze(x [P, b], -1): x @ W^T, then the unsqueeze back
+                    u = ix.producer.get(n.input[1])
+                    if u is None or u.op_type != "Unsqueeze" or _axes(ix, u) not in ([-1], [2]):
+                        raise _Skip("batched matmul operand of another form")
+                    wt = op("Transpose", [m[n.input[0]]], perm=[1, 0])
+                    m[n.output[0]] = op("Unsqueeze", [op("MatMul", [rows(u.input[0]), wt]), i64([-1])])
+                continue
+            if n.op_type == "MatMul":
+                raise _Skip("a matmul of pair tensors that is not an expert weight")
+            clone = onnx.NodeProto()
+            clone.CopyFrom(n)
+            clone.name = name(n.op_type.lower()) + "/n"
+            for j, t in enumerate(n.input):
+                if t:
+                    clone.input[j] = rows(t)
+            for j, t in enumerate(n.output):
+                if t:
+                    clone.output[j] = f"{clone.name}/o{j}"
+                    m[t] = clone.output[j]
+            out.append(clone)
+        contribs.append(m[wmul.output[0]])
+        positions.append(pos)
+    allc = op("Concat", contribs, axis=0)
+    allp = op("Unsqueeze", [op("Concat", positions, axis=0), i64([-1])])
+    shape = op("Concat", [op("Shape", [ids_flat]), op("Slice", [op("Shape", [allc]), i64([1]), i64([2**62])])], axis=0)
+    zeros = op("Expand", [op("CastLike", [const(np.float32(0)), allc]), shape])
+    combined = op("ScatterND", [zeros, allp, allc])
+    # The new nodes take the place of the section's sink: every section node feeds it, so every
+    # input they read is produced before it, and everything reading its result comes after.
+    section = {n.name for n in nodes}
+    g = model.graph
+    new_nodes = []
+    for n in g.node:
+        if n is wmul:
+            new_nodes.extend(out)
+        if n.name in section:
+            continue
+        for j, t in enumerate(n.input):
+            if t == wmul.output[0]:
+                n.input[j] = combined
+        new_nodes.append(n)
+    # Dropped slots (id = E) must reach the Equal tests unclamped: they then match no expert.
+    clamp = ix.producer.get(ix.producer[ids_flat].input[0])
+    if clamp is not None and clamp.op_type == "Min" and clamp.name.startswith("moe_export/"):
+        ix.producer[ids_flat].input[0] = clamp.input[0]
+        if not any(clamp.output[0] in n.input for n in new_nodes):
+            new_nodes.remove(clamp)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    live = {t for n in new_nodes for t in n.input}
+    keep = [t for t in g.initializer if t.name in live or t.name not in {i for n in nodes for i in n.input}]
+    del g.initializer[:]
+    g.initializer.extend(keep + inits)

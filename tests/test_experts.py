@@ -1,0 +1,92 @@
+"""Dropped slots cost nothing: grouped batched sections (5.x) and per-expert loops (4.x) compute
+only the routed (token, expert) pairs; the rows each graph really computes are counted here."""
+from collections import deque
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import moe_export
+from conftest import FAMILY_GRAPHS, input_feeds
+from moe_export.rewrite import Policy, convert, routers_metadata
+from moe_export.validate import session_from_proto
+
+BATCHED = [p for p in FAMILY_GRAPHS if not p.stem.startswith("legacy_")]
+LOOPS = [p for p in FAMILY_GRAPHS if p.stem.startswith("legacy_")]
+
+
+def computed_rows(path, feeds):
+    """Per layer, the number of (token, expert) rows the expert section computes: the lengths of
+    the per-expert row selections (NonZero outputs) that the router's indices feed."""
+    m = onnx.load(str(path), load_external_data=False)
+    meta = routers_metadata(m)
+    consumers = {}
+    for n in m.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    exposed = []
+    for li, r in enumerate(meta["routers"]):
+        seen, queue = set(), deque([r["indices"]])
+        while queue:  # everything downstream of the indices within this layer
+            t = queue.popleft()
+            for c in consumers.get(t, []):
+                if c.name in seen or c.op_type in ("Add",):  # the residual add leaves the layer
+                    continue
+                seen.add(c.name)
+                if c.op_type == "NonZero":
+                    exposed.append((li, c.output[0]))
+                else:
+                    queue.extend(c.output)
+    for i, (_, t) in enumerate(exposed):
+        m.graph.node.append(helper.make_node("Identity", [t], [f"rows_{i}"]))
+        m.graph.output.append(helper.make_empty_tensor_value_info(f"rows_{i}"))
+    sess = session_from_proto(m, path.parent)
+    outs = sess.run([f"rows_{i}" for i in range(len(exposed))], feeds)
+    rows = np.zeros(len(meta["routers"]), dtype=int)
+    for (li, _), o in zip(exposed, outs):
+        rows[li] += o.shape[-1]
+    return rows, len(exposed)
+
+
+def routed_pairs(path, feeds):
+    from moe_export.validate import routing_indices, with_routing_outputs
+    m = onnx.load(str(path), load_external_data=False)
+    names, attrs = routing_indices(m)
+    sess = session_from_proto(with_routing_outputs(m, names), path.parent)
+    outs = sess.run(None, feeds)[-len(names):]
+    return np.array([(o < a["num_experts"]).sum() for o, a in zip(outs, attrs)])
+
+
+@pytest.mark.parametrize("graph", BATCHED + LOOPS, ids=[p.stem for p in BATCHED + LOOPS])
+def test_dropped_slots_are_not_computed(graph, tmp_path):
+    feeds = input_feeds(graph, tokens=24)
+    static, dyn = tmp_path / "s.onnx", tmp_path / "d.onnx"
+    convert(graph, static, Policy("static"))
+    convert(graph, dyn, Policy("top-p", 0.3))
+    rows_s, n_sel = computed_rows(static, feeds)
+    rows_d, _ = computed_rows(dyn, feeds)
+    assert n_sel > 0, "no per-expert row selection found"
+    pairs_s, pairs_d = routed_pairs(static, feeds), routed_pairs(dyn, feeds)
+    np.testing.assert_array_equal(rows_s, pairs_s)   # static: every (token, slot)
+    np.testing.assert_array_equal(rows_d, pairs_d)   # dynamic: only the routed pairs
+    assert rows_d.sum() < rows_s.sum()
+
+
+@pytest.mark.parametrize("graph", BATCHED, ids=[p.stem for p in BATCHED])
+def test_grouping_is_on_by_default_and_can_be_turned_off(graph, tmp_path, ort_ref):
+    feeds = input_feeds(graph)
+    on, off = tmp_path / "on.onnx", tmp_path / "off.onnx"
+    convert(graph, on, Policy("ratio", 0.5))
+    convert(graph, off, Policy("ratio", 0.5), group_experts=False)
+    m_on = onnx.load(str(on), load_external_data=False)
+    m_off = onnx.load(str(off), load_external_data=False)
+    assert routers_metadata(m_on)["grouped_expert_sections"] == len(routers_metadata(m_on)["routers"])
+    assert routers_metadata(m_off)["grouped_expert_sections"] == 0
+    E = routers_metadata(m_on)["routers"][0]["attrs"]["num_experts"]
+    tables = {t.name for t in m_on.graph.initializer if t.dims and t.dims[0] == E and len(t.dims) >= 2}
+    assert not any(n.op_type == "GatherND" and n.input[0] in tables for n in m_on.graph.node)
+    assert any(n.op_type == "GatherND" and n.input[0] in tables for n in m_off.graph.node)
+    a = moe_export.session(on).run(None, feeds)[0]
+    b = moe_export.session(off).run(None, feeds)[0]
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
