@@ -202,6 +202,59 @@ MOE_HD int scratch_floats(const Params& p) { return 6 * p.num_experts + p.n_grou
 // Output slots per token: max(k, max_experts), so capping below k keeps the graph's k-wide shapes.
 MOE_HD int width(const Params& p) { return p.k > p.max_experts ? p.k : p.max_experts; }
 
+// Entropy of a distribution q[0..n), summed in kLanes partial sums.
+MOE_HD float entropy(const float* q, int n) {
+  float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int i = 0; i < n; ++i) acc[i % kLanes] += q[i] > 0.f ? q[i] * logf(q[i]) : 0.f;
+  float H = 0.f;
+  for (int l = 0; l < kLanes; ++l) H -= acc[l];
+  return H;
+}
+
+// How many experts a dynamic policy keeps. qs[j] is the policy distribution at the j-th selected
+// expert (j < max_experts), H its entropy over the n_valid candidates (entropy policy only).
+// Backends gather these however suits them (a CPU loop, a GPU warp); the decision is made here.
+MOE_HD int policy_count(const Params& p, const float* qs, float H, int n_valid) {
+  const float t = p.threshold;
+  int count = 1;
+  if (p.policy == kTopP) {
+    float cum = 0.f;
+    for (int j = 0; j < p.max_experts - 1; ++j) {
+      cum += qs[j];
+      if (cum < t) ++count; else break;
+    }
+  } else if (p.policy == kRatio) {
+    const float ref = qs[0] * t;
+    for (int j = 1; j < p.max_experts; ++j) count += qs[j] >= ref;
+  } else {
+    float hn = n_valid > 1 ? H / (float)log((double)n_valid) : 0.f;
+    float frac = (hn - t) / (1.0f - t);
+    frac = frac < 0.f ? 0.f : (frac > 1.f ? 1.f : frac);
+    count = p.min_experts + (int)floorf(frac * (float)(p.max_experts - p.min_experts) + 0.5f);
+  }
+  count = count < p.min_experts ? p.min_experts : (count > p.max_experts ? p.max_experts : count);
+  return count > n_valid ? n_valid : count;
+}
+
+// Writes a token's width(p) output slots. w[0..count) holds the kept experts' logits
+// (select=before_score) or scores, in selection order, and is overwritten; dropped slots get
+// (index=E, weight=0).
+template <typename OutT, typename Store>
+MOE_HD void write_slots(const Params& p, int count, float* w, const int32_t* order, OutT* w_out, int64_t* i_out,
+                        Store store) {
+  if (p.select == kBeforeScore) {
+    softmax(w, nullptr, count, w);
+  } else if (p.normalize) {
+    float tot = lane_sum(w, count);
+    const float inv = tot > 0.f ? 1.0f / tot : 0.f;
+    for (int j = 0; j < count; ++j) w[j] = tot > 0.f ? w[j] * inv : 0.f;
+  }
+  for (int j = 0; j < width(p); ++j) {
+    store(w_out + j, j < count ? w[j] * p.scale : 0.f);
+    i_out[j] = j < count ? (int64_t)order[j] : (int64_t)p.num_experts;
+  }
+}
+
 // Routes one token. x: E logits (already float), bias: E or nullptr, work: scratch_floats()
 // floats, order: 2E ints, valid: E bytes. Writes width(p) weights and indices.
 // Returns the number of experts kept.
@@ -268,49 +321,15 @@ MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, floa
         for (int i = 0; i < E; ++i) q[i] = (!grouped || valid[i]) ? 1.0f / (float)n_valid : 0.f;
       }
     }
-    const float t = p.threshold;
-    if (p.policy == kTopP) {
-      float cum = 0.f;
-      count = 1;
-      for (int j = 0; j < p.max_experts - 1; ++j) {
-        cum += q[order[j]];
-        if (cum < t) ++count; else break;
-      }
-    } else if (p.policy == kRatio) {
-      const float ref = q[order[0]] * t;
-      count = 1;
-      for (int j = 1; j < p.max_experts; ++j) count += q[order[j]] >= ref;
-    } else {
-      float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int i = 0; i < E; ++i) acc[i % kLanes] += q[i] > 0.f ? q[i] * logf(q[i]) : 0.f;
-      float H = 0.f;
-      for (int l = 0; l < kLanes; ++l) H -= acc[l];
-      float hn = n_valid > 1 ? H / (float)log((double)n_valid) : 0.f;
-      float frac = (hn - t) / (1.0f - t);
-      frac = frac < 0.f ? 0.f : (frac > 1.f ? 1.f : frac);
-      count = p.min_experts + (int)floorf(frac * (float)(p.max_experts - p.min_experts) + 0.5f);
-    }
-    count = count < p.min_experts ? p.min_experts : (count > p.max_experts ? p.max_experts : count);
-    if (count > n_valid) count = n_valid;
+    float* qs = sel;  // select_top is done with its scratch
+    for (int j = 0; j < p.max_experts; ++j) qs[j] = q[order[j]];
+    count = policy_count(p, qs, p.policy == kEntropy ? entropy(q, E) : 0.f, n_valid);
   }
 
-  // Weights of the kept experts; dropped slots get (index=E, weight=0).
   float* w = okey;  // okey is no longer needed
-  if (p.select == kBeforeScore) {
-    for (int j = 0; j < count; ++j) w[j] = x[order[j]];
-    softmax(w, nullptr, count, w);
-  } else {
-    for (int j = 0; j < count; ++j) w[j] = s[order[j]];
-    if (p.normalize) {
-      float tot = lane_sum(w, count);
-      const float inv = tot > 0.f ? 1.0f / tot : 0.f;
-      for (int j = 0; j < count; ++j) w[j] = tot > 0.f ? w[j] * inv : 0.f;
-    }
-  }
-  for (int j = 0; j < K; ++j) {
-    store(w_out + j, j < count ? w[j] * p.scale : 0.f);
-    i_out[j] = j < count ? (int64_t)order[j] : (int64_t)E;
-  }
+  const float* chosen = p.select == kBeforeScore ? x : s;
+  for (int j = 0; j < count; ++j) w[j] = chosen[order[j]];
+  write_slots(p, count, w, order, w_out, i_out, store);
   return count;
 }
 
