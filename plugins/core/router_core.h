@@ -261,7 +261,7 @@ MOE_HD void write_slots(const Params& p, int count, float* w, const int32_t* ord
 template <typename OutT, typename Store>
 MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, float* work,
                      int32_t* order, unsigned char* valid, OutT* w_out, int64_t* i_out, Store store) {
-  const int E = p.num_experts, K = width(p);
+  const int E = p.num_experts;
   float* x = work;          // sanitized logits
   float* s = x + E;         // scores
   float* key = s + E;       // ranking key
