@@ -101,6 +101,19 @@ def run_model(name, eval_seqs, calib_seqs, work: Path):
                                               per_layer={x["layer"]: x["threshold"] for x in layers}))
                 point(f"{policy} calibrated {mode}", round(target, 3), out,
                       {"thresholds": [x["threshold"] for x in layers]})
+    # More than k experts for hard tokens: the same per-layer compute targets with max_experts
+    # above k, against the k-capped rows above at equal mean experts per token.
+    for policy in ("top-p", "ratio"):
+        for wide in (gates_k + 1, 2 * gates_k):
+            for frac in (0.55, 0.6, 0.65, 0.7, 0.8):
+                target = frac * gates_k
+                layers = calibrate(original, {"input_ids": calib}, target, policy=policy, mode="per-layer",
+                                   max_experts=wide)
+                out = work / f"{name}.{policy}.wide{wide}.{frac}.onnx"
+                convert(original, out, Policy(policy, layers[0]["threshold"], max_experts=wide,
+                                              per_layer={x["layer"]: x["threshold"] for x in layers}))
+                point(f"{policy} calibrated per-layer, max {wide}", round(target, 3), out,
+                      {"thresholds": [x["threshold"] for x in layers], "max_experts": wide})
     ok = [c for c in curve if c["ppl_increase"] <= 0.01]
     best = max(ok, key=lambda c: c["pair_reduction"]) if ok else None
     return {"model": name, "corpus": log["corpus"], "train_steps": log["steps"], "k": gates_k,
@@ -117,9 +130,11 @@ def plot(results, path):
 
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
     for ax, res in zip(axes[0], results):
-        for policy in sorted({c["policy"] for c in res["curve"]}):
+        colors = plt.get_cmap("tab20").colors
+        for i, policy in enumerate(sorted({c["policy"] for c in res["curve"]})):
             pts = sorted((c["pair_reduction"] * 100, c["ppl_increase"] * 100) for c in res["curve"] if c["policy"] == policy)
-            ax.plot(*zip(*pts), marker="o", ms=3, label=policy)
+            ax.plot(*zip(*pts), marker="o", ms=3, label=policy, color=colors[i % len(colors)],
+                    ls="--" if "max" in policy else "-")
         ax.plot([0], [0], "k*", ms=12, label="static top-k")
         ax.axhline(1.0, color="gray", ls="--", lw=0.8)
         ax.axvline(30.0, color="gray", ls=":", lw=0.8)

@@ -55,11 +55,11 @@ def tiny_model(family, seed=0, **overrides):
     return model.eval()
 
 
-def export_family(family, out, exporter="dynamo", external_data=False):
+def export_family(family, out, exporter="dynamo", external_data=False, **overrides):
     from moe_export.export import export_checkpoint
 
     with tempfile.TemporaryDirectory() as ckpt:
-        tiny_model(family).save_pretrained(ckpt)
+        tiny_model(family, **overrides).save_pretrained(ckpt)
         export_checkpoint(ckpt, out, exporter=exporter, external_data=external_data)
 
 
@@ -130,13 +130,19 @@ def main():
     major = int(transformers.__version__.split(".")[0])
     if args.legacy != (major < 5):
         sys.exit(f"--legacy needs transformers 4.x, plain needs 5.x; this is {transformers.__version__}")
+    # wide/: the same tiny models with one more expert per token, the reference for routers
+    # converted with --max-experts k+1 (same seed and shapes, so the same weights).
+    (args.out / "wide").mkdir(exist_ok=True)
     if args.legacy:
         for fam in LEGACY:
             for exporter in ("torchscript", "dynamo"):
                 export_family(fam, args.out / f"legacy_{fam}_{exporter}.onnx", exporter=exporter)
+        export_family("mixtral", args.out / "wide" / "legacy_mixtral_dynamo_top3.onnx", num_experts_per_tok=3)
     else:
         for fam in FAMILIES:
             export_family(fam, args.out / f"{fam}.onnx")
+        for fam in ("mixtral", "qwen2_moe"):
+            export_family(fam, args.out / "wide" / f"{fam}_top3.onnx", num_experts_per_tok=3)
         bare_gates(args.out)
     print("wrote graphs to", args.out)
 

@@ -75,21 +75,54 @@ def _section(ix, ids_flat, w_flat):
     return nodes, wmul
 
 
-def group_by_expert(model: onnx.ModelProto, routers) -> int:
+def group_by_expert(model: onnx.ModelProto, routers) -> list[int]:
     """Rewrites, in place, the batched expert sections fed by `routers` (the rewriter's metadata).
-    Returns how many layers were grouped."""
+    Returns the indices of the routers whose sections were grouped."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 15:
-        return 0
-    done = 0  # (rewrite_model has named every node: sections are tracked by name)
+        return []
+    done = []  # (rewrite_model has named every node: sections are tracked by name)
     for i, r in enumerate(routers):
         ix = GraphIndex(model.graph)
         try:
             _group(model, ix, r, f"moe_export/experts_{i}")
-            done += 1
+            done.append(i)
         except _Skip:
             continue
     return done
+
+
+def _combine_shape(ix, wmul, k, width):
+    """For a router wider than the graph's k: the new shape of the Reshape([-1, k, hidden]) that
+    feeds the per-token sum, so it sums `width` slots. The grouped section fills dropped slots
+    with zeros, so summing more slots is exact."""
+    cs = ix.consumers_of(wmul.output[0])
+    r = cs[0] if len(cs) == 1 and cs[0].op_type == "Reshape" else None
+    shape = None if r is None else ix.const(r.input[1])
+    shape = None if shape is None else shape.reshape(-1)
+    if shape is None or shape.size != 3 or shape[1] != k:
+        raise _Skip("the per-token combine is not a Reshape to [-1, k, hidden]")
+    sums = [c for c in ix.consumers_of(r.output[0]) if c.op_type == "ReduceSum"]
+    if len(sums) != 1 or len(ix.consumers_of(r.output[0])) != 1 or _axes(ix, sums[0]) not in ([1], [-2]):
+        raise _Skip("the per-token combine is not a sum over the slot axis")
+    return r, np.array([shape[0], width, shape[2]], dtype=np.int64)
+
+
+def _is_slot_repeat(ix, t, k):
+    """Whether pair tensor t repeats a per-token tensor over the k slots (the section's token
+    states: Expand(Unsqueeze(x, 1), [1, k, 1]) flattened), so any of a token's rows stands for all."""
+    for _ in range(8):
+        n = ix.producer.get(t)
+        if n is None:
+            return False
+        if n.op_type == "Expand":
+            shape, u = ix.const(n.input[1]), ix.producer.get(n.input[0])
+            return (shape is not None and shape.reshape(-1).tolist()[:2] == [1, k] and (shape.reshape(-1)[2:] == 1).all()
+                    and u is not None and u.op_type == "Unsqueeze" and _axes(ix, u) == [1])
+        if n.op_type not in ("Reshape", "Unsqueeze", "Cast"):
+            return False
+        t = n.input[0]
+    return False
 
 
 def _group(model, ix, router, prefix):
@@ -98,6 +131,9 @@ def _group(model, ix, router, prefix):
     if ids_flat is None or w_flat is None:
         raise _Skip("no flat pair view of the routing")
     nodes, wmul = _section(ix, ids_flat, w_flat)
+    a = router["attrs"]
+    width = max(a["k"], a["max_experts"])
+    widen = _combine_shape(ix, wmul, a["k"], width) if width != a["k"] else None
     inside = {o for n in nodes for o in n.output}
     tables = {}  # GatherND output -> weight table, for tables indexed by Unsqueeze(ids_flat)
     for n in nodes:
@@ -132,6 +168,9 @@ def _group(model, ix, router, prefix):
     contribs, positions = [], []
     for e in range(E):
         pos = op("Reshape", [op("NonZero", [op("Equal", [ids_flat, i64(e)])]), i64([-1])])
+        # With more slots than the graph's k, pair p is (token p // width, slot p % width), while
+        # tensors from outside the section still hold k rows per token.
+        src_pos = op("Mul", [op("Div", [pos, i64(width)]), i64(a["k"])]) if widen else pos
         m = {}          # section tensor -> this expert's tensor
         gathered = {}   # outside pair tensor -> its rows for this expert
 
@@ -141,7 +180,10 @@ def _group(model, ix, router, prefix):
             if t in inside or ix.const(t) is not None or t in ix.initializers:
                 return m.get(t, t)
             if t not in gathered:
-                gathered[t] = op("Gather", [t, pos], axis=0)
+                routed = t in (ids_flat, w_flat)  # the router's own outputs have width rows per token
+                if widen and not routed and not _is_slot_repeat(ix, t, a["k"]):
+                    raise _Skip("a pair tensor from outside the section is not a per-token repeat")
+                gathered[t] = op("Gather", [t, pos if routed else src_pos], axis=0)
             return gathered[t]
 
         for n in nodes:
@@ -180,6 +222,12 @@ def _group(model, ix, router, prefix):
     shape = op("Concat", [op("Shape", [ids_flat]), op("Slice", [op("Shape", [allc]), i64([1]), i64([2**62])])], axis=0)
     zeros = op("Expand", [op("CastLike", [const(np.float32(0)), allc]), shape])
     combined = op("ScatterND", [zeros, allp, allc])
+    if widen:
+        widen[0].input[1] = const(widen[1])
+        stale = {widen[0].output[0], ids_flat, w_flat}
+        keep_vi = [v for v in model.graph.value_info if v.name not in stale]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(keep_vi)
     # The new nodes take the place of the section's sink: every section node feeds it, so every
     # input they read is produced before it, and everything reading its result comes after.
     section = {n.name for n in nodes}

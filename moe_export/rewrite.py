@@ -49,13 +49,16 @@ class Policy:
     per_layer: dict | None = None
 
 
-def router_attrs(gate: Gate, pol: Policy) -> RouterAttrs:
+def router_attrs(gate: Gate, pol: Policy, group_experts=True) -> RouterAttrs:
     t = pol.threshold if not pol.per_layer else pol.per_layer.get(gate.name, pol.threshold)
     a = RouterAttrs(**gate.attrs, policy=pol.policy, threshold=float(t), min_experts=pol.min_experts,
                     max_experts=pol.max_experts or gate.attrs["k"])
-    if a.max_experts > a.k:
+    # More than k slots per token: a per-expert loop takes any number (each expert gathers its
+    # own rows); a batched section only once regrouped, whose combine is then widened.
+    if a.max_experts > a.k and not (gate.expert_form == "loop" or (gate.expert_form == "batched" and group_experts)):
         raise MoeExportError(f"max_experts={a.max_experts} exceeds the graph's k={a.k} at {gate.name}: the "
-                             "expert section of this graph is built for k slots per token")
+                             f"expert section of this graph ({gate.expert_form}) is built for k slots per token"
+                             + ("; drop --no-group-experts" if gate.expert_form == "batched" else ""))
     try:
         return a.resolved()
     except SpecError as e:
@@ -192,7 +195,7 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
     new_inits = []
     routers = []       # recorded in metadata for validate/profile/calibrate
     for gi, gate in enumerate(gates):
-        a = router_attrs(gate, pol)
+        a = router_attrs(gate, pol, group_experts)
         b = _Builder(model, f"moe_export/router_{gi}")
         ftype = _float_type(ix, gate)
         if portable:
@@ -264,8 +267,12 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
         from .experts import group_by_expert
         grouped = group_by_expert(model, routers)
     else:
-        grouped = 0
-    set_routers_metadata(model, routers, portable, grouped)
+        grouped = []
+    for i, (g, r) in enumerate(zip(gates, routers)):
+        if r["attrs"]["max_experts"] > r["attrs"]["k"] and g.expert_form == "batched" and i not in grouped:
+            raise MoeExportError(f"max_experts={r['attrs']['max_experts']} exceeds the graph's k={r['attrs']['k']} at "
+                                 f"{g.name}: its batched expert section is not of a form that can be regrouped")
+    set_routers_metadata(model, routers, portable, len(grouped))
     if not portable and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return model, gates

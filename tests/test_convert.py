@@ -6,10 +6,11 @@ import onnx
 import pytest
 
 import moe_export
-from conftest import ALL_GRAPHS, FAMILY_GRAPHS, GATE_GRAPHS, input_feeds, run_cli
+from conftest import ALL_GRAPHS, FAMILY_GRAPHS, GATE_GRAPHS, GRAPHS, input_feeds, run_cli
+from moe_export.graph import load_model
 from moe_export.patterns import find_gates
 from moe_export.rewrite import Policy, convert, routers_metadata
-from moe_export.validate import validate
+from moe_export.validate import make_feeds, validate
 
 
 def ids(paths):
@@ -103,11 +104,36 @@ def test_min_and_max_experts_bound_the_counts(tmp_path):
     assert (w[idx == 64] == 0).all()
 
 
-def test_max_experts_above_k_is_refused(tmp_path):
-    r = run_cli("convert", FAMILY_GRAPHS[0], "-o", tmp_path / "x.onnx", "--policy", "top-p",
-                "--threshold", "0.5", "--max-experts", "64")
+WIDE = [("mixtral.onnx", "wide/mixtral_top3.onnx"), ("qwen2_moe.onnx", "wide/qwen2_moe_top3.onnx"),
+        ("legacy_mixtral_dynamo.onnx", "wide/legacy_mixtral_dynamo_top3.onnx")]
+
+
+@pytest.mark.parametrize("base,top3", WIDE, ids=[w[0] for w in WIDE])
+def test_max_experts_above_k_matches_a_wider_model(tmp_path, base, top3):
+    # ratio 0 keeps every slot up to max_experts: a top-2 graph widened to 3 must compute what the
+    # same weights exported with top-3 compute, in batched (regrouped) and loop sections alike.
+    out = tmp_path / "wide.onnx"
+    convert(GRAPHS / base, out, Policy("ratio", 0.0, max_experts=3))
+    feeds = make_feeds(load_model(GRAPHS / base))
+    got = moe_export.session(out).run(None, feeds)[0]
+    want = moe_export.session(GRAPHS / top3).run(None, feeds)[0]
+    narrow = moe_export.session(GRAPHS / base).run(None, feeds)[0]
+    assert np.abs(got - want).max() < 1e-4 < np.abs(narrow - want).max()
+
+
+def test_max_experts_above_k_is_refused_where_the_graph_cannot_take_it(tmp_path):
+    batched = GRAPHS / "mixtral.onnx"
+    r = run_cli("convert", batched, "-o", tmp_path / "x.onnx", "--policy", "top-p", "--threshold", "0.5",
+                "--max-experts", "3", "--no-group-experts")
+    assert r.returncode == 1 and "exceeds the graph's k" in r.stderr and "Traceback" not in r.stderr
+    gate = next(p for p in GATE_GRAPHS if "e8k2" in p.name)  # no expert section at all
+    r = run_cli("convert", gate, "-o", tmp_path / "y.onnx", "--policy", "top-p", "--threshold", "0.5",
+                "--max-experts", "3")
     assert r.returncode == 1 and "exceeds the graph's k" in r.stderr
-    assert not (tmp_path / "x.onnx").exists()
+    r = run_cli("convert", batched, "-o", tmp_path / "z.onnx", "--policy", "top-p", "--threshold", "0.5",
+                "--max-experts", "64")
+    assert r.returncode == 1 and "max_experts" in r.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_bare_gate_static_matches_native_subgraph_exactly(tmp_path):
