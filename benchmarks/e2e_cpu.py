@@ -47,6 +47,8 @@ def export(work: Path, dims: dict):
     assert int(tf.__version__.split(".")[0]) < 5, "export needs transformers 4.x (per-expert-loop experts)"
     from transformers.models.mixtral import modeling_mixtral as mm
 
+    from moe_export.export import _LogitsOnly
+
     torch.manual_seed(0)
     model = tf.MixtralForCausalLM(tf.MixtralConfig(**dims)).eval()
     k = dims["num_experts_per_tok"]
@@ -79,20 +81,12 @@ def export(work: Path, dims: dict):
         y = OrtMoE.apply(x, logits, self.fc1, self.fc1_bias, self.fc2, self.fc2_bias)
         return y.view(b, s, h), logits
 
-    class Wrapper(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids):
-            return self.m(input_ids=input_ids, use_cache=False).logits
-
     ids = torch.randint(0, dims["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(0))
     work.mkdir(parents=True, exist_ok=True)
 
     def save(path, **kw):
         with torch.no_grad():
-            torch.onnx.export(Wrapper(model), (ids,), str(path), dynamo=False, opset_version=17,
+            torch.onnx.export(_LogitsOnly(model), (ids,), str(path), dynamo=False, opset_version=17,
                               input_names=["input_ids"], output_names=["logits"],
                               dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
                               **kw)

@@ -15,18 +15,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import GraphIndex, attr
+from .graph import GraphIndex, attr, node_axes
 
 class _Skip(Exception):
     """The section is not of the batched shape this pass understands."""
-
-
-def _axes(ix, node):
-    a = attr(node, "axes")
-    if a is None and len(node.input) > 1:
-        v = ix.const(node.input[1])
-        a = None if v is None else v.reshape(-1).tolist()
-    return a
 
 
 def _flat(ix, t):
@@ -103,7 +95,7 @@ def _combine_shape(ix, wmul, k, width):
     if shape is None or shape.size != 3 or shape[1] != k:
         raise _Skip("the per-token combine is not a Reshape to [-1, k, hidden]")
     sums = [c for c in ix.consumers_of(r.output[0]) if c.op_type == "ReduceSum"]
-    if len(sums) != 1 or len(ix.consumers_of(r.output[0])) != 1 or _axes(ix, sums[0]) not in ([1], [-2]):
+    if len(sums) != 1 or len(ix.consumers_of(r.output[0])) != 1 or node_axes(ix, sums[0]) not in ([1], [-2]):
         raise _Skip("the per-token combine is not a sum over the slot axis")
     return r, np.array([shape[0], width, shape[2]], dtype=np.int64)
 
@@ -118,7 +110,7 @@ def _is_slot_repeat(ix, t, k):
         if n.op_type == "Expand":
             shape, u = ix.const(n.input[1]), ix.producer.get(n.input[0])
             return (shape is not None and shape.reshape(-1).tolist()[:2] == [1, k] and (shape.reshape(-1)[2:] == 1).all()
-                    and u is not None and u.op_type == "Unsqueeze" and _axes(ix, u) == [1])
+                    and u is not None and u.op_type == "Unsqueeze" and node_axes(ix, u) == [1])
         if n.op_type not in ("Reshape", "Unsqueeze", "Cast"):
             return False
         t = n.input[0]
@@ -197,7 +189,7 @@ def _group(model, ix, router, prefix):
                     m[n.output[0]] = op("MatMul", [rows(n.input[0]), m[n.input[1]]])
                 else:  # W [P, a, b] x Unsqueeze(x [P, b], -1): x @ W^T, then the unsqueeze back
                     u = ix.producer.get(n.input[1])
-                    if u is None or u.op_type != "Unsqueeze" or _axes(ix, u) not in ([-1], [2]):
+                    if u is None or u.op_type != "Unsqueeze" or node_axes(ix, u) not in ([-1], [2]):
                         raise _Skip("batched matmul operand of another form")
                     wt = op("Transpose", [m[n.input[0]]], perm=[1, 0])
                     m[n.output[0]] = op("Unsqueeze", [op("MatMul", [rows(u.input[0]), wt]), i64([-1])])

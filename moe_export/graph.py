@@ -139,6 +139,15 @@ def attr(node, name, default=None):
     return default
 
 
+def node_axes(ix: "GraphIndex", node):
+    """A node's axes, from the attribute (older opsets) or the constant second input (newer)."""
+    a = attr(node, "axes")
+    if a is None and len(node.input) > 1:
+        v = ix.const(node.input[1])
+        a = None if v is None else v.reshape(-1).tolist()
+    return a
+
+
 def write_model_atomic(model: onnx.ModelProto, out: Path, src_dir: Path) -> None:
     """Writes `model` to `out`, with its external-data files valid next to it, or not at all.
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import MoeExportError
-from .graph import GraphIndex, attr
+from .graph import GraphIndex, attr, node_axes
 
 FAMILIES = {
     "softmax_topk": "softmax -> top-k (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)",
@@ -79,14 +79,6 @@ def _topk_k(ix, tk):
     return int(k)
 
 
-def _reduce_axes(node, ix):
-    axes = attr(node, "axes")
-    if axes is None and len(node.input) > 1:
-        v = ix.const(node.input[1])
-        axes = None if v is None else v.reshape(-1).tolist()
-    return axes
-
-
 def _weights_chain(ix, w0):
     """Follows optional renormalization (x / sum(x) [+eps]) and scaling (x * c) after w0."""
     cur, normalize, scale = w0, 0, 1.0
@@ -95,7 +87,7 @@ def _weights_chain(ix, w0):
         rs = next((c for c in cons if c.op_type == "ReduceSum"), None)
         dv = next((c for c in cons if c.op_type == "Div" and c.input[0] == cur), None)
         if rs is not None and dv is not None and attr(rs, "keepdims", 1) == 1 \
-                and _reduce_axes(rs, ix) in ([-1], [1]):
+                and node_axes(ix, rs) in ([-1], [1]):
             den = rs.output[0]
             eps = ix.only_consumer(den, "Add")
             if eps is not None and dv.input[1] == eps.output[0]:
