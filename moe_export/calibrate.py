@@ -11,10 +11,7 @@ from .graph import load_model
 from .patterns import find_gates
 from .rewrite import Policy, convert, router_attrs
 from .spec import policy_counts, policy_view
-from .validate import session_from_proto
-
-LOGITS_PREFIX = "moe_export.logits."
-
+from .validate import run_exposed
 
 def load_data(path, model):
     """Calibration inputs: an .npz of named arrays, or an .npy for the model's single input
@@ -46,30 +43,13 @@ def router_logits(model_path, feeds, batch=16):
     gates, _ = find_gates(model)
     if not gates:
         raise MoeExportError("no MoE gating found to calibrate")
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    names = []
-    for i, g in enumerate(gates):
-        for kind, t in (("l", g.logits), ("b", g.bias)):
-            if t is None:
-                continue
-            out = f"{LOGITS_PREFIX}{kind}{i}"
-            m.graph.node.append(onnx.helper.make_node("Identity", [t], [out]))
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(out))
-            names.append(out)
-    sess = session_from_proto(m, Path(model_path).parent, custom_ops=False)
-    first = next(iter(feeds.values()))
-    n = first.shape[0]
-    chunks = {k: [] for k in names}
-    for s in range(0, n, batch):
-        res = sess.run(names, {k: v[s:s + batch] for k, v in feeds.items()})
-        for k, r in zip(names, res):
-            chunks[k].append(r)
+    tensors = [t for g in gates for t in (g.logits, g.bias) if t is not None]
+    got = dict(zip(tensors, run_exposed(model, Path(model_path).parent, tensors, feeds, batch, custom_ops=False)))
     out = []
-    for i, g in enumerate(gates):
+    for g in gates:
         E = g.attrs["num_experts"]
-        logits = np.concatenate([c.reshape(-1, E) for c in chunks[f"{LOGITS_PREFIX}l{i}"]]).astype(np.float32)
-        bias = chunks[f"{LOGITS_PREFIX}b{i}"][0].reshape(E).astype(np.float32) if g.bias else None
+        logits = np.concatenate([c.reshape(-1, E) for c in got[g.logits]]).astype(np.float32)
+        bias = got[g.bias][0].reshape(E).astype(np.float32) if g.bias else None
         out.append((logits, bias))
     return gates, out
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from . import MoeExportError
 from .calibrate import load_data
 from .graph import load_model
 from .rewrite import routers_metadata
 from .spec import dynamic_router
-from .validate import session_from_proto
+from .validate import run_exposed
 
 
 def flops_per_pair(model, E, n_layers):
@@ -27,31 +26,18 @@ def profile(model_path, data_path, flops_per_pair_override=None, batch=16):
     if meta is None:
         raise MoeExportError(f"{model_path}: not written by moe-export convert; profile a converted model")
     feeds = load_data(data_path, model)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    names = []
-    for i, r in enumerate(meta["routers"]):
-        for kind, t in (("i", r["indices"]), ("l", r["logits"]), ("b", r.get("bias"))):
-            if t:
-                out = f"moe_export.profile.{kind}{i}"
-                m.graph.node.append(onnx.helper.make_node("Identity", [t], [out]))
-                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(out))
-                names.append(out)
-    sess = session_from_proto(m, Path(model_path).parent, custom_ops=not meta["portable"])
-    n = next(iter(feeds.values())).shape[0]
-    got = {k: [] for k in names}
-    for s in range(0, n, batch):
-        for k, v in zip(names, sess.run(names, {k: v[s:s + batch] for k, v in feeds.items()})):
-            got[k].append(v)
+    tensors = [t for r in meta["routers"] for t in (r["indices"], r["logits"], r.get("bias")) if t]
+    got = dict(zip(tensors, run_exposed(model, Path(model_path).parent, tensors, feeds, batch,
+                                        custom_ops=not meta["portable"])))
     layers, by_e = [], {}
     for r in meta["routers"]:
         by_e[r["attrs"]["num_experts"]] = by_e.get(r["attrs"]["num_experts"], 0) + 1
-    for i, r in enumerate(meta["routers"]):
+    for r in meta["routers"]:
         a = r["attrs"]
         E, k = a["num_experts"], a["k"]
-        idx = np.concatenate([x.reshape(-1, x.shape[-1]) for x in got[f"moe_export.profile.i{i}"]])
-        logits = np.concatenate([x.reshape(-1, E) for x in got[f"moe_export.profile.l{i}"]]).astype(np.float32)
-        bias = got[f"moe_export.profile.b{i}"][0].astype(np.float32) if r.get("bias") else None
+        idx = np.concatenate([x.reshape(-1, x.shape[-1]) for x in got[r["indices"]]])
+        logits = np.concatenate([x.reshape(-1, E) for x in got[r["logits"]]]).astype(np.float32)
+        bias = got[r["bias"]][0].astype(np.float32) if r.get("bias") else None
         static_attrs = dict(a, policy="static", threshold=0.0, max_experts=k, min_experts=1)
         _, sidx = dynamic_router(logits, bias, **static_attrs)
         fpp = flops_per_pair_override or flops_per_pair(model, E, by_e[E])

@@ -66,15 +66,33 @@ def load_feeds(path):
         raise MoeExportError(f"{path}: cannot read inputs ({type(e).__name__}); expected an .npz of named arrays") from None
 
 
-def with_routing_outputs(model, index_tensors):
-    """A copy of `model` whose router index tensors are also graph outputs, under fixed names."""
+def expose(model, tensors, prefix):
+    """A copy of `model` with `tensors` also as graph outputs, named prefix + position."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    for i, t in enumerate(index_tensors):
-        name = f"{PAIRS_PREFIX}{i}"
-        m.graph.node.append(helper.make_node("Identity", [t], [name], name=f"moe_export/expose_{i}"))
-        m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT64, None))
+    for i, t in enumerate(tensors):
+        m.graph.node.append(helper.make_node("Identity", [t], [f"{prefix}{i}"], name=f"moe_export/expose_{prefix}{i}"))
+        m.graph.output.append(helper.make_empty_tensor_value_info(f"{prefix}{i}"))
     return m
+
+
+def with_routing_outputs(model, index_tensors):
+    """A copy of `model` whose router index tensors are also graph outputs, under fixed names."""
+    return expose(model, index_tensors, PAIRS_PREFIX)
+
+
+def run_exposed(model, base_dir, tensors, feeds, batch=16, custom_ops=True):
+    """Runs `model` on `feeds`, `batch` rows of the first axis at a time, and returns for each of
+    `tensors` the list of its per-batch values."""
+    prefix = "moe_export.exposed."
+    names = [f"{prefix}{i}" for i in range(len(tensors))]
+    sess = session_from_proto(expose(model, tensors, prefix), base_dir, custom_ops=custom_ops)
+    n = next(iter(feeds.values())).shape[0]
+    got = [[] for _ in tensors]
+    for s in range(0, n, batch):
+        for g, r in zip(got, sess.run(names, {k: v[s:s + batch] for k, v in feeds.items()})):
+            g.append(r)
+    return got
 
 
 def session_from_proto(model, base_dir, custom_ops=True, **opts):
