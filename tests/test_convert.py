@@ -176,6 +176,10 @@ def test_cli_convert_then_validate(tmp_path):
     assert run_cli("convert", graph, "-o", static).returncode == 0
     r = run_cli("validate", graph, static)
     assert r.returncode == 0 and "reproduces the original: yes" in r.stdout
+    capped = tmp_path / "m.static_capped.onnx"  # static ignores --max-experts below k
+    assert run_cli("convert", graph, "-o", capped, "--max-experts", "1").returncode == 0
+    rep = validate(graph, capped)
+    assert rep["static_policy"] is True and rep["static_reproduces"] is True
 
 
 def test_input_is_never_modified(tmp_path):
