@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
-from .graph import GraphIndex, attr, node_axes
+from .graph import GraphIndex, NodeBuilder, attr, node_axes
 
 class _Skip(Exception):
     """The section is not of the batched shape this pass understands."""
@@ -144,19 +143,9 @@ def _group(model, ix, router, prefix):
     if not tables:
         raise _Skip("no weight tables gathered by expert id")
 
-    out, inits = [], []
-    def name(h):
-        return f"{prefix}/{h}_{len(out)}_{len(inits)}"
-    def const(v):
-        t = numpy_helper.from_array(np.asarray(v), name("c"))
-        inits.append(t)
-        return t.name
-    def op(op_type, ins, **kw):
-        o = name(op_type.lower())
-        out.append(helper.make_node(op_type, ins, [o], name=o + "/n", **kw))
-        return o
-
-    i64 = lambda v: const(np.asarray(v, dtype=np.int64))
+    b = NodeBuilder(prefix)
+    op, const = b.op, b.const
+    i64 = lambda v: b.const(v, np.int64)
     contribs, positions = [], []
     for e in range(E):
         pos = op("Reshape", [op("NonZero", [op("Equal", [ids_flat, i64(e)])]), i64([-1])])
@@ -198,7 +187,7 @@ def _group(model, ix, router, prefix):
                 raise _Skip("a matmul of pair tensors that is not an expert weight")
             clone = onnx.NodeProto()
             clone.CopyFrom(n)
-            clone.name = name(n.op_type.lower()) + "/n"
+            clone.name = b.name(n.op_type)
             for j, t in enumerate(n.input):
                 if t:
                     clone.input[j] = rows(t)
@@ -206,7 +195,7 @@ def _group(model, ix, router, prefix):
                 if t:
                     clone.output[j] = f"{clone.name}/o{j}"
                     m[t] = clone.output[j]
-            out.append(clone)
+            b.nodes.append(clone)
         contribs.append(m[wmul.output[0]])
         positions.append(pos)
     allc = op("Concat", contribs, axis=0)
@@ -227,7 +216,7 @@ def _group(model, ix, router, prefix):
     new_nodes = []
     for n in g.node:
         if n is wmul:
-            new_nodes.extend(out)
+            new_nodes.extend(b.nodes)
         if n.name in section:
             continue
         for j, t in enumerate(n.input):
@@ -245,4 +234,4 @@ def _group(model, ix, router, prefix):
     live = {t for n in new_nodes for t in n.input}
     keep = [t for t in g.initializer if t.name in live or t.name not in {i for n in nodes for i in n.input}]
     del g.initializer[:]
-    g.initializer.extend(keep + inits)
+    g.initializer.extend(keep + b.inits)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from . import MoeExportError
 
@@ -146,6 +146,29 @@ def node_axes(ix: "GraphIndex", node):
         v = ix.const(node.input[1])
         a = None if v is None else v.reshape(-1).tolist()
     return a
+
+
+class NodeBuilder:
+    """Emits nodes and constants under unique names below `prefix` (a rewrite's own namespace)."""
+
+    def __init__(self, prefix):
+        self.prefix, self.nodes, self.inits = prefix, [], []
+        self._n = 0
+
+    def name(self, hint):
+        self._n += 1
+        return f"{self.prefix}/{hint}_{self._n}"
+
+    def const(self, value, dtype=None, hint="c"):
+        arr = np.asarray(value, dtype=dtype)
+        t = numpy_helper.from_array(arr, self.name(hint))
+        self.inits.append(t)
+        return t.name
+
+    def op(self, op_type, inputs, n_out=1, hint=None, **kw):
+        outs = [self.name((hint or op_type.lower()) + f"_o{i}") for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), **kw))
+        return outs if n_out > 1 else outs[0]
 
 
 def write_model_atomic(model: onnx.ModelProto, out: Path, src_dir: Path) -> None:

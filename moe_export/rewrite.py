@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from . import DOMAIN, OP_TYPE, MoeExportError
-from .graph import GraphIndex, load_model, write_model_atomic
+from .graph import GraphIndex, NodeBuilder, load_model, write_model_atomic
 from .patterns import Gate, find_gates, no_gates_message
 from .spec import RouterAttrs, SpecError
 
@@ -72,30 +72,7 @@ def _node_attrs(a: RouterAttrs) -> dict:
                 topk_group=a.topk_group, group_score_topk=a.group_score_topk)
 
 
-class _Builder:
-    """Emits nodes with unique names next to a gate."""
-
-    def __init__(self, model, prefix):
-        self.model, self.prefix, self.nodes, self.inits = model, prefix, [], []
-        self._n = 0
-
-    def name(self, hint):
-        self._n += 1
-        return f"{self.prefix}/{hint}_{self._n}"
-
-    def const(self, value, dtype=None, hint="c"):
-        arr = np.asarray(value, dtype=dtype)
-        t = numpy_helper.from_array(arr, self.name(hint))
-        self.inits.append(t)
-        return t.name
-
-    def op(self, op_type, inputs, n_out=1, hint=None, **kw):
-        outs = [self.name((hint or op_type.lower()) + f"_o{i}") for i in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), **kw))
-        return outs if n_out > 1 else outs[0]
-
-
-def _portable(b: _Builder, a: RouterAttrs, logits: str, bias: str | None, float_type: int):
+def _portable(b: NodeBuilder, a: RouterAttrs, logits: str, bias: str | None, float_type: int):
     """DynamicRouter in standard ONNX ops (opset >= 13), following spec.dynamic_router step by step."""
     E, W = a.num_experts, a.width
     f32 = lambda v: b.const(np.float32(v))
@@ -132,6 +109,7 @@ def _portable(b: _Builder, a: RouterAttrs, logits: str, bias: str | None, float_
             q = b.op("Div", [sv, b.op("ReduceSum", [sv, i64([-1])], keepdims=1)])
         qs = b.op("GatherElements", [q, idx], axis=1)
         M = a.max_experts
+        n_valid = a.topk_group * (E // a.n_group)
         if a.policy == "top-p":
             cum = b.op("CumSum", [qs, i64(1)])
             below = b.op("Cast", [b.op("Less", [b.op("Slice", [cum, i64([0]), i64([M - 1]), i64([1])]),
@@ -141,18 +119,16 @@ def _portable(b: _Builder, a: RouterAttrs, logits: str, bias: str | None, float_
             ref = b.op("Mul", [b.op("Slice", [qs, i64([0]), i64([1]), i64([1])]), f32(a.threshold)])
             ge = b.op("Cast", [b.op("GreaterOrEqual", [b.op("Slice", [qs, i64([1]), i64([M]), i64([1])]), ref])],
                       to=TensorProto.FLOAT)
-            cnt = b.op("Add", [b.op("ReduceSum", [ge, i64([-1]), ], keepdims=1), f32(1.0)])
+            cnt = b.op("Add", [b.op("ReduceSum", [ge, i64([-1])], keepdims=1), f32(1.0)])
         else:
             pos = b.op("Greater", [q, f32(0.0)])
             safe = b.op("Where", [pos, q, f32(1.0)])
             H = b.op("Neg", [b.op("ReduceSum", [b.op("Mul", [safe, b.op("Log", [safe])]), i64([-1])], keepdims=1)])
-            n_valid = a.topk_group * (E // a.n_group)
             hn = b.op("Div", [H, f32(np.log(n_valid) if n_valid > 1 else np.inf)])
             frac = b.op("Clip", [b.op("Div", [b.op("Sub", [hn, f32(a.threshold)]), f32(1.0 - a.threshold)]),
                                  f32(0.0), f32(1.0)])
             raw = b.op("Mul", [frac, f32(a.max_experts - a.min_experts)])
             cnt = b.op("Add", [b.op("Floor", [b.op("Add", [raw, f32(0.5)])]), f32(a.min_experts)])
-        n_valid = a.topk_group * (E // a.n_group)
         hi = min(a.max_experts, n_valid)
         cnt = b.op("Cast", [b.op("Clip", [cnt, f32(min(a.min_experts, hi)), f32(hi)])], to=TensorProto.INT64)
         keep = b.op("Less", [slot, cnt])
@@ -196,7 +172,7 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
     routers = []       # recorded in metadata for validate/profile/calibrate
     for gi, gate in enumerate(gates):
         a = router_attrs(gate, pol, group_experts)
-        b = _Builder(model, f"moe_export/router_{gi}")
+        b = NodeBuilder(f"moe_export/router_{gi}")
         ftype = _float_type(ix, gate)
         if portable:
             w, idx = _portable(b, a, gate.logits, gate.bias, ftype)
