@@ -158,7 +158,7 @@ def _group(model, ix, router, prefix):
         def rows(t):
             if t in m:
                 return m[t]
-            if t in inside or ix.const(t) is not None or t in ix.initializers:
+            if t in inside or t in ix.initializers or ix.const(t) is not None:
                 return m.get(t, t)
             if t not in gathered:
                 routed = t in (ids_flat, w_flat)  # the router's own outputs have width rows per token

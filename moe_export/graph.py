@@ -83,24 +83,24 @@ class GraphIndex:
         self.graph_outputs = {o.name for o in graph.output}
         self.value_info = {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
 
+    SMALL = 1 << 16  # elements; shapes, axes, scalars and per-expert vectors are far below
+
     def const(self, name: str):
         """The value of a small constant tensor (initializer or Constant node), else None.
-        Never reads external data: a constant stored outside the model is treated as unknown."""
+        Never reads weights: a constant stored outside the model, or larger than SMALL elements,
+        is treated as unknown."""
         t = self.initializers.get(name)
         if t is None:
             n = self.producer.get(name)
             if n is None or n.op_type != "Constant":
                 return None
             a = n.attribute[0]
-            if a.name == "value":
-                t = a.t
-            elif a.name in ("value_float", "value_int"):
+            if a.name in ("value_float", "value_int", "value_floats", "value_ints"):
                 return np.array(onnx.helper.get_attribute_value(a))
-            elif a.name in ("value_floats", "value_ints"):
-                return np.array(onnx.helper.get_attribute_value(a))
-            else:
+            if a.name != "value":
                 return None
-        if t.data_location == onnx.TensorProto.EXTERNAL:
+            t = a.t
+        if t.data_location == onnx.TensorProto.EXTERNAL or int(np.prod(t.dims)) > self.SMALL:
             return None
         return numpy_helper.to_array(t)
 
