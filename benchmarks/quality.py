@@ -72,6 +72,10 @@ def run_model(name, eval_seqs, calib_seqs, work: Path):
     export_checkpoint(ckpt, original)
     base = evaluate(original, ev)
     log = json.loads((ckpt / "train_log.json").read_text())
+    # The static graph against PyTorch, on the slice train_moe.py reports (its first 64 sequences).
+    onnx_on_torch_slice = evaluate(original, seqs[:64])["ppl"]
+    print(f"{name}: static ONNX ppl {onnx_on_torch_slice:.6f} vs PyTorch {log['torch_heldout_ppl']:.6f} "
+          "on the training script's held-out slice")
     print(f"{name}: static held-out ppl {base['ppl']:.4f} over {base['tokens']} bytes "
           f"(PyTorch: {log['torch_heldout_ppl']:.4f}; chance 256)")
     curve = []
@@ -117,7 +121,9 @@ def run_model(name, eval_seqs, calib_seqs, work: Path):
     ok = [c for c in curve if c["ppl_increase"] <= 0.01]
     best = max(ok, key=lambda c: c["pair_reduction"]) if ok else None
     return {"model": name, "corpus": log["corpus"], "train_steps": log["steps"], "k": gates_k,
-            "static_ppl": base["ppl"], "eval_tokens": base["tokens"], "calib_tokens": int(calib.size),
+            "static_ppl": base["ppl"], "eval_tokens": base["tokens"],
+            "static_ppl_on_torch_slice": {"onnx": onnx_on_torch_slice, "torch": log["torch_heldout_ppl"]},
+            "calib_tokens": int(calib.size),
             "curve": curve,
             "best_at_1pct": None if best is None else {k_: best[k_] for k_ in
                                                         ("policy", "threshold", "pair_reduction", "ppl_increase", "mean_experts")}}
