@@ -1,4 +1,7 @@
-"""The compiled ORT kernel against the numpy spec: every policy, family form and dtype."""
+"""The compiled ORT kernel against the numpy spec: every policy, family form and dtype, in both
+builds of its row loop (AVX2 where the CPU has it, and the portable one)."""
+import os
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -22,17 +25,31 @@ DTYPES = {"float32": (np.float32, TensorProto.FLOAT, 1e-6), "float16": (np.float
 if bfloat16 is not None:
     DTYPES["bfloat16"] = (bfloat16, TensorProto.BFLOAT16, 1e-2)
 
+ISAS = ["auto", "portable"]  # auto: the AVX2 build on CPUs that have AVX2
 _SESSIONS = {}
 
 
-def cached_session(attrs, onnx_type, bias):
-    key = (tuple(sorted(attrs.items())), onnx_type, bias)
+def isa_session(model, isa, **opts):
+    """A session whose DynamicRouter kernels use the `isa` build (chosen at session creation)."""
+    old = os.environ.get("MOE_EXPORT_CPU_ISA")
+    os.environ["MOE_EXPORT_CPU_ISA"] = isa
+    try:
+        return session_of(model, **opts)
+    finally:
+        if old is None:
+            del os.environ["MOE_EXPORT_CPU_ISA"]
+        else:
+            os.environ["MOE_EXPORT_CPU_ISA"] = old
+
+
+def cached_session(attrs, onnx_type, bias, isa):
+    key = (tuple(sorted(attrs.items())), onnx_type, bias, isa)
     if key not in _SESSIONS:
-        _SESSIONS[key] = session_of(router_model(attrs, onnx_type, bias), intra_op_num_threads=2)
+        _SESSIONS[key] = isa_session(router_model(attrs, onnx_type, bias), isa, intra_op_num_threads=2)
     return _SESSIONS[key]
 
 
-def check(attrs, x, bias, dtype_name):
+def check(attrs, x, bias, dtype_name, isa="auto"):
     np_t, onnx_t, tol = DTYPES[dtype_name]
     # The spec sees exactly the values the kernel saw (after rounding to the dtype).
     xs = x.astype(np_t).astype(np.float32)
@@ -41,7 +58,7 @@ def check(attrs, x, bias, dtype_name):
     feeds = {"logits": xs.astype(io_t)}
     if bias is not None:
         feeds["bias"] = bs.astype(io_t)
-    w, i = cached_session(attrs, onnx_t, bias is not None).run(None, feeds)
+    w, i = cached_session(attrs, onnx_t, bias is not None, isa).run(None, feeds)
     rw, ri, counts, amb = dynamic_router(xs, bs, return_counts=True, **attrs)
     assert w.shape == rw.shape and i.shape == ri.shape and i.dtype == np.int64
     ok = ~amb.reshape(-1)
@@ -92,22 +109,43 @@ def router_case(draw):
                        size=(tokens, E))
     bias = rng.standard_normal(E) * 0.1 if form == "sigmoid_grouped" and draw(st.booleans()) else None
     dtype = draw(st.sampled_from(sorted(DTYPES)))
-    return attrs, x, bias, dtype
+    return attrs, x, bias, dtype, draw(st.sampled_from(ISAS))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(router_case())
 def test_kernel_matches_spec(case):
     check(*case)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("policy", ["static", "top-p", "ratio", "entropy"])
-def test_large_token_counts_use_thread_pool(dtype, policy):
+def test_large_token_counts_use_thread_pool(dtype, policy, isa):
     attrs = dict(num_experts=64, k=8, policy=policy, threshold=0.5 if policy != "entropy" else 0.3,
                  max_experts=8, normalize=1)
     x = np.random.default_rng(1).standard_normal((20000, 64)) * 2
-    check(attrs, x, None, dtype)
+    check(attrs, x, None, dtype, isa)
+
+
+@pytest.mark.parametrize("E, k", [(8, 2), (16, 4), (64, 8), (256, 8), (512, 16), (40, 6)])
+@pytest.mark.parametrize("kind", ["normal", "ties", "few_values"])
+def test_builds_agree(E, k, kind):
+    """The AVX2 row loop returns what the portable one does: the same indices, the same weights
+    (their sums differ in order only, so to rounding), on rows with and without tied keys."""
+    rng = np.random.default_rng(E * 7 + k)
+    x = {"normal": rng.standard_normal((3000, E)) * 3, "ties": rng.integers(-3, 4, (3000, E)),
+         "few_values": rng.choice([0.0, -0.0, 2.5, -np.inf], (3000, E))}[kind].astype(np.float32)
+    for attrs in (dict(num_experts=E, k=k, normalize=1), dict(num_experts=E, k=k, select="before_score"),
+                  dict(num_experts=E, k=k, policy="top-p", threshold=0.6, max_experts=min(E, 2 * k))):
+        outs = [isa_session(router_model(attrs), isa).run(None, {"logits": x}) for isa in ISAS]
+        assert np.array_equal(outs[0][1], outs[1][1])
+        assert np.allclose(outs[0][0], outs[1][0], rtol=1e-6, atol=1e-7)
+
+
+def test_cpu_isa_is_checked_at_session_creation():
+    with pytest.raises(Exception, match="MOE_EXPORT_CPU_ISA must be"):
+        isa_session(router_model(dict(num_experts=8, k=2)), "sse9")
 
 
 def test_leading_dims_are_kept():

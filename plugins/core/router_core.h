@@ -13,6 +13,17 @@
 #define MOE_HD inline
 #endif
 
+// A host build may compile the core twice, with and without -mavx2, into one library; an
+// inline namespace named after the instruction set keeps the two builds' functions apart, so
+// the linker cannot merge an AVX2 copy into the portable build.
+#if defined(__AVX2__) && !defined(__CUDACC__)
+#define MOE_AVX2 1
+#define MOE_ISA isa_avx2
+#include <immintrin.h>
+#else
+#define MOE_ISA isa_portable
+#endif
+
 namespace moe {
 
 // Codes shared with spec.py (POLICIES, SCORE_FUNCS, SELECTS keep this order).
@@ -38,6 +49,10 @@ struct Params {
   int32_t topk_group;
   int32_t group_score_topk;
 };
+
+// Functions live in an ISA-named inline namespace (see MOE_ISA above); data types do not, so
+// both builds share them.
+inline namespace MOE_ISA {
 
 // Returns nullptr when valid, else a message naming the first bad attribute. Mirrors
 // RouterAttrs.validate() in spec.py.
@@ -106,6 +121,11 @@ MOE_HD void lane_accumulate(const float* v, int n, float* acc) {
 }
 
 MOE_HD float lane_sum(const float* v, int n) {
+  if (n <= kLanes) {  // one element per lane: the lanes' sum in lane order, minus the + 0s
+    float s = 0.f;
+    for (int i = 0; i < n; ++i) s += v[i];
+    return s;
+  }
   float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
   lane_accumulate(v, n, acc);
   float s = 0.f;
@@ -113,10 +133,17 @@ MOE_HD float lane_sum(const float* v, int n) {
   return s;
 }
 
+#if MOE_AVX2
+#include "router_core_avx2.h"
+#endif
+
 // Softmax over n values (entries with mask==0 excluded when mask is given), written to out.
 // Entries equal to the max contribute exp(0): +inf logits share the mass, an all -inf row is
 // uniform. Sums in kLanes partial sums; spec.py sums left to right (see DECISION_EPS there).
 MOE_HD void softmax(const float* x, const unsigned char* mask, int n, float* out) {
+#if MOE_AVX2
+  if (!mask) return avx2::softmax(x, n, out);
+#endif
   float m = -INFINITY;
   if (mask) {
     for (int i = 0; i < n; ++i) {
@@ -161,6 +188,9 @@ MOE_HD void insert_sorted(float v, int i, int K, int& filled, int32_t* order, fl
 // Larger K insert one by one.
 MOE_HD void select_top(const float* key, int n, int K, int32_t* order, float* okey, float* fscratch,
                        int32_t* iscratch) {
+#if MOE_AVX2
+  if (K <= kLanes && avx2::select_top(key, n, K, order, okey)) return;
+#endif
   if (K > kLanes || n < kLanes) {
     int filled = 0;
     for (int i = 0; i < n; ++i) insert_sorted(key[i], i, K, filled, order, okey);
@@ -273,20 +303,22 @@ MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, floa
   int32_t* isel = order + E;
 
   for (int i = 0; i < E; ++i) x[i] = sanitize(x_in[i]);
+  const bool before = p.score_func == kSoftmax && p.select == kBeforeScore;
   if (p.score_func == kSoftmax) {
-    softmax(x, nullptr, E, s);
-    const float* k0 = p.select == kBeforeScore ? x : s;
-    for (int i = 0; i < E; ++i) key[i] = k0[i];
+    // selecting on logits, the scores only feed a dynamic policy
+    if (!before || p.policy != kStatic) softmax(x, nullptr, E, s);
   } else {
     for (int i = 0; i < E; ++i) s[i] = 1.0f / (1.0f + exp32(-x[i]));
-    for (int i = 0; i < E; ++i) key[i] = s[i];
   }
-  if (bias)
-    for (int i = 0; i < E; ++i) key[i] = sanitize(key[i] + sanitize(bias[i]));
+  const bool grouped = p.n_group > 1;
+  const float* rkey = before ? x : s;
+  if (bias || grouped) {  // a key of its own: biased, or masked by group below
+    for (int i = 0; i < E; ++i) key[i] = bias ? sanitize(rkey[i] + sanitize(bias[i])) : rkey[i];
+    rkey = key;
+  }
 
   // Group-limited choice (DeepSeek-V3): score each group by the sum of its best
   // group_score_topk keys, keep the best topk_group groups.
-  bool grouped = p.n_group > 1;
   int n_valid = E;
   if (grouped) {
     const int G = p.n_group, gs = E / G, t = p.group_score_topk;
@@ -304,13 +336,14 @@ MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, floa
     for (int i = 0; i < E; ++i) key[i] = valid[i] ? key[i] : -INFINITY;
     n_valid = p.topk_group * gs;
   }
-  select_top(key, E, width(p), order, okey, sel, isel);
+  select_top(rkey, E, width(p), order, okey, sel, isel);
 
   int count = p.k;
   if (p.policy != kStatic) {
+    const float* qv = q;
     if (p.score_func == kSoftmax) {
       if (grouped) softmax(x, valid, E, q);
-      else for (int i = 0; i < E; ++i) q[i] = s[i];
+      else qv = s;
     } else {
       for (int i = 0; i < E; ++i) q[i] = (!grouped || valid[i]) ? s[i] : 0.f;
       float tot = lane_sum(q, E);
@@ -322,8 +355,8 @@ MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, floa
       }
     }
     float* qs = sel;  // select_top is done with its scratch
-    for (int j = 0; j < p.max_experts; ++j) qs[j] = q[order[j]];
-    count = policy_count(p, qs, p.policy == kEntropy ? entropy(q, E) : 0.f, n_valid);
+    for (int j = 0; j < p.max_experts; ++j) qs[j] = qv[order[j]];
+    count = policy_count(p, qs, p.policy == kEntropy ? entropy(qv, E) : 0.f, n_valid);
   }
 
   float* w = okey;  // okey is no longer needed
@@ -333,4 +366,5 @@ MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, floa
   return count;
 }
 
+}  // namespace MOE_ISA
 }  // namespace moe

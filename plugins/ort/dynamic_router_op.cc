@@ -4,115 +4,61 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
-#include "../core/router_core.h"
+#include "route_rows.h"
 
 namespace {
 
 constexpr const char* kDomain = "moe_export";
 constexpr const char* kOpName = "DynamicRouter";
 
-// IEEE half and bfloat16 <-> float, bit-exact and portable (no F16C requirement).
-inline float half_to_float(uint16_t h) {
-  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-  if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);
-  else if (exp != 0) bits = sign | ((exp + 112) << 23) | (man << 13);
-  else if (man == 0) bits = sign;
-  else {  // subnormal: renormalize
-    int e = -1;
-    do { ++e; man <<= 1; } while (!(man & 0x400));
-    bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+using RouteRows = void (*)(const RowsTask&, int64_t, int64_t, const RowScratch&);
+
+// The row loop for this CPU: the AVX2 build where the CPU has AVX2, unless MOE_EXPORT_CPU_ISA
+// (auto, avx2, portable) says otherwise; tests run both builds against the spec this way.
+// Returns nullptr with a message in err when the request cannot be met.
+RouteRows pick_route_rows(std::string& err) {
+  const char* env = std::getenv("MOE_EXPORT_CPU_ISA");
+  const std::string want = env && *env ? env : "auto";
+#if MOE_EXPORT_HAVE_AVX2_BUILD
+  const RouteRows avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt") ? route_rows_avx2 : nullptr;
+#else
+  const RouteRows avx2 = nullptr;
+#endif
+  if (want == "portable") return route_rows_portable;
+  if (want == "auto") return avx2 ? avx2 : route_rows_portable;
+  if (want == "avx2") {
+    if (avx2) return avx2;
+    err = "MOE_EXPORT_CPU_ISA=avx2, but this CPU or build has no AVX2";
+    return nullptr;
   }
-  return moe::bits_to_float(bits);
-}
-inline uint16_t float_to_half(float f) {  // round to nearest even
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffffu;
-  if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0));
-  if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00);  // overflow to inf
-  if (ax < 0x38800000u) {                                    // subnormal or zero
-    if (ax < 0x33000000u) return (uint16_t)sign;
-    uint32_t e = ax >> 23, m = (ax & 0x7fffff) | 0x800000, shift = 126 - e;
-    uint32_t r = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
-    if (rem > half || (rem == half && (r & 1))) ++r;
-    return (uint16_t)(sign | r);
-  }
-  uint32_t r = ax + 0xc8000fffu + ((ax >> 13) & 1);  // rebias exponent and round
-  return (uint16_t)(sign | (r >> 13));
-}
-inline float bf16_to_float(uint16_t b) { return moe::bits_to_float((uint32_t)b << 16); }
-inline uint16_t float_to_bf16(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40);  // quiet NaN
-  return (uint16_t)((x + 0x7fff + ((x >> 16) & 1)) >> 16);
+  err = "MOE_EXPORT_CPU_ISA must be auto, avx2 or portable, not '" + want + "'";
+  return nullptr;
 }
 
-enum class DType { kF32, kF16, kBF16 };
-
-struct RowsTask {
-  const moe::Params* p;
-  DType dtype;
-  const void* logits;
-  const float* bias;
-  void* weights;
-  int64_t* indices;
-  int64_t rows;
-  int64_t rows_per_batch;
+struct Job {
+  RowsTask t;
+  RouteRows route;
 };
 
-// One block of tokens. target_clones lets the same binary use AVX-512/AVX2 where the CPU has
-// them; flatten inlines the whole core into each clone, so each is compiled for its target
-// (the core's loops are written so GCC vectorizes them; no FMA, so all clones round alike).
-__attribute__((target_clones("avx512f", "avx2", "default"), flatten))
-void route_rows(const RowsTask& t, int64_t begin, int64_t end) {
-  const moe::Params& p = *t.p;
-  const int E = p.num_experts, K = moe::width(p);
-  std::vector<float> work((size_t)moe::scratch_floats(p) + E);
-  std::vector<int32_t> order(2 * (size_t)E);
-  std::vector<unsigned char> valid(E);
-  float* row = work.data() + moe::scratch_floats(p);
-  for (int64_t r = begin; r < end; ++r) {
-    const float* x;
-    int64_t* iout = t.indices + r * K;
-    switch (t.dtype) {
-      case DType::kF32: {
-        x = static_cast<const float*>(t.logits) + r * E;
-        float* wout = static_cast<float*>(t.weights) + r * K;
-        moe::route_row(p, x, t.bias, work.data(), order.data(), valid.data(), wout, iout,
-                       [](float* d, float v) { *d = v; });
-        break;
-      }
-      case DType::kF16: {
-        const uint16_t* src = static_cast<const uint16_t*>(t.logits) + r * E;
-        for (int i = 0; i < E; ++i) row[i] = half_to_float(src[i]);
-        uint16_t* wout = static_cast<uint16_t*>(t.weights) + r * K;
-        moe::route_row(p, row, t.bias, work.data(), order.data(), valid.data(), wout, iout,
-                       [](uint16_t* d, float v) { *d = float_to_half(v); });
-        break;
-      }
-      case DType::kBF16: {
-        const uint16_t* src = static_cast<const uint16_t*>(t.logits) + r * E;
-        for (int i = 0; i < E; ++i) row[i] = bf16_to_float(src[i]);
-        uint16_t* wout = static_cast<uint16_t*>(t.weights) + r * K;
-        moe::route_row(p, row, t.bias, work.data(), order.data(), valid.data(), wout, iout,
-                       [](uint16_t* d, float v) { *d = float_to_bf16(v); });
-        break;
-      }
-    }
-  }
+void run_rows(const Job& j, int64_t begin, int64_t end) {
+  const moe::Params& p = *j.t.p;
+  std::vector<float> work((size_t)moe::scratch_floats(p) + p.num_experts);
+  std::vector<int32_t> order(2 * (size_t)p.num_experts);
+  std::vector<unsigned char> valid(p.num_experts);
+  j.route(j.t, begin, end, RowScratch{work.data(), order.data(), valid.data()});
 }
 
-void route_batch(void* data, size_t batch) {
-  const RowsTask& t = *static_cast<const RowsTask*>(data);
-  int64_t begin = (int64_t)batch * t.rows_per_batch;
-  route_rows(t, begin, std::min(t.rows, begin + t.rows_per_batch));
+void run_batch(void* data, size_t batch) {
+  const Job& j = *static_cast<const Job*>(data);
+  int64_t begin = (int64_t)batch * j.t.rows_per_batch;
+  run_rows(j, begin, std::min(j.t.rows, begin + j.t.rows_per_batch));
 }
 
 // Attribute readers: absent attributes take the documented defaults.
@@ -151,6 +97,7 @@ int32_t narrow(int64_t v) { return (v < -(1ll << 30) || v > (1ll << 30)) ? -1 : 
 struct DynamicRouterKernel {
   moe::Params p{};
   DType dtype;
+  RouteRows route;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* raw) {
     try {
@@ -181,13 +128,14 @@ struct DynamicRouterKernel {
       Ort::UnownedValue w = ctx.GetOutput(0, shape);
       Ort::UnownedValue idx = ctx.GetOutput(1, shape);
       if (rows == 0) return nullptr;
-      RowsTask t{&p, dtype, logits.GetTensorRawData(), bias.empty() ? nullptr : bias.data(),
-                 w.GetTensorMutableRawData(), idx.GetTensorMutableData<int64_t>(), rows, 0};
+      Job j{RowsTask{&p, dtype, logits.GetTensorRawData(), bias.empty() ? nullptr : bias.data(),
+                     w.GetTensorMutableRawData(), idx.GetTensorMutableData<int64_t>(), rows, 0},
+            route};
       // ~128 rows of E=64 is ~10 us of work: enough to amortize a thread-pool task.
-      t.rows_per_batch = std::max<int64_t>(16, (1 << 13) / std::max(1, p.num_experts));
-      const int64_t batches = (rows + t.rows_per_batch - 1) / t.rows_per_batch;
-      if (batches == 1) route_rows(t, 0, rows);
-      else ctx.ParallelFor(route_batch, (size_t)batches, 1, &t);
+      j.t.rows_per_batch = std::max<int64_t>(16, (1 << 13) / std::max(1, p.num_experts));
+      const int64_t batches = (rows + j.t.rows_per_batch - 1) / j.t.rows_per_batch;
+      if (batches == 1) run_rows(j, 0, rows);
+      else ctx.ParallelFor(run_batch, (size_t)batches, 1, &j);
       return nullptr;
     } catch (const Ort::Exception& e) {
       return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
@@ -225,6 +173,9 @@ struct DynamicRouterOp : Ort::CustomOpBase<DynamicRouterOp, DynamicRouterKernel,
       return api.CreateStatus(ORT_INVALID_ARGUMENT, (std::string("DynamicRouter: ") + err +
                                                      (p.policy < 0 ? " '" + policy + "'" : "")).c_str());
     k->dtype = dtype;
+    std::string err;
+    k->route = pick_route_rows(err);
+    if (!k->route) return api.CreateStatus(ORT_INVALID_ARGUMENT, ("DynamicRouter: " + err).c_str());
     *kernel = k.release();
     return nullptr;
   }
