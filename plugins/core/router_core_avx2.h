@@ -149,15 +149,22 @@ inline bool place_ranked(const float* ck, const int32_t* ci, int nc, int K, int3
   return true;
 }
 
-constexpr int kMaxCandidates = 32;
+constexpr int kMaxCandidates = 64;
 
 // place_ranked() for nc <= kMaxCandidates, trying the tie-free ranking first.
+template <int NB>
+inline bool place_blocks(const float* ck, const int32_t* ci, int nc, int K, int32_t* order, float* okey) {
+  return place_ranked<NB, false>(ck, ci, nc, K, order, okey) || place_ranked<NB, true>(ck, ci, nc, K, order, okey);
+}
+
 inline bool place(const float* ck, const int32_t* ci, int nc, int K, int32_t* order, float* okey) {
   switch ((nc + 7) / 8) {
-    case 1: return place_ranked<1, false>(ck, ci, nc, K, order, okey) || place_ranked<1, true>(ck, ci, nc, K, order, okey);
-    case 2: return place_ranked<2, false>(ck, ci, nc, K, order, okey) || place_ranked<2, true>(ck, ci, nc, K, order, okey);
-    case 3: return place_ranked<3, false>(ck, ci, nc, K, order, okey) || place_ranked<3, true>(ck, ci, nc, K, order, okey);
-    default: return place_ranked<4, false>(ck, ci, nc, K, order, okey) || place_ranked<4, true>(ck, ci, nc, K, order, okey);
+    case 1: return place_blocks<1>(ck, ci, nc, K, order, okey);
+    case 2: return place_blocks<2>(ck, ci, nc, K, order, okey);
+    case 3: return place_blocks<3>(ck, ci, nc, K, order, okey);
+    case 4: return place_blocks<4>(ck, ci, nc, K, order, okey);
+    case 5: case 6: return place_blocks<6>(ck, ci, nc, K, order, okey);
+    default: return place_blocks<8>(ck, ci, nc, K, order, okey);
   }
 }
 
@@ -166,8 +173,8 @@ inline bool place(const float* ck, const int32_t* ci, int nc, int K, int32_t* or
 // ranked; beyond, the bound is the portable form's, the K-th best of the 8 lane maxima, and
 // the keys >= bound are packed with their indices and ranked.
 inline bool select_top(const float* key, int n, int K, int32_t* order, float* okey) {
-  alignas(32) float ck[kMaxCandidates + 8];
-  alignas(32) int32_t ci[kMaxCandidates + 8];
+  alignas(32) float ck[kMaxCandidates + 16];
+  alignas(32) int32_t ci[kMaxCandidates + 16];
   if (n <= 16) {  // few enough to rank them all
     for (int i = 0; i < 16; i += 8) {
       _mm256_store_ps(ck + i, n - i >= 8 ? _mm256_loadu_ps(key + i) : load_part(key + i, n - i > 0 ? n - i : 0, -INFINITY));
@@ -204,7 +211,9 @@ inline bool select_top(const float* key, int n, int K, int32_t* order, float* ok
     _mm256_storeu_si256((__m256i*)(ci + nc), _mm256_add_epi32(perm, _mm256_set1_epi32(i)));
     nc += c;
   }
-  _mm256_storeu_ps(ck + nc, _mm256_set1_ps(-INFINITY));  // padding outranks no candidate
+  // padding outranks no candidate; place() rounds nc up to at most 16 more
+  _mm256_storeu_ps(ck + nc, _mm256_set1_ps(-INFINITY));
+  _mm256_storeu_ps(ck + nc + 8, _mm256_set1_ps(-INFINITY));
   return place(ck, ci, nc, K, order, okey);
 }
 
