@@ -359,9 +359,10 @@ MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, floa
     count = policy_count(p, qs, p.policy == kEntropy ? entropy(qv, E) : 0.f, n_valid);
   }
 
-  float* w = okey;  // okey is no longer needed
-  const float* chosen = p.select == kBeforeScore ? x : s;
-  for (int j = 0; j < count; ++j) w[j] = chosen[order[j]];
+  float* w = okey;  // holds the chosen values already unless the key was biased or masked
+  const float* chosen = before ? x : s;
+  if (rkey != chosen)
+    for (int j = 0; j < count; ++j) w[j] = chosen[order[j]];
   write_slots(p, count, w, order, w_out, i_out, store);
   return count;
 }

@@ -1,8 +1,9 @@
 // AVX2 forms of the routing core's two hot primitives, softmax() and select_top(), included by
 // router_core.h in translation units built with -mavx2. They compute what the portable forms
-// compute: exp32 in the same operation order (so identical scores), the same selection; only
-// the max and the sum are reduced as trees, which is exact for the max and, for the sum, a
-// rounding-level difference like the lane sums (spec.py's DECISION_EPS covers it).
+// compute: exp32 in the same operation order (so identical scores), the same selection and
+// tie order; only the max and the sum are reduced as trees, which is exact for the max and,
+// for the sum, a rounding-level difference like the lane sums (spec.py's DECISION_EPS covers
+// it). On this code lane permutes cost more than broadcasts from memory, hence the latter.
 // Included inside router_core.h's namespace, after <immintrin.h>.
 #pragma once
 
@@ -78,15 +79,15 @@ inline void softmax(const float* x, int n, float* out) {
   if (rem) _mm256_maskstore_ps(out + full, first_lanes(rem), _mm256_mul_ps(tail, inv));
 }
 
-// Permutations that pack the set lanes of an 8-bit mask to the front, 4 bits per lane index.
+// Permutations that pack the set lanes of an 8-bit mask to the front, one lane index per byte.
 struct PackTable {
-  uint32_t perm[256];
+  uint64_t perm[256];
   constexpr PackTable() : perm() {
     for (int m = 0; m < 256; ++m) {
-      uint32_t v = 0;
+      uint64_t v = 0;
       int k = 0;
       for (int l = 0; l < 8; ++l)
-        if (m & (1 << l)) v |= (uint32_t)l << (4 * k++);
+        if (m & (1 << l)) v |= (uint64_t)l << (8 * k++);
       perm[m] = v;
     }
   }
@@ -107,7 +108,7 @@ inline bool place_ranked(const float* ck, const int32_t* ci, int nc, int K, int3
     r[b] = _mm256_setzero_si256();
   }
   for (int a = 0; a < 8 * NB; ++a) {
-    const __m256 ka = _mm256_permutevar8x32_ps(kb[a / 8], _mm256_set1_epi32(a % 8));
+    const __m256 ka = _mm256_broadcast_ss(ck + a);
     for (int b = 0; b < NB; ++b) {
       __m256 before = _mm256_cmp_ps(ka, kb[b], _CMP_GT_OQ);
       if (kTies) {
@@ -117,34 +118,19 @@ inline bool place_ranked(const float* ck, const int32_t* ci, int nc, int K, int3
       r[b] = _mm256_sub_epi32(r[b], _mm256_castps_si256(before));
     }
   }
-  // inverse permutation in registers: slot j takes the candidate whose rank is j
-  const __m256i nc_lanes = _mm256_set1_epi32(nc);
-  __m256 ok = _mm256_setzero_ps();
-  __m256i oi = _mm256_setzero_si256(), hits = _mm256_setzero_si256();
-  for (int b = 0; b < NB; ++b) {
-    const __m256i ib = _mm256_load_si256((const __m256i*)(ci + 8 * b));
-    // padding (position >= nc) gets an impossible rank
-    const __m256i rb = _mm256_or_si256(r[b], _mm256_cmpgt_epi32(_mm256_add_epi32(iota(), _mm256_set1_epi32(8 * b)),
-                                                                 _mm256_sub_epi32(nc_lanes, _mm256_set1_epi32(1))));
-    for (int rot = 0; rot < 8; ++rot) {
-      const __m256i p = _mm256_and_si256(_mm256_add_epi32(iota(), _mm256_set1_epi32(rot)), _mm256_set1_epi32(7));
-      const __m256i m = _mm256_cmpeq_epi32(_mm256_permutevar8x32_epi32(rb, p), iota());
-      ok = _mm256_blendv_ps(ok, _mm256_permutevar8x32_ps(kb[b], p), _mm256_castsi256_ps(m));
-      oi = _mm256_blendv_epi8(oi, _mm256_permutevar8x32_epi32(ib, p), m);
-      hits = _mm256_sub_epi32(hits, m);
-    }
-  }
-  // each of the first K slots taken exactly once, else keys tied
-  const __m256i want = _mm256_and_si256(first_lanes(K), _mm256_set1_epi32(1));
-  if (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(
-          _mm256_and_si256(hits, first_lanes(K)), want))) != 0xff) return false;
-  alignas(32) int32_t o[8];
-  alignas(32) float okk[8];
-  _mm256_store_si256((__m256i*)o, oi);
-  _mm256_store_ps(okk, ok);
+  // slot j takes the candidate whose rank is j: exactly one, unless keys tie
+  const __m256i last = _mm256_set1_epi32(nc - 1);
+  for (int b = 0; b < NB; ++b)  // padding (position >= nc) gets an impossible rank
+    r[b] = _mm256_or_si256(r[b], _mm256_cmpgt_epi32(_mm256_add_epi32(iota(), _mm256_set1_epi32(8 * b)), last));
   for (int j = 0; j < K; ++j) {
-    order[j] = o[j];
-    okey[j] = okk[j];
+    uint64_t m = 0;
+    for (int b = 0; b < NB; ++b)
+      m |= (uint64_t)(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(r[b], _mm256_set1_epi32(j))))
+           << (8 * b);
+    if (__builtin_popcountll(m) != 1) return false;
+    const int a = __builtin_ctzll(m);
+    order[j] = ci[a];
+    okey[j] = ck[a];
   }
   return true;
 }
@@ -169,9 +155,9 @@ inline bool place(const float* ck, const int32_t* ci, int nc, int K, int32_t* or
 }
 
 // select_top() for K <= 8; false for the rare rows it leaves to the portable form (more than
-// kMaxCandidates keys at or above the bound). Up to 16 keys are all
-// ranked; beyond, the bound is the portable form's, the K-th best of the 8 lane maxima, and
-// the keys >= bound are packed with their indices and ranked.
+// kMaxCandidates keys at or above the bound). Up to 16 keys are all ranked; beyond, the bound is
+// the portable form's, the K-th best of the 8 lane maxima, and the keys >= bound are packed
+// with their indices (in index order, so ties keep ONNX TopK's order) and ranked.
 inline bool select_top(const float* key, int n, int K, int32_t* order, float* okey) {
   alignas(32) float ck[kMaxCandidates + 16];
   alignas(32) int32_t ci[kMaxCandidates + 16];
@@ -186,10 +172,11 @@ inline bool select_top(const float* key, int n, int K, int32_t* order, float* ok
   __m256 lm = _mm256_loadu_ps(key);
   for (int i = 8; i < full; i += 8) lm = _mm256_max_ps(lm, _mm256_loadu_ps(key + i));
   // the K-th largest lane maximum: the lane with fewer than K larger and at least K no smaller
-  __m256i gt = _mm256_setzero_si256(), ge = _mm256_set1_epi32(1);
-  for (int r = 1; r < 8; ++r) {
-    const __m256 o = _mm256_permutevar8x32_ps(lm, _mm256_and_si256(_mm256_add_epi32(iota(), _mm256_set1_epi32(r)),
-                                                                 _mm256_set1_epi32(7)));
+  alignas(32) float lms[8];
+  _mm256_store_ps(lms, lm);
+  __m256i gt = _mm256_setzero_si256(), ge = _mm256_setzero_si256();
+  for (int a = 0; a < 8; ++a) {  // broadcasts from memory: cheaper than lane permutes here
+    const __m256 o = _mm256_broadcast_ss(lms + a);
     gt = _mm256_sub_epi32(gt, _mm256_castps_si256(_mm256_cmp_ps(o, lm, _CMP_GT_OQ)));
     ge = _mm256_sub_epi32(ge, _mm256_castps_si256(_mm256_cmp_ps(o, lm, _CMP_GE_OQ)));
   }
@@ -204,9 +191,7 @@ inline bool select_top(const float* key, int n, int K, int32_t* order, float* ok
     const unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, bound, _CMP_GE_OQ)) & ((1u << len) - 1);
     const int c = __builtin_popcount(m);
     if (nc + c > kMaxCandidates) return false;
-    const __m256i perm = _mm256_and_si256(
-        _mm256_srlv_epi32(_mm256_set1_epi32((int)kPack.perm[m]), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
-        _mm256_set1_epi32(15));
+    const __m256i perm = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(kPack.perm + m)));
     _mm256_storeu_ps(ck + nc, _mm256_permutevar8x32_ps(v, perm));
     _mm256_storeu_si256((__m256i*)(ci + nc), _mm256_add_epi32(perm, _mm256_set1_epi32(i)));
     nc += c;
