@@ -155,9 +155,9 @@ inline bool place(const float* ck, const int32_t* ci, int nc, int K, int32_t* or
 }
 
 // select_top() for K <= 8; false for the rare rows it leaves to the portable form (more than
-// kMaxCandidates keys at or above the bound). Up to 16 keys are all ranked; beyond, the bound is
-// the portable form's, the K-th best of the 8 lane maxima, and the keys >= bound are packed
-// with their indices (in index order, so ties keep ONNX TopK's order) and ranked.
+// kMaxCandidates keys at or above the bound). Up to 16 keys are all ranked; beyond, the keys at or
+// above a bound are packed with their indices (in index order, so ties keep ONNX TopK's order)
+// and ranked.
 inline bool select_top(const float* key, int n, int K, int32_t* order, float* okey) {
   alignas(32) float ck[kMaxCandidates + 16];
   alignas(32) int32_t ci[kMaxCandidates + 16];
@@ -168,21 +168,31 @@ inline bool select_top(const float* key, int n, int K, int32_t* order, float* ok
     }
     return place(ck, ci, n, K, order, okey);
   }
+  // The two best keys of each lane (16 distinct elements, n > 16); the K-th best of them bounds
+  // the K-th best key from below and leaves ~K+1 candidates on random rows (one lane maximum
+  // each would leave ~2K).
   const int full = n & ~7;
-  __m256 lm = _mm256_loadu_ps(key);
-  for (int i = 8; i < full; i += 8) lm = _mm256_max_ps(lm, _mm256_loadu_ps(key + i));
-  // the K-th largest lane maximum: the lane with fewer than K larger and at least K no smaller
-  alignas(32) float lms[8];
-  _mm256_store_ps(lms, lm);
-  __m256i gt = _mm256_setzero_si256(), ge = _mm256_setzero_si256();
-  for (int a = 0; a < 8; ++a) {  // broadcasts from memory: cheaper than lane permutes here
-    const __m256 o = _mm256_broadcast_ss(lms + a);
-    gt = _mm256_sub_epi32(gt, _mm256_castps_si256(_mm256_cmp_ps(o, lm, _CMP_GT_OQ)));
-    ge = _mm256_sub_epi32(ge, _mm256_castps_si256(_mm256_cmp_ps(o, lm, _CMP_GE_OQ)));
+  __m256 m1 = _mm256_loadu_ps(key), m2 = _mm256_set1_ps(-INFINITY);
+  for (int i = 8; i < full; i += 8) {
+    const __m256 v = _mm256_loadu_ps(key + i);
+    m2 = _mm256_max_ps(m2, _mm256_min_ps(m1, v));
+    m1 = _mm256_max_ps(m1, v);
   }
-  const __m256i at_k = _mm256_andnot_si256(_mm256_cmpgt_epi32(gt, _mm256_set1_epi32(K - 1)),
-                                           _mm256_cmpgt_epi32(ge, _mm256_set1_epi32(K - 1)));
-  const __m256 bound = _mm256_set1_ps(hmax(_mm256_blendv_ps(_mm256_set1_ps(-INFINITY), lm, _mm256_castsi256_ps(at_k))));
+  alignas(32) float top2[16];
+  _mm256_store_ps(top2, m1);
+  _mm256_store_ps(top2 + 8, m2);
+  __m256i ge1 = _mm256_setzero_si256(), ge2 = _mm256_setzero_si256();
+  for (int a = 0; a < 16; ++a) {  // how many of the 16 are >= each
+    const __m256 o = _mm256_broadcast_ss(top2 + a);
+    ge1 = _mm256_sub_epi32(ge1, _mm256_castps_si256(_mm256_cmp_ps(o, m1, _CMP_GE_OQ)));
+    ge2 = _mm256_sub_epi32(ge2, _mm256_castps_si256(_mm256_cmp_ps(o, m2, _CMP_GE_OQ)));
+  }
+  // the largest value with at least K of the 16 at or above it
+  const __m256i kk = _mm256_set1_epi32(K - 1);
+  const __m256 ninf = _mm256_set1_ps(-INFINITY);
+  const __m256 bound = _mm256_set1_ps(hmax(_mm256_max_ps(
+      _mm256_blendv_ps(ninf, m1, _mm256_castsi256_ps(_mm256_cmpgt_epi32(ge1, kk))),
+      _mm256_blendv_ps(ninf, m2, _mm256_castsi256_ps(_mm256_cmpgt_epi32(ge2, kk))))));
 
   int nc = 0;
   for (int i = 0; i < n; i += 8) {
