@@ -143,6 +143,19 @@ def test_builds_agree(E, k, kind):
         assert np.allclose(outs[0][0], outs[1][0], rtol=1e-6, atol=1e-7)
 
 
+def test_avx2_build_is_in_the_library():
+    """On an AVX2 CPU the x86-64 library carries the AVX2 build, so `auto` above tested it."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        flags = ""
+    if os.uname().machine != "x86_64" or " avx2" not in flags:
+        pytest.skip("not an x86-64 CPU with AVX2")
+    w, i = isa_session(router_model(dict(num_experts=64, k=8)), "avx2").run(
+        None, {"logits": np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)})
+    assert i.shape == (5, 8)
+
+
 def test_cpu_isa_is_checked_at_session_creation():
     with pytest.raises(Exception, match="MOE_EXPORT_CPU_ISA must be"):
         isa_session(router_model(dict(num_experts=8, k=2)), "sse9")
