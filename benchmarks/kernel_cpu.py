@@ -7,8 +7,9 @@ and TopK -> Softmax (GPT-OSS), the static gate is written as exporters write it,
 moe-export (static policy, so outputs are identical), and both sessions are timed
 alternately on the same inputs; medians are reported, plus the logits read rate against a
 single-core memory-read floor measured in the same run, and what a session run with the same
-inputs and outputs costs when it does almost nothing (Slice and Cast): no kernel gets below it. The kernel's portable build
-(MOE_EXPORT_CPU_ISA=portable, what a CPU without AVX2 runs) is timed in the same rotation.
+inputs and outputs costs when it does almost nothing (Slice and Cast): no kernel gets below it.
+The kernel's portable build (MOE_EXPORT_CPU_ISA=portable, what a CPU without AVX2 runs) is timed
+in the same rotation.
 Results: benchmarks/results/kernel_cpu.json.
 """
 from __future__ import annotations
@@ -119,7 +120,7 @@ def main():
     rows = []
     floor = read_floor_gbps()
     with tempfile.TemporaryDirectory() as d:
-        for gate, E, k in [(g, E, k) for g in GATES for E, k in [(8, 2), (64, 8), (256, 8)]]:
+        for gate, E, k in [(name, E, k) for name in GATES for E, k in [(8, 2), (64, 8), (256, 8)]]:
             g, c = Path(d) / f"{gate}{E}.onnx", Path(d) / f"{gate}{E}.dyn.onnx"
             gate_graph(E, k, g, gate)
             convert(g, c, Policy("static"))
