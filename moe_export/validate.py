@@ -100,7 +100,7 @@ def session_from_proto(model, base_dir, custom_ops=True, **opts):
     from . import custom_op_library
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # a load failure is reported once, as MoeExportError below
     for k, v in opts.items():
         setattr(so, k, v)
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))

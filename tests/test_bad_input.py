@@ -124,6 +124,13 @@ def test_validate_bad_inputs(tmp_path):
     assert_clean_failure(run_cli("validate", MIXTRAL, out, "--data", tmp_path / "feeds.npz"), tmp_path, "cannot read inputs")
 
 
+def test_bad_cpu_isa_is_one_line(tmp_path, monkeypatch):
+    out = tmp_path / "conv.onnx"
+    assert run_cli("convert", MIXTRAL, "-o", out).returncode == 0
+    monkeypatch.setenv("MOE_EXPORT_CPU_ISA", "sse9")  # run_cli passes the environment on
+    assert_clean_failure(run_cli("validate", MIXTRAL, out), tmp_path, "MOE_EXPORT_CPU_ISA must be")
+
+
 def test_debug_flag_shows_traceback(tmp_path):
     (tmp_path / "m.onnx").write_bytes(b"")
     r = run_cli("--debug", "inspect", tmp_path / "m.onnx")
