@@ -171,8 +171,7 @@ inline bool select_top(const float* key, int n, int K, int32_t* order, float* ok
     return place(ck, ci, n, K, order, okey);
   }
   // The two best keys of each lane (16 distinct elements, n > 16); the K-th best of them bounds
-  // the K-th best key from below and leaves ~K+1 candidates on random rows (one lane maximum
-  // each would leave ~2K).
+  // the K-th best key from below, far more tightly than the K-th best lane maximum would.
   const int full = n & ~7;
   __m256 m1 = _mm256_loadu_ps(key), m2 = _mm256_set1_ps(-INFINITY);
   for (int i = 8; i < full; i += 8) {
