@@ -22,8 +22,9 @@ POLICY_CODE = {p: i for i, p in enumerate(POLICIES)}
 SCORE_CODE = {s: i for i, s in enumerate(SCORE_FUNCS)}
 SELECT_CODE = {s: i for i, s in enumerate(SELECTS)}
 MAX_EXPERTS_LIMIT = 4096
+LANES = 8  # router_core.h's kLanes: how its sums are ordered
 # Decisions closer than this (relative) to a policy boundary may differ between
-# implementations because float sums are taken in different orders.
+# implementations that sum in another order (the CUDA warp path; the CPU kernel sums as _lane_sum).
 DECISION_EPS = 1e-5
 
 
@@ -143,7 +144,7 @@ def _softmax_rows(x: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     e = exp32(d)
     if valid is not None:
         e = np.where(valid, e, _F(0.0))
-    s = _seq_sum(e)
+    s = _lane_sum(e)
     return (e * (_F(1.0) / s)[..., None]).astype(_F)
 
 
@@ -151,13 +152,16 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (_F(1.0) / (_F(1.0) + exp32(-x))).astype(_F)
 
 
-def _seq_sum(a: np.ndarray) -> np.ndarray:
-    """Left-to-right float32 sum along the last axis, the order router_core.h sums in
-    (np.sum is pairwise, which would differ in the last bits)."""
+def _lane_sum(a: np.ndarray) -> np.ndarray:
+    """Float32 sum along the last axis in router_core.h's order (lane_sum there): element i into
+    partial sum i % LANES, each left to right, then the partial sums left to right. The same
+    order gives the same roundings, so scores that tie in the kernel tie here."""
     a = a.astype(_F)
-    if a.shape[-1] == 0:
-        return np.zeros(a.shape[:-1], dtype=_F)
-    return np.cumsum(a, axis=-1, dtype=_F)[..., -1]
+    pad = (-a.shape[-1]) % LANES
+    if pad or a.shape[-1] == 0:  # + 0 leaves every partial sum as it is
+        a = np.concatenate([a, np.zeros(a.shape[:-1] + (pad or LANES,), _F)], axis=-1)
+    lanes = np.cumsum(a.reshape(*a.shape[:-1], a.shape[-1] // LANES, LANES), axis=-2, dtype=_F)[..., -1, :]
+    return np.cumsum(lanes, axis=-1, dtype=_F)[..., -1]
 
 
 def _stable_desc_order(v: np.ndarray) -> np.ndarray:
@@ -201,7 +205,7 @@ def _rank(a, x, b):
     if a.n_group > 1:
         G, gs = a.n_group, E // a.n_group
         kg = np.sort(key.reshape(T, G, gs), axis=-1)[..., ::-1][..., : a.group_score_topk]
-        gscore = _sanitize(_seq_sum(kg))
+        gscore = _sanitize(_lane_sum(kg))
         gorder = _stable_desc_order(gscore)[:, : a.topk_group]
         gvalid = np.zeros((T, G), dtype=bool)
         np.put_along_axis(gvalid, gorder, True, axis=1)
@@ -216,12 +220,12 @@ def _policy_view(a, x, s, valid, order) -> PolicyView:
         q = _softmax_rows(x, valid if a.n_group > 1 else None)
     else:
         sv = np.where(valid, s, _F(0.0))
-        tot = _seq_sum(sv)
+        tot = _lane_sum(sv)
         q = np.where(tot[:, None] > 0, sv * (_F(1.0) / np.where(tot > 0, tot, 1))[:, None],
                      np.where(valid, _F(1.0) / n_valid[:, None].astype(_F), _F(0.0))).astype(_F)
     with np.errstate(divide="ignore", invalid="ignore"):
         plogp = np.where(q > 0, q * np.log(np.where(q > 0, q, 1)).astype(_F), _F(0.0))
-    H = -_seq_sum(plogp.astype(_F))
+    H = -_lane_sum(plogp.astype(_F))
     hn = np.where(n_valid > 1, H / np.log(np.maximum(n_valid, 2)).astype(_F), _F(0.0)).astype(_F)
     return PolicyView(np.take_along_axis(q, order[:, : a.max_experts], axis=1), hn, n_valid)
 
@@ -288,7 +292,7 @@ def _route(a, logits, bias, return_counts):
     else:
         w = np.where(keep, np.take_along_axis(s, order, axis=1), _F(0.0)).astype(_F)
         if a.normalize:
-            tot = _seq_sum(w)
+            tot = _lane_sum(w)
             w = np.where(tot[:, None] > 0, w * (_F(1.0) / np.where(tot > 0, tot, 1))[:, None], _F(0.0))
     w = np.where(keep, (w * _F(a.scale)).astype(_F), _F(0.0))
     idx = np.where(keep, order, E).astype(np.int64)

@@ -20,6 +20,7 @@
 #define MOE_AVX2 1
 #define MOE_ISA isa_avx2
 #include <immintrin.h>
+#include <type_traits>
 #else
 #define MOE_ISA isa_portable
 #endif
@@ -139,7 +140,7 @@ MOE_HD float lane_sum(const float* v, int n) {
 
 // Softmax over n values (entries with mask==0 excluded when mask is given), written to out.
 // Entries equal to the max contribute exp(0): +inf logits share the mass, an all -inf row is
-// uniform. Sums in kLanes partial sums; spec.py sums left to right (see DECISION_EPS there).
+// uniform. Sums with lane_sum(), as spec.py does.
 MOE_HD void softmax(const float* x, const unsigned char* mask, int n, float* out) {
 #if MOE_AVX2
   if (!mask) return avx2::softmax(x, n, out);
@@ -266,9 +267,19 @@ MOE_HD int policy_count(const Params& p, const float* qs, float H, int n_valid) 
   return count > n_valid ? n_valid : count;
 }
 
+// Stores a token's width(p) output slots from the kept experts' final weights w[0..count):
+// dropped slots get (index=E, weight=0).
+template <typename OutT, typename Store>
+MOE_HD void store_slots(const Params& p, int count, const float* w, const int32_t* order, OutT* w_out,
+                        int64_t* i_out, Store store) {
+  for (int j = 0; j < width(p); ++j) {
+    store(w_out + j, j < count ? w[j] * p.scale : 0.f);
+    i_out[j] = j < count ? (int64_t)order[j] : (int64_t)p.num_experts;
+  }
+}
+
 // Writes a token's width(p) output slots. w[0..count) holds the kept experts' logits
-// (select=before_score) or scores, in selection order, and is overwritten; dropped slots get
-// (index=E, weight=0).
+// (select=before_score) or scores, in selection order, and is overwritten.
 template <typename OutT, typename Store>
 MOE_HD void write_slots(const Params& p, int count, float* w, const int32_t* order, OutT* w_out, int64_t* i_out,
                         Store store) {
@@ -279,10 +290,72 @@ MOE_HD void write_slots(const Params& p, int count, float* w, const int32_t* ord
     const float inv = tot > 0.f ? 1.0f / tot : 0.f;
     for (int j = 0; j < count; ++j) w[j] = tot > 0.f ? w[j] * inv : 0.f;
   }
-  for (int j = 0; j < width(p); ++j) {
-    store(w_out + j, j < count ? w[j] * p.scale : 0.f);
-    i_out[j] = j < count ? (int64_t)order[j] : (int64_t)p.num_experts;
-  }
+  store_slots(p, count, w, order, w_out, i_out, store);
+}
+
+// The largest of x[0..n) below t (-inf if none); lane-wise partial maxima so it vectorizes.
+MOE_HD float max_below(const float* x, int n, float t) {
+#if MOE_AVX2
+  return avx2::max_below(x, n, t);
+#else
+  float lm[kLanes] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = x[i + l] < t ? x[i + l] : -INFINITY;
+      lm[l] = v > lm[l] ? v : lm[l];
+    }
+  float m = -INFINITY;
+  for (; i < n; ++i) m = x[i] < t && x[i] > m ? x[i] : m;
+  for (int l = 0; l < kLanes; ++l) m = lm[l] > m ? lm[l] : m;
+  return m;
+#endif
+}
+
+// Whether a gate ranks experts on their logits: the static softmax gate without bias or groups,
+// TopK -> Softmax (select=before_score) or Softmax -> TopK renormalized over its k. The latter
+// is a softmax over the k best logits: the full softmax's denominator cancels, and exp32 and
+// the shift by the max are monotone (exp32 checked over every float in [-88, 0]), so scores
+// rank as their logits do, except where rounding ties two scores whose logits differ: ONNX
+// TopK and spec.py order those by index. logit_order_is_exact() tells such rows apart.
+MOE_HD bool logit_gate(const Params& p, const float* bias) {
+  return p.score_func == kSoftmax && p.policy == kStatic && !bias && p.n_group == 1 &&
+         (p.select == kBeforeScore || p.normalize);
+}
+
+// For a renormalized logit_gate: whether ranking by logit chose what ranking by score does.
+// l[0..K) are the chosen logits (l[0] the row's max), w[0..K) their softmax (so w[0] = 1 / sum),
+// next the best logit below l[K-1], or anything at least that large. Scores are the same exp32
+// values times another common factor, and each rounding moves a ratio by at most 2^-23 in the
+// normal range (w >= 2^-99 keeps them there), so a ratio above 1 + 2^-20 here is above 1 there.
+MOE_HD bool logit_order_is_exact(const float* l, const float* w, int K, float next) {
+  const float margin = 1.0f + 0x1p-20f;
+  if (!(w[K - 1] >= 0x1p-99f)) return false;
+  const float w_next = next == -INFINITY ? 0.f : exp32(next - l[0]) * w[0];
+  bool ok = w[K - 1] > w_next * margin;
+  for (int j = 0; j + 1 < K; ++j) ok &= (l[j] == l[j + 1]) | (w[j] > w[j + 1] * margin);
+  return ok;
+}
+
+// How many rows route_block() takes at once: 8 in the AVX2 build for a logit_gate with k <= 8
+// and E a multiple of 8 (see avx2::route8), else 1 (route_row alone).
+MOE_HD int block_rows(const Params& p, const float* bias) {
+#if MOE_AVX2
+  if (logit_gate(p, bias) && p.k <= 8 && p.num_experts % 8 == 0) return 8;
+#endif
+  return 1;
+}
+
+// Routes block_rows() rows (call it only where that is above 1), row t's float logits at
+// x + t * stride, as route_row() would. Returns a bit mask of the rows it left to route_row().
+template <typename OutT, typename Store>
+MOE_HD unsigned route_block(const Params& p, const float* x, int64_t stride, OutT* w_out, int64_t* i_out,
+                            Store store) {
+#if MOE_AVX2
+  return avx2::route8(p, width(p), x, stride, w_out, i_out, store);
+#else
+  return 1u;
+#endif
 }
 
 // Routes one token. x: E logits (already float), bias: E or nullptr, work: scratch_floats()
@@ -304,13 +377,21 @@ MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, floa
 
   for (int i = 0; i < E; ++i) x[i] = sanitize(x_in[i]);
   const bool before = p.score_func == kSoftmax && p.select == kBeforeScore;
+  const bool grouped = p.n_group > 1;
+  if (logit_gate(p, bias)) {
+    select_top(x, E, p.k, order, okey, sel, isel);
+    softmax(okey, nullptr, p.k, q);
+    if (before || logit_order_is_exact(okey, q, p.k, max_below(x, E, okey[p.k - 1]))) {
+      store_slots(p, p.k, q, order, w_out, i_out, store);
+      return p.k;
+    }
+  }
   if (p.score_func == kSoftmax) {
     // selecting on logits, the scores only feed a dynamic policy
     if (!before || p.policy != kStatic) softmax(x, nullptr, E, s);
   } else {
     for (int i = 0; i < E; ++i) s[i] = 1.0f / (1.0f + exp32(-x[i]));
   }
-  const bool grouped = p.n_group > 1;
   const float* rkey = before ? x : s;
   if (bias || grouped) {  // a key of its own: biased, or masked by group below
     for (int i = 0; i < E; ++i) key[i] = bias ? sanitize(rkey[i] + sanitize(bias[i])) : rkey[i];
@@ -325,9 +406,7 @@ MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, floa
     int32_t* gorder = order;  // borrowed; the final selection overwrites it later
     for (int g = 0; g < G; ++g) {
       select_top(key + g * gs, gs, t, gorder, gtmp, sel, isel);
-      float acc = 0.f;
-      for (int j = 0; j < t; ++j) acc += gtmp[j];
-      gscore[g] = sanitize(acc);
+      gscore[g] = sanitize(lane_sum(gtmp, t));
     }
     select_top(gscore, G, p.topk_group, gorder, gtmp, sel, isel);
     for (int i = 0; i < E; ++i) valid[i] = 0;

@@ -1,9 +1,8 @@
-// AVX2 forms of the routing core's two hot primitives, softmax() and select_top(), included by
-// router_core.h in translation units built with -mavx2. They compute what the portable forms
-// compute: exp32 in the same operation order (so identical scores), the same selection and
-// tie order; only the max and the sum are reduced as trees, which is exact for the max and,
-// for the sum, a rounding-level difference like the lane sums (spec.py's DECISION_EPS covers
-// it). On this code lane permutes cost more than broadcasts from memory, hence the latter.
+// AVX2 forms of the routing core's hot parts, included by router_core.h in translation units
+// built with -mavx2: softmax(), max_below() and select_top() compute exactly what the portable
+// forms compute (exp32 in the same operation order, sums in the same lane order, the same
+// selection and tie order), and route8() routes eight rows at once (see route_block()). On this
+// code lane permutes cost more than broadcasts from memory, hence the latter.
 // Included inside router_core.h's namespace, after <immintrin.h>.
 #pragma once
 
@@ -48,10 +47,13 @@ inline float hmax(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 }
 
-inline float hsum(__m256 v) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+// The lanes' sum in lane order, as lane_sum() adds its partial sums.
+inline float lane_total(__m256 v) {
+  alignas(32) float a[8];
+  _mm256_store_ps(a, v);
+  float s = 0.f;
+  for (int l = 0; l < 8; ++l) s += a[l];
+  return s;
 }
 
 // softmax() without a mask.
@@ -76,9 +78,20 @@ inline void softmax(const float* x, int n, float* out) {
     tail = _mm256_and_ps(shifted_exp(load_part(x + full, rem, 0.f)), _mm256_castsi256_ps(first_lanes(rem)));
     acc = _mm256_add_ps(acc, tail);
   }
-  const __m256 inv = _mm256_set1_ps(1.0f / hsum(acc));
+  const __m256 inv = _mm256_set1_ps(1.0f / lane_total(acc));
   for (int i = 0; i < full; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(out + i), inv));
   if (rem) _mm256_maskstore_ps(out + full, first_lanes(rem), _mm256_mul_ps(tail, inv));
+}
+
+// max_below() on 8 lanes.
+inline float max_below(const float* x, int n, float t) {
+  const int full = n & ~7, rem = n - full;
+  const __m256 tv = _mm256_set1_ps(t), ninf = _mm256_set1_ps(-INFINITY);
+  __m256 m = ninf;
+  auto below = [&](__m256 v) { return _mm256_blendv_ps(ninf, v, _mm256_cmp_ps(v, tv, _CMP_LT_OQ)); };
+  for (int i = 0; i < full; i += 8) m = _mm256_max_ps(m, below(_mm256_loadu_ps(x + i)));
+  if (rem) m = _mm256_max_ps(m, below(load_part(x + full, rem, -INFINITY)));
+  return hmax(m);
 }
 
 // Permutations that pack the set lanes of an 8-bit mask to the front, one lane index per byte.
@@ -211,6 +224,163 @@ inline bool select_top(const float* key, int n, int K, int32_t* order, float* ok
   _mm256_storeu_ps(ck + nc, _mm256_set1_ps(-INFINITY));
   _mm256_storeu_ps(ck + nc + 8, _mm256_set1_ps(-INFINITY));
   return place(ck, ci, nc, K, order, okey);
+}
+
+// --- Eight rows at once: route_block() for a logit_gate with k <= 8 and E a multiple of 8 ---
+// Row-by-row selection is mostly shuffling within a row; with the eight rows' logits transposed
+// so that each lane is a row, a sorting network needs nothing but lane-wise max and min. For
+// that the logits become integer keys that order as the floats do, with the expert's index in
+// the low bits (ties go to the lower index, as in ONNX TopK). Those bits are the float's last
+// mantissa bits, so two logits that differ only there can come out misordered: route8() checks
+// that the chosen ones and the first one left out are ordered by the bits they keep (or are
+// equal), and leaves rows where that fails, or logit_order_is_exact() does, to route_row().
+
+inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// Compare-exchange: the larger key to a.
+inline void cx(__m256i& a, __m256i& b) {
+  const __m256i hi = _mm256_max_epi32(a, b);
+  b = _mm256_min_epi32(a, b);
+  a = hi;
+}
+
+// Sorts 8 keys per lane, largest first (Knuth's 19-comparator network).
+inline void sort8(__m256i* k) {
+  cx(k[0], k[2]), cx(k[1], k[3]), cx(k[4], k[6]), cx(k[5], k[7]);
+  cx(k[0], k[4]), cx(k[1], k[5]), cx(k[2], k[6]), cx(k[3], k[7]);
+  cx(k[0], k[1]), cx(k[2], k[3]), cx(k[4], k[5]), cx(k[6], k[7]);
+  cx(k[2], k[4]), cx(k[3], k[5]);
+  cx(k[1], k[4]), cx(k[3], k[6]);
+  cx(k[1], k[2]), cx(k[3], k[4]), cx(k[5], k[6]);
+}
+
+// Float bits <-> integers in the floats' order (negative floats have their magnitude bits
+// flipped); the map is its own inverse.
+inline __m256i flip_negative(__m256i b) { return _mm256_xor_si256(b, _mm256_srli_epi32(_mm256_srai_epi32(b, 31), 1)); }
+
+// A row's W output slots from its first 8 (weights w, indices i; slots past 8 are dropped ones):
+// one by one through `store`, or, for 8 or more float slots, with vector stores (masked
+// stores cost more than the scalar loop on AMD cores).
+template <typename OutT, typename Store>
+inline void store_row(OutT* w_out, int64_t* i_out, int W, __m256 w, __m256i i, int E, Store store) {
+  if (std::is_same<OutT, float>::value && W >= 8) {  // `store` is a plain copy then
+    float* wf = reinterpret_cast<float*>(w_out);
+    _mm256_storeu_ps(wf, w);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(i_out), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(i_out + 4), _mm256_cvtepi32_epi64(_mm256_extracti128_si256(i, 1)));
+    for (int j = 8; j < W; ++j) wf[j] = 0.f, i_out[j] = E;
+    return;
+  }
+  alignas(32) float wt[8];
+  alignas(32) int32_t it[8];
+  _mm256_store_ps(wt, w);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(it), i);
+  for (int j = 0; j < W; ++j) {
+    store(w_out + j, j < 8 ? wt[j] : 0.f);
+    i_out[j] = j < 8 ? (int64_t)it[j] : (int64_t)E;
+  }
+}
+
+// route_block() in this build: see the comment above transpose8(). W is width(p).
+template <typename OutT, typename Store>
+inline unsigned route8(const Params& p, int W, const float* x, int64_t stride, OutT* w_out, int64_t* i_out,
+                       Store store) {
+  const int E = p.num_experts, K = p.k;
+  int bits = 0;  // index bits
+  while ((1 << bits) < E) ++bits;
+  const __m256i low = _mm256_set1_epi32((1 << bits) - 1);
+  const __m256 ninf = _mm256_set1_ps(-INFINITY), zero = _mm256_setzero_ps();
+  // S[0..8): each row's best 8 keys so far, in order; S[8]: the best of the rest
+  __m256i S[9];
+  S[8] = _mm256_set1_epi32(INT32_MIN);  // below every key: -inf keys have the top bit set, not all of them
+  for (int g = 0; g < E; g += 8) {
+    __m256 v[8];
+    for (int t = 0; t < 8; ++t) v[t] = _mm256_loadu_ps(x + t * stride + g);
+    transpose8(v);
+    __m256i k[8];
+    for (int c = 0; c < 8; ++c) {
+      // + 0 makes -0 a +0 (they tie in ONNX TopK); max(NaN, -inf) is -inf, as sanitize() has it
+      const __m256 f = _mm256_max_ps(_mm256_add_ps(v[c], zero), ninf);
+      k[c] = _mm256_or_si256(_mm256_andnot_si256(low, flip_negative(_mm256_castps_si256(f))),
+                             _mm256_set1_epi32((1 << bits) - 1 - (g + c)));
+    }
+    sort8(k);
+    if (g == 0) {
+      for (int i = 0; i < 8; ++i) S[i] = k[i];
+      continue;
+    }
+    // merge: the pairwise larger of S and k reversed are the best 8 of both, in bitonic order
+    for (int i = 0; i < 8; ++i) {
+      S[8] = _mm256_max_epi32(S[8], _mm256_min_epi32(S[i], k[7 - i]));
+      S[i] = _mm256_max_epi32(S[i], k[7 - i]);
+    }
+    for (int d = 4; d; d >>= 1)
+      for (int i = 0; i < 8; ++i)
+        if (!(i & d)) cx(S[i], S[i + d]);
+  }
+
+  // The chosen experts, their exact logits (gathered and sanitized), and whether their order
+  // (and that of the first left out) is decided above the index bits or by equal logits.
+  const __m256i row_at = _mm256_mullo_epi32(iota(), _mm256_set1_epi32((int32_t)stride));
+  __m256i idx[8], ok = _mm256_set1_epi32(-1);
+  __m256 l[8], w[8];
+  for (int j = K; j < 8; ++j) idx[j] = _mm256_set1_epi32(E), w[j] = zero;  // dropped slots
+  for (int j = 0; j < K; ++j) {
+    idx[j] = _mm256_sub_epi32(low, _mm256_and_si256(S[j], low));
+    l[j] = _mm256_max_ps(_mm256_i32gather_ps(x, _mm256_add_epi32(row_at, idx[j]), 4), ninf);
+  }
+  auto above = [&](int j) { return _mm256_cmpgt_epi32(_mm256_srai_epi32(S[j], bits), _mm256_srai_epi32(S[j + 1], bits)); };
+  for (int j = 0; j + 1 < K; ++j)
+    ok = _mm256_and_si256(ok, _mm256_or_si256(above(j), _mm256_castps_si256(_mm256_cmp_ps(l[j], l[j + 1], _CMP_EQ_OQ))));
+  if (K < E) ok = _mm256_and_si256(ok, above(K - 1));
+
+  // softmax over the chosen, as softmax() computes it for n <= 8 (l[0] is the max)
+  __m256 sum = zero;
+  for (int j = 0; j < K; ++j) {
+    w[j] = exp32(_mm256_andnot_ps(_mm256_cmp_ps(l[j], l[0], _CMP_EQ_OQ), _mm256_sub_ps(l[j], l[0])));
+    sum = _mm256_add_ps(sum, w[j]);
+  }
+  const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sum);
+  for (int j = 0; j < K; ++j) w[j] = _mm256_mul_ps(w[j], inv);
+
+  if (p.select == kAfterScore) {  // logit_order_is_exact(), the first left out at its bucket's top
+    const __m256 margin = _mm256_set1_ps(1.0f + 0x1p-20f);
+    __m256 w_next = zero;
+    if (K < E) {
+      const __m256 next = _mm256_castsi256_ps(flip_negative(_mm256_or_si256(S[K], low)));
+      w_next = _mm256_mul_ps(exp32(_mm256_sub_ps(next, l[0])), w[0]);
+    }
+    __m256 exact = _mm256_and_ps(_mm256_cmp_ps(w[K - 1], _mm256_set1_ps(0x1p-99f), _CMP_GE_OQ),
+                                 _mm256_cmp_ps(w[K - 1], _mm256_mul_ps(w_next, margin), _CMP_GT_OQ));
+    for (int j = 0; j + 1 < K; ++j)
+      exact = _mm256_and_ps(exact, _mm256_or_ps(_mm256_cmp_ps(l[j], l[j + 1], _CMP_EQ_OQ),
+                                                _mm256_cmp_ps(w[j], _mm256_mul_ps(w[j + 1], margin), _CMP_GT_OQ)));
+    ok = _mm256_and_si256(ok, _mm256_castps_si256(exact));
+  }
+
+  // back to rows
+  transpose8(w);
+  transpose8(reinterpret_cast<__m256*>(idx));
+  for (int t = 0; t < 8; ++t)
+    store_row(w_out + t * W, i_out + t * W, W, _mm256_mul_ps(w[t], _mm256_set1_ps(p.scale)), idx[t], E, store);
+  return ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(ok)) & 0xffu;
 }
 
 }  // namespace avx2

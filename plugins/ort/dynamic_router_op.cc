@@ -49,7 +49,7 @@ struct Job {
 
 void run_rows(const Job& j, int64_t begin, int64_t end) {
   const moe::Params& p = *j.t.p;
-  std::vector<float> work((size_t)moe::scratch_floats(p) + p.num_experts);
+  std::vector<float> work((size_t)moe::scratch_floats(p) + 8 * (size_t)p.num_experts);
   std::vector<int32_t> order(2 * (size_t)p.num_experts);
   std::vector<unsigned char> valid(p.num_experts);
   j.route(j.t, begin, end, RowScratch{work.data(), order.data(), valid.data()});
@@ -131,8 +131,9 @@ struct DynamicRouterKernel {
       Job j{RowsTask{&p, dtype, logits.GetTensorRawData(), bias.empty() ? nullptr : bias.data(),
                      w.GetTensorMutableRawData(), idx.GetTensorMutableData<int64_t>(), rows, 0},
             route};
-      // ~128 rows of E=64 is ~10 us of work: enough to amortize a thread-pool task.
-      j.t.rows_per_batch = std::max<int64_t>(16, (1 << 13) / std::max(1, p.num_experts));
+      // ~128 rows of E=64 is ~5 us of work: enough to amortize a thread-pool task. Whole
+      // blocks of 8 rows (see moe::block_rows).
+      j.t.rows_per_batch = std::max<int64_t>(16, ((1 << 13) / std::max(1, p.num_experts)) & ~7);
       const int64_t batches = (rows + j.t.rows_per_batch - 1) / j.t.rows_per_batch;
       if (batches == 1) run_rows(j, 0, rows);
       else ctx.ParallelFor(run_batch, (size_t)batches, 1, &j);

@@ -33,17 +33,28 @@ void route_rows_as(const RowsTask& t, int64_t begin, int64_t end, const RowScrat
   using T = typename D::T;
   const moe::Params& p = *t.p;
   const int E = p.num_experts, K = moe::width(p);
-  float* row = s.work + moe::scratch_floats(p);  // the converted logits of 16-bit rows
-  for (int64_t r = begin; r < end; ++r) {
+  const auto store = [](T* d, float v) { *d = D::store(v); };
+  float* rows = s.work + moe::scratch_floats(p);  // 16-bit rows converted to float
+  // the float logits of rows [r, r + n): in place, or converted into `rows`
+  auto as_float = [&](int64_t r, int n) {
     const T* src = static_cast<const T*>(t.logits) + r * E;
-    const float* x = reinterpret_cast<const float*>(src);
-    if (D::kConverts) {
-      for (int i = 0; i < E; ++i) row[i] = D::load(src[i]);
-      x = row;
+    if (!D::kConverts) return reinterpret_cast<const float*>(src);
+    for (int i = 0; i < n * E; ++i) rows[i] = D::load(src[i]);
+    return static_cast<const float*>(rows);
+  };
+  auto route_one = [&](int64_t r, const float* x) {
+    moe::route_row(p, x, t.bias, s.work, s.order, s.valid, static_cast<T*>(t.weights) + r * K, t.indices + r * K,
+                   store);
+  };
+  int64_t r = begin;
+  const int B = moe::block_rows(p, t.bias);
+  if (B > 1)
+    for (; r + B <= end; r += B) {
+      const float* x = as_float(r, B);
+      unsigned left = moe::route_block(p, x, E, static_cast<T*>(t.weights) + r * K, t.indices + r * K, store);
+      for (; left; left &= left - 1) route_one(r + __builtin_ctz(left), x + __builtin_ctz(left) * E);
     }
-    moe::route_row(p, x, t.bias, s.work, s.order, s.valid, static_cast<T*>(t.weights) + r * K,
-                   t.indices + r * K, [](T* d, float v) { *d = D::store(v); });
-  }
+  for (; r < end; ++r) route_one(r, as_float(r, 1));
 }
 
 }  // namespace

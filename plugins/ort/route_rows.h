@@ -63,7 +63,7 @@ struct RowsTask {
 // Scratch one thread needs (route_rows allocates nothing, so its AVX2 build instantiates no
 // library templates that the linker could share with the portable build).
 struct RowScratch {
-  float* work;             // scratch_floats(p) + num_experts
+  float* work;             // scratch_floats(p) + 8 * num_experts (a block of converted rows)
   int32_t* order;          // 2 * num_experts
   unsigned char* valid;    // num_experts
 };
