@@ -147,7 +147,9 @@ def test_builds_agree(E, k, kind):
          "few_values": rng.choice([0.0, -0.0, 2.5, -np.inf], (3000, E)),
          "ulps": ulp_neighbours(rng, (3000, E))}[kind].astype(np.float32)
     for attrs in (dict(num_experts=E, k=k, normalize=1), dict(num_experts=E, k=k, select="before_score"),
-                  dict(num_experts=E, k=k, policy="top-p", threshold=0.6, max_experts=min(E, 2 * k))):
+                  dict(num_experts=E, k=k), dict(num_experts=E, k=k, policy="ratio", threshold=0.3, max_experts=min(E, 8)),
+                  dict(num_experts=E, k=k, policy="top-p", threshold=0.6, max_experts=min(E, 2 * k)),
+                  dict(num_experts=E, k=k, policy="top-p", threshold=0.6, max_experts=min(E, 8), select="before_score")):
         outs = [isa_session(router_model(attrs), isa).run(None, {"logits": x}) for isa in ISAS]
         assert np.array_equal(outs[0][1], outs[1][1])
         assert np.array_equal(outs[0][0], outs[1][0])
@@ -163,7 +165,9 @@ def test_score_ties_between_different_logits(E, k, isa):
     x = rng.uniform(-4, -3, (256, E)).astype(np.float32)
     c = rng.uniform(-0.5, 0.5, 256).astype(np.float32)
     x[:, E - 1], x[:, 2], x[:, 9] = 1.0, c, np.nextafter(c, np.float32(np.inf))
-    for attrs, second in ((dict(num_experts=E, k=k, normalize=1), 2), (dict(num_experts=E, k=k, select="before_score"), 9)):
+    for attrs, second in ((dict(num_experts=E, k=k, normalize=1), 2), (dict(num_experts=E, k=k), 2),
+                          (dict(num_experts=E, k=k, policy="top-p", threshold=0.9, max_experts=min(E, 8)), 2),
+                          (dict(num_experts=E, k=k, select="before_score"), 9)):
         _, ri = dynamic_router(x, **attrs)
         assert (ri[:, 1] == second).mean() > 0.5  # the case this test is about
         check(attrs, x, None, "float32", isa)

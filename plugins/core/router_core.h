@@ -337,11 +337,14 @@ MOE_HD bool logit_order_is_exact(const float* l, const float* w, int K, float ne
   return ok;
 }
 
-// How many rows route_block() takes at once: 8 in the AVX2 build for a logit_gate with k <= 8
-// and E a multiple of 8 (see avx2::route8), else 1 (route_row alone).
+// How many rows route_block() takes at once: 8 in the AVX2 build for an ungrouped, unbiased
+// softmax gate with E a multiple of 8 and at most 8 experts to choose (not the entropy policy,
+// whose logarithms stay per row), else 1 (route_row alone).
 MOE_HD int block_rows(const Params& p, const float* bias) {
 #if MOE_AVX2
-  if (logit_gate(p, bias) && p.k <= 8 && p.num_experts % 8 == 0) return 8;
+  if (p.score_func == kSoftmax && !bias && p.n_group == 1 && p.num_experts % 8 == 0 && p.policy != kEntropy &&
+      (logit_gate(p, bias) ? p.k : width(p)) <= 8)
+    return 8;
 #endif
   return 1;
 }
@@ -352,7 +355,16 @@ template <typename OutT, typename Store>
 MOE_HD unsigned route_block(const Params& p, const float* x, int64_t stride, OutT* w_out, int64_t* i_out,
                             Store store) {
 #if MOE_AVX2
-  return avx2::route8(p, width(p), x, stride, w_out, i_out, store);
+  const int W = width(p);
+  if (logit_gate(p, nullptr)) return avx2::route8(p, W, x, stride, w_out, i_out, store);
+  avx2::Rows8 r;
+  const unsigned left = avx2::score8(p, W, x, stride, r);
+  for (int t = 0; t < 8; ++t) {
+    if (left >> t & 1) continue;
+    const int count = p.policy == kStatic ? p.k : policy_count(p, r.q[t], 0.f, p.num_experts);
+    write_slots(p, count, r.w[t], r.order[t], w_out + t * W, i_out + t * W, store);
+  }
+  return left;
 #else
   return 1u;
 #endif

@@ -226,14 +226,15 @@ inline bool select_top(const float* key, int n, int K, int32_t* order, float* ok
   return place(ck, ci, nc, K, order, okey);
 }
 
-// --- Eight rows at once: route_block() for a logit_gate with k <= 8 and E a multiple of 8 ---
+// --- Eight rows at once: route_block() for ungrouped, unbiased softmax gates, E a multiple of 8 ---
 // Row-by-row selection is mostly shuffling within a row; with the eight rows' logits transposed
 // so that each lane is a row, a sorting network needs nothing but lane-wise max and min. For
 // that the logits become integer keys that order as the floats do, with the expert's index in
 // the low bits (ties go to the lower index, as in ONNX TopK). Those bits are the float's last
-// mantissa bits, so two logits that differ only there can come out misordered: route8() checks
+// mantissa bits, so two logits that differ only there can come out misordered: choose8() checks
 // that the chosen ones and the first one left out are ordered by the bits they keep (or are
-// equal), and leaves rows where that fails, or logit_order_is_exact() does, to route_row().
+// equal). Softmax scores rank as logits do (see logit_gate()) unless rounding ties two of them,
+// which route8() and score8() check. Rows failing a check are left to route_row().
 
 inline void transpose8(__m256* r) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -298,11 +299,10 @@ inline void store_row(OutT* w_out, int64_t* i_out, int W, __m256 w, __m256i i, i
   }
 }
 
-// route_block() in this build: see the comment above transpose8(). W is width(p).
-template <typename OutT, typename Store>
-inline unsigned route8(const Params& p, int W, const float* x, int64_t stride, OutT* w_out, int64_t* i_out,
-                       Store store) {
-  const int E = p.num_experts, K = p.k;
+// Each row's K best experts by logit: their indices idx[0..K) and exact logits l[0..K) (gathered,
+// sanitized), and in `next`, where K < E, an upper bound on the best logit left out (the top of
+// its key's bucket; -inf where K == E). Returns the rows whose choice is certain (all bits set).
+inline __m256i choose8(const float* x, int64_t stride, int E, int K, __m256i* idx, __m256* l, __m256& next) {
   int bits = 0;  // index bits
   while ((1 << bits) < E) ++bits;
   const __m256i low = _mm256_set1_epi32((1 << bits) - 1);
@@ -335,38 +335,52 @@ inline unsigned route8(const Params& p, int W, const float* x, int64_t stride, O
       for (int i = 0; i < 8; ++i)
         if (!(i & d)) cx(S[i], S[i + d]);
   }
-
-  // The chosen experts, their exact logits (gathered and sanitized), and whether their order
-  // (and that of the first left out) is decided above the index bits or by equal logits.
   const __m256i row_at = _mm256_mullo_epi32(iota(), _mm256_set1_epi32((int32_t)stride));
-  __m256i idx[8], ok = _mm256_set1_epi32(-1);
-  __m256 l[8], w[8];
-  for (int j = K; j < 8; ++j) idx[j] = _mm256_set1_epi32(E), w[j] = zero;  // dropped slots
   for (int j = 0; j < K; ++j) {
     idx[j] = _mm256_sub_epi32(low, _mm256_and_si256(S[j], low));
     l[j] = _mm256_max_ps(_mm256_i32gather_ps(x, _mm256_add_epi32(row_at, idx[j]), 4), ninf);
   }
   auto above = [&](int j) { return _mm256_cmpgt_epi32(_mm256_srai_epi32(S[j], bits), _mm256_srai_epi32(S[j + 1], bits)); };
+  __m256i ok = _mm256_set1_epi32(-1);
   for (int j = 0; j + 1 < K; ++j)
     ok = _mm256_and_si256(ok, _mm256_or_si256(above(j), _mm256_castps_si256(_mm256_cmp_ps(l[j], l[j + 1], _CMP_EQ_OQ))));
-  if (K < E) ok = _mm256_and_si256(ok, above(K - 1));
+  next = ninf;
+  if (K < E) {
+    ok = _mm256_and_si256(ok, above(K - 1));
+    next = _mm256_castsi256_ps(flip_negative(_mm256_or_si256(S[K], low)));
+  }
+  return ok;
+}
+
+// exp32(x - m) as softmax() computes it, x == m giving exp32(0).
+inline __m256 shifted_exp(__m256 x, __m256 m) {
+  return exp32(_mm256_andnot_ps(_mm256_cmp_ps(x, m, _CMP_EQ_OQ), _mm256_sub_ps(x, m)));
+}
+
+inline unsigned rows_left(__m256i ok) { return ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(ok)) & 0xffu; }
+
+// route_block() for a logit_gate with k <= 8 (W is width(p)): the weights are a softmax over
+// the chosen logits; for Softmax -> TopK -> renormalize, rows that logit_order_is_exact() would
+// reject are left.
+template <typename OutT, typename Store>
+inline unsigned route8(const Params& p, int W, const float* x, int64_t stride, OutT* w_out, int64_t* i_out,
+                       Store store) {
+  const int E = p.num_experts, K = p.k;
+  const __m256 zero = _mm256_setzero_ps();
+  __m256i idx[8];
+  __m256 l[8], w[8], next;
+  __m256i ok = choose8(x, stride, E, K, idx, l, next);
+  for (int j = K; j < 8; ++j) idx[j] = _mm256_set1_epi32(E), w[j] = zero;  // dropped slots
 
   // softmax over the chosen, as softmax() computes it for n <= 8 (l[0] is the max)
   __m256 sum = zero;
-  for (int j = 0; j < K; ++j) {
-    w[j] = exp32(_mm256_andnot_ps(_mm256_cmp_ps(l[j], l[0], _CMP_EQ_OQ), _mm256_sub_ps(l[j], l[0])));
-    sum = _mm256_add_ps(sum, w[j]);
-  }
+  for (int j = 0; j < K; ++j) sum = _mm256_add_ps(sum, w[j] = shifted_exp(l[j], l[0]));
   const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sum);
   for (int j = 0; j < K; ++j) w[j] = _mm256_mul_ps(w[j], inv);
 
-  if (p.select == kAfterScore) {  // logit_order_is_exact(), the first left out at its bucket's top
+  if (p.select == kAfterScore) {  // logit_order_is_exact(), with the bound for the next logit
     const __m256 margin = _mm256_set1_ps(1.0f + 0x1p-20f);
-    __m256 w_next = zero;
-    if (K < E) {
-      const __m256 next = _mm256_castsi256_ps(flip_negative(_mm256_or_si256(S[K], low)));
-      w_next = _mm256_mul_ps(exp32(_mm256_sub_ps(next, l[0])), w[0]);
-    }
+    const __m256 w_next = K < E ? _mm256_mul_ps(exp32(_mm256_sub_ps(next, l[0])), w[0]) : zero;
     __m256 exact = _mm256_and_ps(_mm256_cmp_ps(w[K - 1], _mm256_set1_ps(0x1p-99f), _CMP_GE_OQ),
                                  _mm256_cmp_ps(w[K - 1], _mm256_mul_ps(w_next, margin), _CMP_GT_OQ));
     for (int j = 0; j + 1 < K; ++j)
@@ -375,12 +389,62 @@ inline unsigned route8(const Params& p, int W, const float* x, int64_t stride, O
     ok = _mm256_and_si256(ok, _mm256_castps_si256(exact));
   }
 
-  // back to rows
   transpose8(w);
   transpose8(reinterpret_cast<__m256*>(idx));
   for (int t = 0; t < 8; ++t)
     store_row(w_out + t * W, i_out + t * W, W, _mm256_mul_ps(w[t], _mm256_set1_ps(p.scale)), idx[t], E, store);
-  return ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(ok)) & 0xffu;
+  return rows_left(ok);
+}
+
+// What score8() hands back per row: the chosen experts in order, the routing distribution at
+// each (q) and the values write_slots() takes (the logits for select=before_score, else q).
+struct Rows8 {
+  alignas(32) int32_t order[8][8];
+  alignas(32) float q[8][8];
+  alignas(32) float w[8][8];
+};
+
+// For route_block() on the other softmax gates (W = width(p) <= 8): the full softmax, summed as
+// softmax() sums (expert i of a row into partial sum i % 8), read at each row's W best experts.
+// Ranking on scores (select=after_score), rows where two chosen scores, or the last chosen and
+// the bound for the next, tie are left, as are rows choose8() is unsure of.
+inline unsigned score8(const Params& p, int W, const float* x, int64_t stride, Rows8& out) {
+  const int E = p.num_experts;
+  const __m256 zero = _mm256_setzero_ps(), ninf = _mm256_set1_ps(-INFINITY);
+  __m256i idx[8];
+  __m256 l[8], q[8] = {}, next;
+  __m256i ok = choose8(x, stride, E, W, idx, l, next);
+  const __m256 m = l[0];
+  __m256 acc[8] = {zero, zero, zero, zero, zero, zero, zero, zero};
+  for (int g = 0; g < E; g += 8) {
+    __m256 v[8];
+    for (int t = 0; t < 8; ++t) v[t] = _mm256_loadu_ps(x + t * stride + g);
+    transpose8(v);
+    for (int c = 0; c < 8; ++c) acc[c] = _mm256_add_ps(acc[c], shifted_exp(_mm256_max_ps(v[c], ninf), m));
+  }
+  __m256 sum = zero;
+  for (int c = 0; c < 8; ++c) sum = _mm256_add_ps(sum, acc[c]);
+  const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sum);
+  for (int j = 0; j < W; ++j) q[j] = _mm256_mul_ps(shifted_exp(l[j], m), inv);
+  if (p.select == kAfterScore) {
+    const __m256 q_next = W < E ? _mm256_mul_ps(shifted_exp(next, m), inv) : zero;
+    __m256 strict = _mm256_cmp_ps(q[W - 1], q_next, _CMP_GT_OQ);
+    for (int j = 0; j + 1 < W; ++j)
+      strict = _mm256_and_ps(strict, _mm256_or_ps(_mm256_cmp_ps(l[j], l[j + 1], _CMP_EQ_OQ),
+                                                  _mm256_cmp_ps(q[j], q[j + 1], _CMP_GT_OQ)));
+    ok = _mm256_and_si256(ok, _mm256_castps_si256(strict));
+  }
+  for (int j = W; j < 8; ++j) idx[j] = _mm256_setzero_si256(), l[j] = zero;
+  transpose8(reinterpret_cast<__m256*>(idx));
+  transpose8(q);
+  transpose8(l);
+  const bool before = p.select == kBeforeScore;
+  for (int t = 0; t < 8; ++t) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out.order[t]), idx[t]);
+    _mm256_store_ps(out.q[t], q[t]);
+    _mm256_store_ps(out.w[t], before ? l[t] : q[t]);
+  }
+  return rows_left(ok);
 }
 
 }  // namespace avx2
