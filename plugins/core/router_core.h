@@ -356,7 +356,7 @@ MOE_HD unsigned route_block(const Params& p, const float* x, int64_t stride, Out
                             Store store) {
 #if MOE_AVX2
   const int W = width(p);
-  if (logit_gate(p, nullptr)) return avx2::route8(p, W, x, stride, w_out, i_out, store);
+  if (logit_gate(p, nullptr)) return avx2::route8(p, W, x, stride, w_out, i_out, store);  // no bias here
   avx2::Rows8 r;
   const unsigned left = avx2::score8(p, W, x, stride, r);
   for (int t = 0; t < 8; ++t) {
