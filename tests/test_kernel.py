@@ -114,7 +114,8 @@ def router_case(draw):
     elif kind == "ulps":
         x = ulp_neighbours(rng, (tokens, E))
     else:
-        x = rng.choice([0.0, 1.0, -1.0, 1e30, -1e30, np.inf, -np.inf, np.nan, 88.5, -87.5, 1e-30],
+        x = rng.choice([0.0, 1.0, -1.0, 1e30, -1e30, np.inf, -np.inf, np.nan, 88.5, -87.5, 1e-30,
+                        1e-6, -3e-5],  # float16 subnormals
                        size=(tokens, E))
     bias = rng.standard_normal(E) * 0.1 if form == "sigmoid_grouped" and draw(st.booleans()) else None
     dtype = draw(st.sampled_from(sorted(DTYPES)))
@@ -179,8 +180,8 @@ def test_avx2_build_is_in_the_library():
         flags = open("/proc/cpuinfo").read()
     except OSError:
         flags = ""
-    if os.uname().machine != "x86_64" or " avx2" not in flags:
-        pytest.skip("not an x86-64 CPU with AVX2")
+    if os.uname().machine != "x86_64" or " avx2" not in flags or " f16c" not in flags:
+        pytest.skip("not an x86-64 CPU with AVX2 and F16C")
     w, i = isa_session(router_model(dict(num_experts=64, k=8)), "avx2").run(
         None, {"logits": np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)})
     assert i.shape == (5, 8)

@@ -27,7 +27,9 @@ RouteRows pick_route_rows(std::string& err) {
   const char* env = std::getenv("MOE_EXPORT_CPU_ISA");
   const std::string want = env && *env ? env : "auto";
 #if MOE_EXPORT_HAVE_AVX2_BUILD
-  const RouteRows avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt") ? route_rows_avx2 : nullptr;
+  const RouteRows avx2 =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("f16c")
+          ? route_rows_avx2 : nullptr;
 #else
   const RouteRows avx2 = nullptr;
 #endif
@@ -35,7 +37,7 @@ RouteRows pick_route_rows(std::string& err) {
   if (want == "auto") return avx2 ? avx2 : route_rows_portable;
   if (want == "avx2") {
     if (avx2) return avx2;
-    err = "MOE_EXPORT_CPU_ISA=avx2, but this CPU or build has no AVX2";
+    err = "MOE_EXPORT_CPU_ISA=avx2, but this CPU or build has no AVX2 (with F16C)";
     return nullptr;
   }
   err = "MOE_EXPORT_CPU_ISA must be auto, avx2 or portable, not '" + want + "'";
