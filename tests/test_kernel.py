@@ -138,7 +138,7 @@ def test_large_token_counts_use_thread_pool(dtype, policy, isa):
     check(attrs, x, None, dtype, isa)
 
 
-@pytest.mark.parametrize("E, k", [(8, 2), (16, 4), (64, 8), (256, 8), (512, 16), (40, 6)])
+@pytest.mark.parametrize("E, k", [(8, 2), (16, 4), (64, 8), (256, 8), (512, 16), (40, 6), (60, 4), (13, 8), (3, 2)])
 @pytest.mark.parametrize("kind", ["normal", "ties", "few_values", "ulps"])
 def test_builds_agree(E, k, kind):
     """The AVX2 row loop returns exactly what the portable one does (the same arithmetic in the

@@ -338,11 +338,11 @@ MOE_HD bool logit_order_is_exact(const float* l, const float* w, int K, float ne
 }
 
 // How many rows route_block() takes at once: 8 in the AVX2 build for an ungrouped, unbiased
-// softmax gate with E a multiple of 8 and at most 8 experts to choose (not the entropy policy,
-// whose logarithms stay per row), else 1 (route_row alone).
+// softmax gate with at most 8 experts to choose (not the entropy policy, whose logarithms stay
+// per row), else 1 (route_row alone).
 MOE_HD int block_rows(const Params& p, const float* bias) {
 #if MOE_AVX2
-  if (p.score_func == kSoftmax && !bias && p.n_group == 1 && p.num_experts % 8 == 0 && p.policy != kEntropy &&
+  if (p.score_func == kSoftmax && !bias && p.n_group == 1 && p.policy != kEntropy &&
       (logit_gate(p, bias) ? p.k : width(p)) <= 8)
     return 8;
 #endif

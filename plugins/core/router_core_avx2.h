@@ -226,7 +226,7 @@ inline bool select_top(const float* key, int n, int K, int32_t* order, float* ok
   return place(ck, ci, nc, K, order, okey);
 }
 
-// --- Eight rows at once: route_block() for ungrouped, unbiased softmax gates, E a multiple of 8 ---
+// --- Eight rows at once: route_block() for ungrouped, unbiased softmax gates ---
 // Row-by-row selection is mostly shuffling within a row; with the eight rows' logits transposed
 // so that each lane is a row, a sorting network needs nothing but lane-wise max and min. For
 // that the logits become integer keys that order as the floats do, with the expert's index in
@@ -299,6 +299,16 @@ inline void store_row(OutT* w_out, int64_t* i_out, int W, __m256 w, __m256i i, i
   }
 }
 
+// Experts [g, g + 8) of the 8 rows, transposed: v[c] holds expert g + c of every row. Experts
+// past E (a last, partial group) read as -inf, and nothing past a row's end is read.
+inline void load_group(const float* x, int64_t stride, int g, int E, __m256* v) {
+  if (E - g >= 8)
+    for (int t = 0; t < 8; ++t) v[t] = _mm256_loadu_ps(x + t * stride + g);
+  else
+    for (int t = 0; t < 8; ++t) v[t] = load_part(x + t * stride + g, E - g, -INFINITY);
+  transpose8(v);
+}
+
 // Each row's K best experts by logit: their indices idx[0..K) and exact logits l[0..K) (gathered,
 // sanitized), and in `next`, where K < E, an upper bound on the best logit left out (the top of
 // its key's bucket; -inf where K == E). Returns the rows whose choice is certain (all bits set).
@@ -307,19 +317,22 @@ inline __m256i choose8(const float* x, int64_t stride, int E, int K, __m256i* id
   while ((1 << bits) < E) ++bits;
   const __m256i low = _mm256_set1_epi32((1 << bits) - 1);
   const __m256 ninf = _mm256_set1_ps(-INFINITY), zero = _mm256_setzero_ps();
+  // below every key (-inf keys have the top bit set, not all of them): experts past E, and the
+  // best of the rest before there is a rest
+  const __m256i none = _mm256_set1_epi32(INT32_MIN);
   // S[0..8): each row's best 8 keys so far, in order; S[8]: the best of the rest
   __m256i S[9];
-  S[8] = _mm256_set1_epi32(INT32_MIN);  // below every key: -inf keys have the top bit set, not all of them
+  S[8] = none;
   for (int g = 0; g < E; g += 8) {
     __m256 v[8];
-    for (int t = 0; t < 8; ++t) v[t] = _mm256_loadu_ps(x + t * stride + g);
-    transpose8(v);
+    load_group(x, stride, g, E, v);
     __m256i k[8];
     for (int c = 0; c < 8; ++c) {
       // + 0 makes -0 a +0 (they tie in ONNX TopK); max(NaN, -inf) is -inf, as sanitize() has it
       const __m256 f = _mm256_max_ps(_mm256_add_ps(v[c], zero), ninf);
-      k[c] = _mm256_or_si256(_mm256_andnot_si256(low, flip_negative(_mm256_castps_si256(f))),
-                             _mm256_set1_epi32((1 << bits) - 1 - (g + c)));
+      k[c] = g + c < E ? _mm256_or_si256(_mm256_andnot_si256(low, flip_negative(_mm256_castps_si256(f))),
+                                         _mm256_set1_epi32((1 << bits) - 1 - (g + c)))
+                       : none;
     }
     sort8(k);
     if (g == 0) {
@@ -418,9 +431,8 @@ inline unsigned score8(const Params& p, int W, const float* x, int64_t stride, R
   __m256 acc[8] = {zero, zero, zero, zero, zero, zero, zero, zero};
   for (int g = 0; g < E; g += 8) {
     __m256 v[8];
-    for (int t = 0; t < 8; ++t) v[t] = _mm256_loadu_ps(x + t * stride + g);
-    transpose8(v);
-    for (int c = 0; c < 8; ++c) acc[c] = _mm256_add_ps(acc[c], shifted_exp(_mm256_max_ps(v[c], ninf), m));
+    load_group(x, stride, g, E, v);
+    for (int c = 0; c < 8 && g + c < E; ++c) acc[c] = _mm256_add_ps(acc[c], shifted_exp(_mm256_max_ps(v[c], ninf), m));
   }
   __m256 sum = zero;
   for (int c = 0; c < 8; ++c) sum = _mm256_add_ps(sum, acc[c]);
