@@ -326,14 +326,15 @@ inline __m256i choose8(const float* x, int64_t stride, int E, int K, __m256i* id
   for (int g = 0; g < E; g += 8) {
     __m256 v[8];
     load_group(x, stride, g, E, v);
+    const __m256i code = _mm256_set1_epi32((1 << bits) - 1 - g);  // expert g's low bits; g + c's: code - c
     __m256i k[8];
     for (int c = 0; c < 8; ++c) {
       // + 0 makes -0 a +0 (they tie in ONNX TopK); max(NaN, -inf) is -inf, as sanitize() has it
       const __m256 f = _mm256_max_ps(_mm256_add_ps(v[c], zero), ninf);
-      k[c] = g + c < E ? _mm256_or_si256(_mm256_andnot_si256(low, flip_negative(_mm256_castps_si256(f))),
-                                         _mm256_set1_epi32((1 << bits) - 1 - (g + c)))
-                       : none;
+      k[c] = _mm256_or_si256(_mm256_andnot_si256(low, flip_negative(_mm256_castps_si256(f))),
+                             _mm256_sub_epi32(code, _mm256_set1_epi32(c)));
     }
+    for (int c = E - g; c < 8; ++c) k[c] = none;  // past E
     sort8(k);
     if (g == 0) {
       for (int i = 0; i < 8; ++i) S[i] = k[i];
