@@ -315,9 +315,9 @@ MOE_HD float max_below(const float* x, int n, float t) {
 // Whether a gate ranks experts on their logits: the static softmax gate without bias or groups,
 // TopK -> Softmax (select=before_score) or Softmax -> TopK renormalized over its k. The latter
 // is a softmax over the k best logits: the full softmax's denominator cancels, and exp32 and
-// the shift by the max are monotone (exp32 checked over every float in [-88, 0]), so scores
-// rank as their logits do, except where rounding ties two scores whose logits differ: ONNX
-// TopK and spec.py order those by index. logit_order_is_exact() tells such rows apart.
+// the shift by the max are monotone (tests/test_exp32.py checks every float in [-88, 0]), so
+// scores rank as their logits do, except where rounding ties two scores whose logits differ:
+// ONNX TopK and spec.py order those by index. logit_order_is_exact() tells such rows apart.
 MOE_HD bool logit_gate(const Params& p, const float* bias) {
   return p.score_func == kSoftmax && p.policy == kStatic && !bias && p.n_group == 1 &&
          (p.select == kBeforeScore || p.normalize);
