@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import tempfile
@@ -72,18 +71,10 @@ def floor_graph(E, k, path):
     onnx.save(m, str(path))
 
 
-def time_run(sess, feeds, out=None):
+def time_run(sess, feeds):
     t = time.perf_counter()
     sess.run(None, feeds)
     return time.perf_counter() - t
-
-
-def portable_session(path, threads):
-    os.environ["MOE_EXPORT_CPU_ISA"] = "portable"  # read when the session creates its kernels
-    try:
-        return moe_export.session(path, intra_op_num_threads=threads)
-    finally:
-        del os.environ["MOE_EXPORT_CPU_ISA"]
 
 
 def cpu_model():
@@ -131,7 +122,7 @@ def main():
             x = rng.standard_normal((args.tokens, E)).astype(np.float32) * 2
             feeds = {"logits": x}
             rw, ri = base.run(None, feeds)
-            port = portable_session(c, args.threads)
+            port = moe_export.session(c, cpu_isa="portable", intra_op_num_threads=args.threads)
             floor_graph(E, k, Path(d) / "floor.onnx")
             null = ort.InferenceSession(str(Path(d) / "floor.onnx"), so, providers=["CPUExecutionProvider"])
             for sess in (ours, port):

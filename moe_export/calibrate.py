@@ -13,6 +13,7 @@ from .rewrite import Policy, convert, router_attrs
 from .spec import policy_counts, policy_view
 from .validate import run_exposed
 
+
 def load_data(path, model):
     """Calibration inputs: an .npz of named arrays, or an .npy for the model's single input
     (token ids [batch, seq] or router logits [tokens, E])."""

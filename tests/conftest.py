@@ -43,14 +43,9 @@ def router_model(attrs, dtype=TensorProto.FLOAT, bias=False, rank=2):
 
 
 def session_of(model, **opts):
-    import onnxruntime as ort
     import moe_export
 
-    so = ort.SessionOptions()
-    for k, v in opts.items():
-        setattr(so, k, v)
-    so.register_custom_ops_library(moe_export.custom_op_library())
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return moe_export.session(model, **opts)
 
 
 def run_cli(*args, cwd=None):

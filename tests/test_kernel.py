@@ -31,15 +31,7 @@ _SESSIONS = {}
 
 def isa_session(model, isa, **opts):
     """A session whose DynamicRouter kernels use the `isa` build (chosen at session creation)."""
-    old = os.environ.get("MOE_EXPORT_CPU_ISA")
-    os.environ["MOE_EXPORT_CPU_ISA"] = isa
-    try:
-        return session_of(model, **opts)
-    finally:
-        if old is None:
-            del os.environ["MOE_EXPORT_CPU_ISA"]
-        else:
-            os.environ["MOE_EXPORT_CPU_ISA"] = old
+    return session_of(model, cpu_isa=isa, **opts)
 
 
 def cached_session(attrs, onnx_type, bias, isa):
