@@ -7,52 +7,41 @@ import numpy as np
 import onnx
 
 from . import MoeExportError
+from .files import Output, Progress, model_files
 from .graph import load_model
 from .patterns import find_gates
-from .rewrite import Policy, convert, router_attrs
-from .spec import policy_counts, policy_view
-from .validate import run_exposed
-
-
-def load_data(path, model):
-    """Calibration inputs: an .npz of named arrays, or an .npy for the model's single input
-    (token ids [batch, seq] or router logits [tokens, E])."""
-    p = Path(path)
-    if not p.is_file():
-        raise MoeExportError(f"{p}: no such file")
-    try:
-        data = np.load(p, allow_pickle=False)
-    except Exception as e:
-        raise MoeExportError(f"{p}: cannot read ({type(e).__name__}); expected .npy or .npz") from None
-    if isinstance(data, np.lib.npyio.NpzFile):
-        return {k: data[k] for k in data.files}
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise MoeExportError(f"the model has {len(inputs)} inputs; pass an .npz with one array per input")
-    elem = inputs[0].type.tensor_type.elem_type
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
-    if data.ndim == 1 and np.issubdtype(dtype, np.integer):
-        data = data[None, :]
-    return {inputs[0].name: data.astype(dtype)}
+from .rewrite import Policy, convert_model, repolicy, routers_metadata, set_policy
+from .spec import RouterAttrs, SpecError, policy_counts, policy_view
+from .validate import load_inputs as load_data, run_exposed
 
 
 def router_logits(model_path, feeds, batch=16):
-    """Runs the original graph with each gate's logits (and bias) exposed; returns the gates and
-    per-gate ([tokens, E] logits, bias or None)."""
+    """Runs the model with each router's logits (and bias) exposed, routing statically, and
+    returns per router: (name, its attributes as read off the graph, [tokens, E] logits, bias).
+    A converted model is run with its routers set to static, which reproduces the original."""
     model = load_model(model_path)
-    gates, _ = find_gates(model)
-    if not gates:
-        raise MoeExportError("no MoE gating found to calibrate")
-    tensors = [t for g in gates for t in (g.logits, g.bias) if t is not None]
-    got = dict(zip(tensors, run_exposed(model, Path(model_path).parent, tensors, feeds, batch, custom_ops=False)))
+    meta = routers_metadata(model)
+    if meta is not None:
+        if meta["portable"]:
+            raise MoeExportError("a --portable conversion cannot be retuned; calibrate the original model")
+        set_policy(model, Policy("static"))
+        routers = [(r["layer"], r["attrs"], r["logits"], r.get("bias")) for r in meta["routers"]]
+    else:
+        gates, _ = find_gates(model)
+        if not gates:
+            raise MoeExportError("no MoE gating found to calibrate")
+        routers = [(g.name, g.attrs, g.logits, g.bias) for g in gates]
+    tensors = [t for r in routers for t in r[2:] if t is not None]
+    with Progress("running the model on the calibration data", 1) as bar:
+        got = dict(zip(tensors, run_exposed(model, Path(model_path).parent, tensors, feeds, batch,
+                                            custom_ops=meta is not None, progress=bar)))
     out = []
-    for g in gates:
-        E = g.attrs["num_experts"]
-        logits = np.concatenate([c.reshape(-1, E) for c in got[g.logits]]).astype(np.float32)
-        bias = got[g.bias][0].reshape(E).astype(np.float32) if g.bias else None
-        out.append((logits, bias))
-    return gates, out
+    for name, attrs, logits, bias in routers:
+        E = attrs["num_experts"]
+        lg = np.concatenate([c.reshape(-1, E) for c in got[logits]]).astype(np.float32)
+        b = got[bias][0].reshape(E).astype(np.float32) if bias else None
+        out.append((name, attrs, lg, b))
+    return out
 
 
 def _solve(mean_count, target, increasing, lo=0.0, hi=1.0, iters=40):
@@ -70,19 +59,26 @@ def _solve(mean_count, target, increasing, lo=0.0, hi=1.0, iters=40):
     return best
 
 
+_ROUTING = ("policy", "threshold", "min_experts", "max_experts")
+
+
 def calibrate(model_path, feeds, target, policy="top-p", mode="per-layer", min_experts=1, max_experts=None):
     """Thresholds (per layer, or one global) that give `target` experts per token on the data."""
     if policy == "static":
         raise MoeExportError("calibration needs a dynamic policy (top-p, ratio or entropy)")
     if mode not in ("per-layer", "global"):
         raise MoeExportError(f"unknown mode {mode!r} (per-layer or global)")
-    gates, data = router_logits(model_path, feeds)
-    pol = Policy(policy, 0.5, min_experts, max_experts)
+    routers = router_logits(model_path, feeds)
     views, attrs = [], []
-    for g, (logits, bias) in zip(gates, data):
-        a = router_attrs(g, pol)
+    for name, base, logits, bias in routers:
+        gate = {k: v for k, v in base.items() if k not in _ROUTING}
+        try:
+            a = RouterAttrs(**gate, policy=policy, threshold=0.5, min_experts=min_experts,
+                            max_experts=max_experts or base.get("max_experts") or gate["k"]).resolved()
+        except SpecError as e:
+            raise MoeExportError(f"invalid policy arguments: {e}") from None
         if not (a.min_experts <= target <= a.max_experts):
-            raise MoeExportError(f"--target-experts {target} outside [{a.min_experts}, {a.max_experts}] at {g.name}")
+            raise MoeExportError(f"--target-experts {target} outside [{a.min_experts}, {a.max_experts}] at {name}")
         views.append(policy_view(logits, bias, **{k: v for k, v in a.__dict__.items() if k != "extra"}))
         attrs.append(a)
     increasing = policy == "top-p"  # more mass wanted -> more experts; ratio/entropy go the other way
@@ -93,19 +89,41 @@ def calibrate(model_path, feeds, target, policy="top-p", mode="per-layer", min_e
         return float(policy_counts(attrs[i], views[i])[0].mean())
 
     if mode == "per-layer":
-        chosen = [_solve(lambda t, i=i: mean(i, t), target, increasing, hi=hi) for i in range(len(gates))]
+        chosen = [_solve(lambda t, i=i: mean(i, t), target, increasing, hi=hi) for i in range(len(routers))]
     else:
-        t, _ = _solve(lambda t: np.mean([mean(i, t) for i in range(len(gates))]), target, increasing, hi=hi)
-        chosen = [(t, mean(i, t)) for i in range(len(gates))]
-    return [{"layer": g.name, "threshold": t, "mean_experts": c, "k": g.attrs["k"]}
-            for g, (t, c) in zip(gates, chosen)]
+        t, _ = _solve(lambda t: np.mean([mean(i, t) for i in range(len(routers))]), target, increasing, hi=hi)
+        chosen = [(t, mean(i, t)) for i in range(len(routers))]
+    return [{"layer": r[0], "threshold": t, "mean_experts": c, "k": r[1]["k"]}
+            for r, (t, c) in zip(routers, chosen)]
+
+
+def unreachable(layers, target, mode, tolerance=0.05):
+    """Warnings for layers whose routing on this data cannot come near the target."""
+    out = []
+    for r in layers:
+        if abs(r["mean_experts"] - target) > max(tolerance, tolerance * target):
+            why = ("one threshold serves every layer (--mode global)" if mode == "global" else
+                   "the router's scores on this data leave no threshold in between")
+            out.append(f"{r['layer']}: {r['mean_experts']:.3f} experts/token at best, target {target} ({why})")
+    return out
 
 
 def calibrate_and_convert(model_path, data_path, out, target, policy="top-p", mode="per-layer",
                           min_experts=1, max_experts=None, portable=False):
-    feeds = load_data(data_path, load_model(model_path))
+    """Calibrates and writes the model. Returns (layers, warnings, notes about the written files)."""
+    model_path, out = Path(model_path), Path(out)
+    model = load_model(model_path)
+    protect = model_files(model_path) + [Path(data_path)]
+    Output(protected=protect).check_model_path(out)  # before the long part
+    converted = routers_metadata(model) is not None
+    if converted and portable:
+        raise MoeExportError("--portable applies to converting an original model; this one is converted")
+    feeds = load_data(data_path, model)
     layers = calibrate(model_path, feeds, target, policy, mode, min_experts, max_experts)
     pol = Policy(policy, layers[0]["threshold"], min_experts, max_experts,
                  per_layer={r["layer"]: r["threshold"] for r in layers})
-    convert(model_path, out, pol, portable=portable)
-    return layers
+    if converted:
+        _, notes = repolicy(model_path, out, pol, protect=[data_path])
+    else:
+        _, notes = convert_model(model_path, out, pol, portable=portable, protect=[data_path])
+    return layers, unreachable(layers, target, mode), notes

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -29,11 +31,12 @@ def _threshold(v):
 
 
 def _add_policy_args(p):
-    p.add_argument("--policy", choices=POLICIES, default="static", help="routing policy (default: static)")
+    p.add_argument("--policy", choices=POLICIES, default="static",
+                   help="routing policy: static (the graph's own top-k), top-p, ratio or entropy (default: static)")
     p.add_argument("--threshold", type=_threshold, default=None,
                    help="top-p: cumulative mass to reach; ratio: fraction of the top score; entropy: "
                         "normalized entropy below which tokens get min experts")
-    p.add_argument("--min-experts", type=int, default=1, help="fewest experts per token (default 1)")
+    p.add_argument("--min-experts", type=int, default=None, help="fewest experts per token (default 1)")
     p.add_argument("--max-experts", type=int, default=None, help="most experts per token (default: the graph's k)")
 
 
@@ -42,6 +45,13 @@ def _policy(args):
 
     if args.policy != "static" and args.threshold is None:
         raise MoeExportError(f"--policy {args.policy} needs --threshold")
+    if args.policy == "static":
+        given = [f for f, v in (("--threshold", args.threshold), ("--min-experts", args.min_experts),
+                                ("--max-experts", args.max_experts)) if v is not None]
+        if given:
+            _warn(f"--policy static routes every token to the graph's k experts; {', '.join(given)} ignored")
+        return Policy("static")
+    args.min_experts = 1 if args.min_experts is None else args.min_experts
     if args.max_experts is not None and args.max_experts < 1:
         raise MoeExportError(f"--max-experts must be >= 1, got {args.max_experts}")
     if args.min_experts < 1:
@@ -51,30 +61,49 @@ def _policy(args):
     return Policy(args.policy, args.threshold or 0.0, args.min_experts, args.max_experts)
 
 
+def _warn(msg):
+    sys.stderr.write(f"moe-export: warning: {msg}\n")
+
+
 def _dims(items):
     out = {}
     for it in items or []:
-        name, _, val = it.partition("=")
-        if not val.isdigit() or int(val) < 0:
-            raise MoeExportError(f"--dim wants NAME=SIZE, got {it!r}")
-        out[name] = int(val)
+        name, eq, val = it.partition("=")
+        if not name.strip() or not eq or not val.strip().isdigit():
+            raise MoeExportError(f"--dim wants NAME=SIZE with a whole number, got {it!r}")
+        out[name.strip()] = int(val)
     return out
 
 
-def cmd_convert(args):
-    from .rewrite import convert
+def _data_line(notes):
+    return f"; {'; '.join(notes)}" if notes else ""
 
-    gates = convert(args.model, args.output, _policy(args), portable=args.portable,
-                    group_experts=not args.no_group_experts)
-    summary = {"output": str(args.output), "layers": len(gates), "policy": args.policy,
-               "threshold": args.threshold, "portable": args.portable,
-               "families": sorted({g.family for g in gates})}
+
+def cmd_convert(args):
+    from .rewrite import convert_model, repolicy
+
+    pol = _policy(args)
+    if args.repolicy:
+        if args.portable or args.no_group_experts:
+            raise MoeExportError("--repolicy re-sets the routers of a converted model; --portable and "
+                                 "--no-group-experts apply to converting an original")
+        n, notes = repolicy(args.model, args.output, pol)
+        families = []
+    else:
+        gates, notes = convert_model(args.model, args.output, pol, portable=args.portable,
+                                     group_experts=not args.no_group_experts)
+        n, families = len(gates), sorted({g.family for g in gates})
+    summary = {"output": str(args.output), "layers": n, "policy": args.policy,
+               "threshold": pol.threshold if args.policy != "static" else None, "portable": args.portable,
+               "families": families, "repolicy": args.repolicy, "notes": notes}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"converted {len(gates)} MoE layer(s) ({', '.join(summary['families'])}) -> {args.output} "
-              f"[policy {args.policy}{'' if args.threshold is None else f', threshold {args.threshold}'}"
-              f"{', portable' if args.portable else ''}]")
+        what = "re-set" if args.repolicy else "converted"
+        fam = f" ({', '.join(families)})" if families else ""
+        print(f"{what} {n} MoE layer(s){fam} -> {args.output} "
+              f"[policy {args.policy}{'' if summary['threshold'] is None else f', threshold {pol.threshold}'}"
+              f"{', portable' if args.portable else ''}]{_data_line(notes)}")
 
 
 def cmd_inspect(args):
@@ -106,10 +135,9 @@ def cmd_inspect(args):
 
 
 def cmd_validate(args):
-    from .validate import load_feeds, validate
+    from .validate import validate
 
-    feeds = load_feeds(args.data) if args.data else None
-    rep = validate(args.original, args.converted, feeds=feeds, atol=args.atol, rtol=args.rtol,
+    rep = validate(args.original, args.converted, feeds=args.data, atol=args.atol, rtol=args.rtol,
                    dims=_dims(args.dim), seed=args.seed, trt=args.trt)
     if args.json:
         print(json.dumps(rep, indent=2))
@@ -137,16 +165,19 @@ def cmd_export(args):
 def cmd_calibrate(args):
     from .calibrate import calibrate_and_convert
 
-    layers = calibrate_and_convert(args.model, args.data, args.output, args.target_experts, policy=args.policy,
-                                   mode=args.mode, min_experts=args.min_experts, max_experts=args.max_experts,
-                                   portable=args.portable)
+    layers, warnings, notes = calibrate_and_convert(
+        args.model, args.data, args.output, args.target_experts, policy=args.policy, mode=args.mode,
+        min_experts=args.min_experts, max_experts=args.max_experts, portable=args.portable)
+    for w in warnings:
+        _warn(w)
     if args.json:
         print(json.dumps({"output": str(args.output), "policy": args.policy, "mode": args.mode,
-                          "target_experts": args.target_experts, "layers": layers}, indent=2))
+                          "target_experts": args.target_experts, "layers": layers, "warnings": warnings,
+                          "notes": notes}, indent=2))
         return
     for r in layers:
         print(f"{r['layer']}: threshold {r['threshold']:.4f} -> {r['mean_experts']:.3f} experts/token (k={r['k']})")
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output}{_data_line(notes)}")
 
 
 def cmd_profile(args):
@@ -180,106 +211,139 @@ def cmd_demo(args):
 
 
 def build_parser():
-    p = _Parser(prog="moe-export", description="Dynamic expert routing for MoE models in ONNX.")
+    # --debug is accepted before or after the command: each parser knows it, and only an explicit
+    # use sets it (SUPPRESS keeps a subcommand's default from overwriting the top level's).
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks and the exporters' own output")
+    p = _Parser(prog="moe-export", description="Dynamic expert routing for MoE models in ONNX.", parents=[debug])
     p.add_argument("--version", action="version", version=f"moe-export {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
 
-    c = sub.add_parser("convert", help="replace static top-k gating with DynamicRouter")
-    c.add_argument("model", type=Path)
-    c.add_argument("-o", "--output", type=Path, required=True)
+    def cmd(name, help, fn):
+        c = sub.add_parser(name, help=help, description=help, parents=[debug])
+        c.set_defaults(fn=fn)
+        return c
+
+    def json_flag(c):
+        c.add_argument("--json", action="store_true", help="print a JSON report instead of text")
+
+    c = cmd("convert", "replace static top-k gating with DynamicRouter", cmd_convert)
+    c.add_argument("model", type=Path, help="the ONNX model to convert (never modified)")
+    c.add_argument("-o", "--output", type=Path, required=True,
+                   help="the converted model; external data is shared with the input in its directory, copied elsewhere")
     _add_policy_args(c)
     c.add_argument("--portable", action="store_true",
                    help="express the router in standard ONNX ops (runs without the moe-export library)")
     c.add_argument("--no-group-experts", action="store_true",
                    help="keep batched expert sections as exported (by default they are regrouped by "
                         "expert so that dropped slots cost nothing)")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(fn=cmd_convert)
+    c.add_argument("--repolicy", action="store_true",
+                   help="MODEL is already converted: re-set the policy of its DynamicRouter nodes")
+    json_flag(c)
 
-    i = sub.add_parser("inspect", help="list the MoE layers found")
-    i.add_argument("model", type=Path)
-    i.add_argument("--json", action="store_true")
-    i.set_defaults(fn=cmd_inspect)
+    i = cmd("inspect", "list the MoE layers found", cmd_inspect)
+    i.add_argument("model", type=Path, help="an ONNX model, original or converted")
+    json_flag(i)
 
-    v = sub.add_parser("validate", help="compare a converted graph with its original (polygraphy)")
-    v.add_argument("original", type=Path)
-    v.add_argument("converted", type=Path)
-    v.add_argument("--data", type=Path, help=".npz of named inputs (default: random from the input specs)")
-    v.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a symbolic input dimension")
-    v.add_argument("--atol", type=float, default=1e-4)
-    v.add_argument("--rtol", type=float, default=1e-3)
-    v.add_argument("--seed", type=int, default=0)
+    v = cmd("validate", "compare a converted graph with its original (polygraphy)", cmd_validate)
+    v.add_argument("original", type=Path, help="the model before conversion")
+    v.add_argument("converted", type=Path, help="the model moe-export wrote")
+    v.add_argument("--data", type=Path, help=".npz of named inputs, or .npy for a single-input graph "
+                   "(default: random inputs from the input specs)")
+    v.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a symbolic input dimension (repeatable)")
+    v.add_argument("--atol", type=float, default=None,
+                   help="absolute tolerance on the outputs (default 1e-4; 2e-3 for models computing in float16/bfloat16)")
+    v.add_argument("--rtol", type=float, default=None,
+                   help="relative tolerance on the outputs (default 1e-3; 5e-3 for models computing in float16/bfloat16)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     v.add_argument("--trt", action="store_true", help="also run the converted graph in TensorRT")
-    v.add_argument("--json", action="store_true")
-    v.set_defaults(fn=cmd_validate)
+    json_flag(v)
 
-    e = sub.add_parser("export", help="export a local transformers MoE checkpoint to ONNX")
-    e.add_argument("checkpoint", type=Path)
-    e.add_argument("-o", "--output", type=Path, required=True)
-    e.add_argument("--opset", type=int, default=18)
-    e.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    e = cmd("export", "export a local transformers MoE checkpoint to ONNX", cmd_export)
+    e.add_argument("checkpoint", type=Path, help="a local checkpoint folder (config.json and weights)")
+    e.add_argument("-o", "--output", type=Path, required=True, help="the .onnx to write (weights beside it, .data)")
+    e.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    e.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                   help="torch.onnx exporter (default dynamo; torchscript only works with transformers 4.x)")
     e.add_argument("--embed-weights", action="store_true", help="keep weights inside the .onnx file")
-    e.set_defaults(fn=cmd_export)
 
-    cal = sub.add_parser("calibrate", help="choose per-layer thresholds for a compute budget and convert")
-    cal.add_argument("model", type=Path, help="the original (static top-k) model")
+    cal = cmd("calibrate", "choose per-layer thresholds for a compute budget and convert", cmd_calibrate)
+    cal.add_argument("model", type=Path, help="the original model, or one already converted (retuned)")
     cal.add_argument("--data", type=Path, required=True, help=".npy token ids [batch, seq] (or .npz of inputs)")
     cal.add_argument("--target-experts", type=float, required=True, help="mean experts per token to aim for")
-    cal.add_argument("-o", "--output", type=Path, required=True)
-    cal.add_argument("--policy", choices=[p for p in POLICIES if p != "static"], default="top-p")
+    cal.add_argument("-o", "--output", type=Path, required=True, help="the calibrated, converted model")
+    cal.add_argument("--policy", choices=[p for p in POLICIES if p != "static"], default="top-p",
+                     help="dynamic policy whose threshold is calibrated (default top-p)")
     cal.add_argument("--mode", choices=("per-layer", "global"), default="per-layer",
                      help="a threshold per layer hitting the target in each, or one threshold for all")
-    cal.add_argument("--min-experts", type=int, default=1)
-    cal.add_argument("--max-experts", type=int, default=None)
-    cal.add_argument("--portable", action="store_true")
-    cal.add_argument("--json", action="store_true")
-    cal.set_defaults(fn=cmd_calibrate)
+    cal.add_argument("--min-experts", type=int, default=1, help="fewest experts per token (default 1)")
+    cal.add_argument("--max-experts", type=int, default=None, help="most experts per token (default: the graph's k)")
+    cal.add_argument("--portable", action="store_true", help="write the routers in standard ONNX ops")
+    json_flag(cal)
 
-    pr = sub.add_parser("profile", help="expert FLOPs, experts per token and expert load, static vs converted")
+    pr = cmd("profile", "expert FLOPs, experts per token and expert load, static vs converted", cmd_profile)
     pr.add_argument("model", type=Path, help="a converted model")
     pr.add_argument("--data", type=Path, required=True, help=".npy token ids [batch, seq] (or .npz of inputs)")
     pr.add_argument("--flops-per-pair", type=float, default=None,
                     help="FLOPs of one (token, expert) pair (default: read off the expert weights)")
-    pr.add_argument("--json", action="store_true")
-    pr.set_defaults(fn=cmd_profile)
+    json_flag(pr)
 
-    b = sub.add_parser("build-engine", help="build a TensorRT engine with the DynamicRouter plugin")
-    b.add_argument("model", type=Path)
-    b.add_argument("-o", "--output", type=Path, required=True)
-    b.add_argument("--fp16", action="store_true")
+    b = cmd("build-engine", "build a TensorRT engine with the DynamicRouter plugin", cmd_build_engine)
+    b.add_argument("model", type=Path, help="a converted .onnx")
+    b.add_argument("-o", "--output", type=Path, required=True, help="the engine (.plan) to write")
+    b.add_argument("--fp16", action="store_true", help="allow float16 kernels")
     b.add_argument("--shape", action="append", metavar="NAME:MIN,OPT,MAX",
                    help="optimization profile of a dynamic input, dims like 1x16 (repeat per input)")
-    b.add_argument("--workspace-mb", type=int, default=4096)
-    b.set_defaults(fn=cmd_build_engine)
+    b.add_argument("--workspace-mb", type=int, default=4096, help="TensorRT workspace limit in MiB (default 4096)")
 
-    t = sub.add_parser("triton", help="write a Triton Inference Server model repository entry")
+    t = cmd("triton", "write a Triton Inference Server model repository entry", cmd_triton)
     t.add_argument("model", type=Path, help="a converted .onnx")
     t.add_argument("-o", "--output", type=Path, required=True, help="model repository directory")
-    t.add_argument("--name", required=True)
-    t.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    t.add_argument("--name", required=True, help="the model's name in the repository")
+    t.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                   help="Triton backend (default onnxruntime)")
     t.add_argument("--plan", type=Path, help="tensorrt backend: a prebuilt engine (default: build one)")
     t.add_argument("--max-batch-size", type=int, default=8,
                    help="Triton batching when every input/output has a dynamic leading dim (0: off)")
     t.add_argument("--server-repository", help="where the repository is mounted on the server "
                    "(for the op library path; default: the output's absolute path)")
-    t.add_argument("--instances", type=int, default=1)
-    t.set_defaults(fn=cmd_triton)
+    t.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
 
-    d = sub.add_parser("demo", help="export a tiny Mixtral, convert it, and report parity and routing")
-    d.add_argument("--workdir", default="demo_out")
-    d.add_argument("--json", action="store_true")
-    d.set_defaults(fn=cmd_demo)
+    d = cmd("demo", "export a tiny Mixtral, convert it, and report parity and routing", cmd_demo)
+    d.add_argument("--workdir", default="demo_out", help="where the demo writes (default demo_out)")
+    json_flag(d)
     return p
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so partial outputs are removed on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        parser.print_help(sys.stderr)
+        sys.exit(2)
+    args = parser.parse_args(argv)
+    args.debug = getattr(args, "debug", False)  # (parsers share the action: no set_defaults)
+    if args.debug:
+        os.environ["MOE_EXPORT_DEBUG"] = "1"
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args.fn(args)
-    except KeyboardInterrupt:
-        sys.stderr.write("moe-export: interrupted\n")
-        sys.exit(130)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `moe-export ... | head`: the reader has what it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except (KeyboardInterrupt, _Terminated) as e:
+        sys.stderr.write("moe-export: interrupted; nothing was written\n")
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 143)
     except (MoeExportError, OSError) as e:
         if args.debug:
             raise

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from onnx import TensorProto
 
 from . import MoeExportError, custom_op_library, trt_plugin_library
-from .graph import load_model, write_model_atomic
+from .files import Output, model_files
+from .graph import load_model
 
 _TRITON_TYPES = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.FLOAT16: "TYPE_FP16", TensorProto.BFLOAT16: "TYPE_BF16",
                  TensorProto.DOUBLE: "TYPE_FP64", TensorProto.INT64: "TYPE_INT64", TensorProto.INT32: "TYPE_INT32",
@@ -113,33 +112,31 @@ def triton_repository(onnx_path, repo, name, backend="onnxruntime", plan=None, m
     repo = Path(repo)
     if not repo.parent.is_dir():
         raise MoeExportError(f"directory {repo.parent} does not exist")
-    final = repo / name
-    if final.exists():
-        raise MoeExportError(f"{final} exists; remove it or choose another --name")
-    if backend == "tensorrt" and plan is None:
-        plan = build_engine(onnx_path, Path(tempfile.mkdtemp()) / "model.plan")
     if plan is not None and not Path(plan).is_file():
         raise MoeExportError(f"{plan}: no such engine file")
     max_batch = max_batch_size if (max_batch_size and _batchable(model)) else 0
     stanzas = _io_config(model, max_batch)
     server_dir = Path(server_repo_path or repo.resolve()) / name
-    repo.mkdir(exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
-    try:
+    final = repo / name
+    with Output(protected=model_files(onnx_path)) as out:
+        stage = out.directory(final)  # the model appears in the repository whole, or not at all
         (stage / "1").mkdir()
         lines = [f'name: "{name}"']
         if backend == "onnxruntime":
-            write_model_atomic(model, stage / "1" / "model.onnx", Path(onnx_path).parent)
+            out.model(model, stage / "1" / "model.onnx", Path(onnx_path).parent)
             lib = Path(custom_op_library())
-            shutil.copy2(lib, stage / lib.name)
+            out.copy(lib, stage / lib.name)
             lines += ['backend: "onnxruntime"', 'default_model_filename: "model.onnx"']
         else:
-            shutil.copy2(plan, stage / "1" / "model.plan")
+            if plan is None:
+                build_engine(onnx_path, stage / "1" / "model.plan")
+            else:
+                out.copy(plan, stage / "1" / "model.plan")
             lib = Path(trt_plugin_library())
-            shutil.copy2(lib, stage / lib.name)
+            out.copy(lib, stage / lib.name)
             cuda_lib = Path(lib).with_name("libmoe_export_cuda.so")  # the plugin's kernel, found via $ORIGIN
             if cuda_lib.is_file():
-                shutil.copy2(cuda_lib, stage / cuda_lib.name)
+                out.copy(cuda_lib, stage / cuda_lib.name)
             lines += ['platform: "tensorrt_plan"', 'default_model_filename: "model.plan"']
             kind = "KIND_GPU"
         lines.append(f"max_batch_size: {max_batch}")
@@ -151,15 +148,11 @@ def triton_repository(onnx_path, repo, name, backend="onnxruntime", plan=None, m
         if backend == "onnxruntime":
             # The ORT backend registers this library in every session it creates for the model.
             lines.append(f'model_operations {{\n  op_library_filename: "{server_dir / lib.name}"\n}}')
-        (stage / "config.pbtxt").write_text("\n".join(lines) + "\n")
+        out.file(stage / "config.pbtxt", ("\n".join(lines) + "\n").encode())
         if backend == "tensorrt":
-            (stage / "README.md").write_text(
+            out.file(stage / "README.md", (
                 f"TensorRT loads the DynamicRouter plugin from {lib.name} in this directory. Start the server with\n"
                 f"    tritonserver --model-repository=... --backend-config=tensorrt,plugins=\"{server_dir / lib.name}\"\n"
                 f"or with LD_PRELOAD={server_dir / lib.name}. The engine was built for one GPU model and\n"
-                "TensorRT version: rebuild it (moe-export build-engine) for another.\n")
-        os.replace(stage, final)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+                "TensorRT version: rebuild it (moe-export build-engine) for another.\n").encode())
     return final

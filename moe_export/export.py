@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
+import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import MoeExportError
-from .graph import load_model, write_model_atomic
+from .files import Output, Spinner
+from .graph import load_model
 
 SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
 
@@ -65,47 +67,81 @@ def load_checkpoint(ckpt_dir):
     return model
 
 
-def export_model(model, out, *, opset=18, exporter="dynamo", external_data=True, example_tokens=8):
-    """Exports `model` (a transformers causal LM) to `out` with dynamic batch and sequence axes."""
+def export_model(model, out, *, opset=18, exporter="dynamo", external_data=True, example_tokens=8, protect=()):
+    """Exports `model` (a transformers causal LM) to `out` with dynamic batch and sequence axes.
+    `protect`: files no output may replace (the checkpoint's)."""
     import torch
 
     out = Path(out)
-    if not out.parent.is_dir():
-        raise MoeExportError(f"output directory {out.parent} does not exist")
+    if exporter not in ("dynamo", "torchscript"):
+        raise MoeExportError(f"unknown exporter {exporter!r} (dynamo or torchscript)")
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (2, example_tokens), generator=torch.Generator().manual_seed(0))
     wrapper = _LogitsOnly(model)
     _quiet_exporter()
-    # Export into a scratch folder beside the output so the final move is a rename.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        staged = tmp / out.name
-        with torch.no_grad():
-            if exporter == "dynamo":
-                from torch.export import Dim
-                torch.onnx.export(wrapper, (ids,), str(staged), dynamo=True, opset_version=opset,
-                                  input_names=["input_ids"], output_names=["logits"],
-                                  dynamic_shapes={"input_ids": {0: Dim("batch"), 1: Dim("seq")}},
-                                  external_data=external_data, verbose=False)
-            elif exporter == "torchscript":
-                torch.onnx.export(wrapper, (ids,), str(staged), dynamo=False, opset_version=min(opset, 17),
-                                  input_names=["input_ids"], output_names=["logits"],
-                                  dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
-                                                "logits": {0: "batch", 1: "seq"}})
-            else:
-                raise MoeExportError(f"unknown exporter {exporter!r} (dynamo or torchscript)")
+    with Output(protected=protect) as o:
+        o.check_model_path(out)
+        # Export into a scratch folder beside the output so the final move is a rename.
+        staged = o.temp_dir(out.parent, f".{out.name}.") / out.name
+        try:
+            with torch.no_grad(), Spinner(f"exporting with torch.onnx ({exporter})"), _stdout_to_stderr_log() as log:
+                if exporter == "dynamo":
+                    from torch.export import Dim
+                    torch.onnx.export(wrapper, (ids,), str(staged), dynamo=True, opset_version=opset,
+                                      input_names=["input_ids"], output_names=["logits"],
+                                      dynamic_shapes={"input_ids": {0: Dim("batch"), 1: Dim("seq")}},
+                                      external_data=external_data, verbose=False)
+                else:
+                    torch.onnx.export(wrapper, (ids,), str(staged), dynamo=False, opset_version=min(opset, 17),
+                                      input_names=["input_ids"], output_names=["logits"],
+                                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
+                                                    "logits": {0: "batch", 1: "seq"}})
+        except MoeExportError:
+            raise
+        except Exception as e:
+            raise MoeExportError(_export_failure(e, exporter, log)) from None
         model_proto = load_model(staged)
         if not external_data:
             import onnx
             model_proto = onnx.load(str(staged))  # small models: embed the weights in one file
-        write_model_atomic(model_proto, out, tmp)
-    except MoeExportError:
-        raise
-    except Exception as e:
-        raise MoeExportError(f"export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        o.model(model_proto, out, staged.parent, owned=True)
     return out
+
+
+def _export_failure(e, exporter, log) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if exporter == "torchscript":
+        # The TorchScript exporter cannot trace transformers 5.x models (their masks and expert
+        # dispatch are written for torch.export) and dumps the whole TorchScript IR when it fails.
+        return ("the torchscript exporter cannot export this model (transformers "
+                f"{_transformers().__version__}); use --exporter dynamo ({type(e).__name__}: {first[:200]})")
+    return f"export failed: {type(e).__name__}: {first[:300]}"
+
+
+@contextmanager
+def _stdout_to_stderr_log():
+    """Captures what the exporters print on file descriptors 1 and 2 (TorchScript IR dumps,
+    C++ warnings); shown only with --debug. Yields the file it went to."""
+    import tempfile
+
+    with tempfile.TemporaryFile(mode="w+b") as log:
+        if os.environ.get("MOE_EXPORT_DEBUG"):
+            yield log
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield log
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def _quiet_exporter():
@@ -124,4 +160,6 @@ def _quiet_exporter():
 
 
 def export_checkpoint(ckpt_dir, out, **kw):
-    return export_model(load_checkpoint(ckpt_dir), out, **kw)
+    ckpt_files = [p for p in Path(ckpt_dir).iterdir() if p.is_file()] if Path(ckpt_dir).is_dir() else []
+    Output(protected=ckpt_files).check_model_path(Path(out))  # before loading the weights
+    return export_model(load_checkpoint(ckpt_dir), out, protect=ckpt_files, **kw)

@@ -1,4 +1,4 @@
-"""Reading, indexing and safely writing ONNX graphs without ever loading external weights.
+"""Reading and indexing ONNX graphs without ever loading external weights (writing: files.py).
 
 The rewriter works on the protobuf directly instead of onnx-graphsurgeon: graphsurgeon rebuilds
 every tensor on import and export, which on multi-GB graphs with external data costs memory and
@@ -7,9 +7,6 @@ time proportional to the weights; here cost is proportional to the node count, a
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import MoeExportError
+from .files import data_locations
 
 
 def load_model(path) -> onnx.ModelProto:
@@ -35,34 +33,43 @@ def load_model(path) -> onnx.ModelProto:
         raise MoeExportError(f"{p}: not a valid ONNX model ({type(e).__name__})") from None
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise MoeExportError(f"{p}: not a valid ONNX model (no graph nodes)")
-    check_external_data(model, p.parent)
+    locs = data_locations(model)
+    for loc in locs:
+        if Path(loc).is_absolute() or ".." in Path(loc).parts:
+            raise MoeExportError(f"{p}: external data location {loc!r} points outside the model's directory")
+        if not (p.parent / loc).is_file():
+            raise MoeExportError(f"missing external data file {loc!r} (expected next to the model in {p.parent})")
+    _read_small_external(model, p.parent)
     return model
 
 
-def external_files(model: onnx.ModelProto) -> list[str]:
-    """Relative locations of the external-data files the initializers reference."""
-    files = []
-    for t in _all_tensors(model):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            loc = next((e.value for e in t.external_data if e.key == "location"), None)
-            if loc and loc not in files:
-                files.append(loc)
-    return files
+_PACKED = {onnx.TensorProto.STRING, onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
+           getattr(onnx.TensorProto, "FLOAT4E2M1", -1)}  # no fixed byte size per element
+INLINE_MAX = 4096  # elements: k, axes, shapes, scales, a correction bias [E]; every weight is larger
 
 
-def _all_tensors(model):
-    yield from model.graph.initializer
-    for n in model.graph.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                yield a.t
-
-
-def check_external_data(model, base: Path) -> None:
-    for loc in external_files(model):
-        f = base / loc
-        if not f.is_file():
-            raise MoeExportError(f"missing external data file {loc!r} (expected next to the model in {base})")
+def _read_small_external(model, base: Path) -> None:
+    """Brings small externally stored initializers into the graph (onnx.save(...,
+    size_threshold=0) puts even k and axes outside), so patterns can read them; weights stay out."""
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL or int(np.prod(t.dims)) > INLINE_MAX:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        try:
+            with open(base / info["location"], "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                raw = f.read(int(info["length"])) if "length" in info else f.read()
+        except (OSError, ValueError, KeyError):
+            continue  # left external: read as unknown, like any other non-constant
+        if t.data_type in _PACKED:
+            continue
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        raw = raw[:int(np.prod(t.dims)) * itemsize]
+        if len(raw) != int(np.prod(t.dims)) * itemsize:
+            continue
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+        t.raw_data = raw
 
 
 class GraphIndex:
@@ -115,10 +122,47 @@ class GraphIndex:
 
     def elem_type(self, name):
         v = self.value_info.get(name)
-        if v is not None and v.type.HasField("tensor_type"):
+        if v is not None and v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
             return v.type.tensor_type.elem_type
         t = self.initializers.get(name)
-        return t.data_type if t is not None else None
+        if t is not None:
+            return t.data_type
+        p = self.producer.get(name)
+        return attr(p, "to") if p is not None and p.op_type == "Cast" else None
+
+    # Float16 conversions (onnxconverter-common) wrap ops that lack a float16 kernel, TopK among
+    # them, in Casts; TorchScript puts one between scores and TopK. Patterns step over them.
+    def source(self, name):
+        """(the tensor before any Casts that produced `name`, the type the Cast nearest `name`
+        produced, or None)."""
+        to = None
+        while (p := self.producer.get(name)) is not None and p.op_type == "Cast":
+            to = attr(p, "to") if to is None else to
+            name = p.input[0]
+        return name, to
+
+    def source_node(self, name, op_type=None):
+        """The node producing `name`, Casts stepped over; None unless of `op_type` when given."""
+        n = self.producer.get(self.source(name)[0])
+        return n if n is not None and (op_type is None or n.op_type == op_type) else None
+
+    def through_casts(self, name):
+        """(`name` followed forward through a chain of sole-consumer Casts, the last type cast to)."""
+        to = None
+        while (c := self.only_consumer(name, "Cast")) is not None:
+            name, to = c.output[0], attr(c, "to")
+        return name, to
+
+    def followers(self, name, op_type):
+        """Consumers of `name` of `op_type`, reached directly or through Casts."""
+        out, stack = [], [name]
+        while stack:
+            for c in self.consumers_of(stack.pop()):
+                if c.op_type == op_type:
+                    out.append(c)
+                elif c.op_type == "Cast":
+                    stack.append(c.output[0])
+        return out
 
     def static_last_dim(self, name):
         v = self.value_info.get(name)
@@ -171,49 +215,20 @@ class NodeBuilder:
         return outs if n_out > 1 else outs[0]
 
 
-def write_model_atomic(model: onnx.ModelProto, out: Path, src_dir: Path) -> None:
-    """Writes `model` to `out`, with its external-data files valid next to it, or not at all.
+def _reads(graph: onnx.GraphProto, acc: set) -> set:
+    """Every tensor name read by the graph's nodes, subgraphs (If/Loop/Scan bodies) included."""
+    for n in graph.node:
+        acc.update(i for i in n.input if i)
+        for a in n.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                _reads(g, acc)
+    return acc
 
-    Data files are hard-linked when possible (instant, byte-identical, no extra disk), else
-    copied; everything goes to temporary names first and is renamed only once complete.
-    """
-    out = Path(out)
-    out_dir = out.parent if str(out.parent) else Path(".")
-    if not out_dir.is_dir():
-        raise MoeExportError(f"output directory {out_dir} does not exist")
-    staged = []  # (tmp path, final path)
-    # Replacing an earlier output may replace the data files that output referenced, no others.
-    replaceable = set()
-    if out.is_file():
-        try:
-            replaceable = set(external_files(onnx.load(str(out), load_external_data=False)))
-        except Exception:
-            pass
-    try:
-        for loc in external_files(model):
-            src, dst = src_dir / loc, out_dir / loc
-            if dst.exists() and os.path.samefile(src, dst):
-                continue
-            if dst.exists() and loc not in replaceable:
-                raise MoeExportError(f"{dst} exists and is not the input's external data; "
-                                     "choose another output directory")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-            try:
-                os.link(src, tmp)
-            except OSError:
-                shutil.copyfile(src, tmp)
-            staged.append((tmp, dst))
-        fd, tmp_model = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out_dir)
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_model, 0o666 & ~umask)  # mkstemp's 0600 is not what a user expects
-        staged.append((Path(tmp_model), out))
-    except BaseException:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        raise
-    for tmp, dst in staged:
-        os.replace(tmp, dst)
+
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Removes initializers nothing reads (ORT warns about each one in every session)."""
+    live = _reads(graph, set()) | {o.name for o in graph.output} | {i.name for i in graph.input}
+    keep = [t for t in graph.initializer if t.name in live]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)

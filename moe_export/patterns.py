@@ -80,12 +80,14 @@ def _topk_k(ix, tk):
 
 
 def _weights_chain(ix, w0):
-    """Follows optional renormalization (x / sum(x) [+eps]) and scaling (x * c) after w0."""
-    cur, normalize, scale = w0, 0, 1.0
-    cons = ix.consumers_of(cur)
-    if len(cons) == 2 and cur not in ix.graph_outputs:
+    """Follows optional renormalization (x / sum(x) [+eps]) and scaling (x * c) after w0, Casts
+    stepped over. Returns (weights, normalize, scale, the type of the last Cast taken, or None)."""
+    cur, normalize, scale, cast = w0, 0, 1.0, None
+    t, to = ix.through_casts(cur)
+    cons = ix.consumers_of(t)
+    if len(cons) == 2 and t not in ix.graph_outputs:
         rs = next((c for c in cons if c.op_type == "ReduceSum"), None)
-        dv = next((c for c in cons if c.op_type == "Div" and c.input[0] == cur), None)
+        dv = next((c for c in cons if c.op_type == "Div" and c.input[0] == t), None)
         if rs is not None and dv is not None and attr(rs, "keepdims", 1) == 1 \
                 and node_axes(ix, rs) in ([-1], [1]):
             den = rs.output[0]
@@ -96,13 +98,14 @@ def _weights_chain(ix, w0):
                 if e is not None and abs(e) < 1e-6:
                     den = eps.output[0]
             if dv.input[1] == den:
-                cur, normalize = dv.output[0], 1
-    m = ix.only_consumer(cur, "Mul")
+                cur, normalize, cast = dv.output[0], 1, to or cast
+    t, to = ix.through_casts(cur)
+    m = ix.only_consumer(t, "Mul")
     if m is not None:
-        c = _scalar(ix, m.input[1] if m.input[0] == cur else m.input[0])
+        c = _scalar(ix, m.input[1] if m.input[0] == t else m.input[0])
         if c is not None:
-            cur, scale = m.output[0], float(c)
-    return cur, normalize, scale
+            cur, scale, cast = m.output[0], float(c), to or cast
+    return cur, normalize, scale, cast
 
 
 def _expert_form(ix, indices):
@@ -145,18 +148,8 @@ def _num_experts(ix, *tensors):
     return None
 
 
-def _skip_casts(ix, tensor):
-    """Steps back over Casts (TorchScript puts one between scores and TopK); returns the
-    tensor before them and the element type the cast nearest the TopK produced."""
-    cast_to = None
-    while (p := ix.producer.get(tensor)) is not None and p.op_type == "Cast":
-        cast_to = attr(p, "to") if cast_to is None else cast_to
-        tensor = p.input[0]
-    return tensor, cast_to
-
-
 def match_softmax_topk(ix, tk):
-    scores, cast_to = _skip_casts(ix, tk.input[0])
+    scores, cast_to = ix.source(tk.input[0])
     sm = ix.producer.get(scores)
     if sm is None or sm.op_type != "Softmax" or not _last_axis(sm, ix, sm.input[0]):
         return None
@@ -164,29 +157,28 @@ def match_softmax_topk(ix, tk):
     E = _num_experts(ix, sm.output[0], sm.input[0])
     if E is None:
         raise NearMiss(f"softmax->TopK {tk.name!r}: cannot tell the number of experts (run onnx shape inference first)")
-    w, normalize, scale = _weights_chain(ix, tk.output[0])
+    w, normalize, scale, cast = _weights_chain(ix, tk.output[0])
     a = _base_attrs(E, k) | dict(normalize=normalize, scale=scale)
-    return Gate("softmax_topk", tk, sm.input[0], None, w, tk.output[1], a, cast_to=cast_to)
+    return Gate("softmax_topk", tk, sm.input[0], None, w, tk.output[1], a, cast_to=cast or cast_to)
 
 
 def match_topk_softmax(ix, tk):
-    sm = ix.only_consumer(tk.output[0], "Softmax")
-    if sm is None or not _last_axis(sm, ix, tk.output[0]):
+    vals, to = ix.through_casts(tk.output[0])
+    sm = ix.only_consumer(vals, "Softmax")
+    if sm is None or not _last_axis(sm, ix, vals):
         return None
     k = _topk_k(ix, tk)
     E = _num_experts(ix, tk.input[0])
     if E is None:
         raise NearMiss(f"TopK->softmax {tk.name!r}: cannot tell the number of experts")
-    w, _, scale = _weights_chain(ix, sm.output[0])
+    w, _, scale, cast = _weights_chain(ix, sm.output[0])
     a = _base_attrs(E, k) | dict(select="before_score", scale=scale)
-    return Gate("topk_softmax", tk, tk.input[0], None, w, tk.output[1], a)
+    return Gate("topk_softmax", tk, tk.input[0], None, w, tk.output[1], a, cast_to=cast or to)
 
 
 def _group_params(ix, choice, E):
     """DeepSeek-V3 group limiting: Reshape(choice,[.., G, E/G]) -> TopK(t) -> ReduceSum -> TopK(topk_group)."""
-    for r in ix.consumers_of(choice):
-        if r.op_type != "Reshape":
-            continue
+    for r in ix.followers(choice, "Reshape"):
         shape = ix.const(r.input[1])
         if shape is None or shape.size < 2:
             continue
@@ -196,7 +188,7 @@ def _group_params(ix, choice, E):
         if gs <= 0 and G > 0:
             gs = E // G
         # Other consumers (Shape for a zeros_like, ...) may share these tensors.
-        first = lambda t, op: next((c for c in ix.consumers_of(t) if c.op_type == op), None)
+        first = lambda t, op: next(iter(ix.followers(t, op)), None)
         t1 = first(r.output[0], "TopK")
         if t1 is None or G * gs != E:
             continue
@@ -209,25 +201,24 @@ def _group_params(ix, choice, E):
 
 
 def match_sigmoid_topk(ix, tk):
-    scores, cast_to = _skip_casts(ix, tk.input[0])
+    scores, cast_to = ix.source(tk.input[0])
     src = ix.producer.get(scores)
     where = None
     if src is not None and src.op_type == "Where":
         # masked_fill(~group_mask, -inf): the non-constant branch carries the choice scores
-        cands = [i for i in src.input[1:] if ix.const(i) is None]
+        cands = [i for i in src.input[1:] if ix.const(ix.source(i)[0]) is None]
         if len(cands) != 1:
             return None
-        where, choice = src, cands[0]
+        where, choice = src, ix.source(cands[0])[0]
         src = ix.producer.get(choice)
     else:
         choice = scores
     bias = None
     if src is not None and src.op_type == "Add":
-        sig = next((ix.producer.get(i) for i in src.input if ix.producer.get(i) is not None
-                    and ix.producer[i].op_type == "Sigmoid"), None)
+        sig = next((n for n in map(lambda i: ix.source_node(i, "Sigmoid"), src.input) if n is not None), None)
         if sig is None:
             return None
-        bias = src.input[1] if src.input[0] == sig.output[0] else src.input[0]
+        bias = src.input[1] if ix.source(src.input[0])[0] == sig.output[0] else src.input[0]
     elif src is not None and src.op_type == "Sigmoid":
         sig = src
     else:
@@ -240,16 +231,16 @@ def match_sigmoid_topk(ix, tk):
     if where is not None:
         a |= _group_params(ix, choice, E)
     ge = next((c for c in ix.consumers_of(tk.output[1])
-               if c.op_type == "GatherElements" and c.input[0] == sig.output[0]), None)
+               if c.op_type == "GatherElements" and ix.source(c.input[0])[0] == sig.output[0]), None)
     if ge is not None:
-        w0 = ge.output[0]
+        w0, w0_cast = ge.output[0], ix.source(ge.input[0])[1]
     elif bias is None and where is None:
-        w0 = tk.output[0]  # the top-k values are the sigmoid scores themselves
+        w0, w0_cast = tk.output[0], cast_to  # the top-k values are the sigmoid scores themselves
     else:
         raise NearMiss(f"sigmoid gate {tk.name!r}: weights are not gathered from the sigmoid scores")
-    w, normalize, scale = _weights_chain(ix, w0)
+    w, normalize, scale, cast = _weights_chain(ix, w0)
     a |= dict(normalize=normalize, scale=scale)
-    return Gate("sigmoid_topk", tk, sig.input[0], bias, w, tk.output[1], a, cast_to=cast_to)
+    return Gate("sigmoid_topk", tk, sig.input[0], bias, w, tk.output[1], a, cast_to=cast or w0_cast)
 
 
 PATTERNS = (match_softmax_topk, match_topk_softmax, match_sigmoid_topk)

@@ -6,11 +6,10 @@ from pathlib import Path
 import numpy as np
 
 from . import MoeExportError
-from .calibrate import load_data
 from .graph import load_model
 from .rewrite import routers_metadata
 from .spec import dynamic_router
-from .validate import run_exposed
+from .validate import load_inputs, run_exposed
 
 
 def flops_per_pair(model, E, n_layers):
@@ -25,7 +24,7 @@ def profile(model_path, data_path, flops_per_pair_override=None, batch=16):
     meta = routers_metadata(model)
     if meta is None:
         raise MoeExportError(f"{model_path}: not written by moe-export convert; profile a converted model")
-    feeds = load_data(data_path, model)
+    feeds = load_inputs(data_path, model)
     tensors = [t for r in meta["routers"] for t in (r["indices"], r["logits"], r.get("bias")) if t]
     got = dict(zip(tensors, run_exposed(model, Path(model_path).parent, tensors, feeds, batch,
                                         custom_ops=not meta["portable"])))

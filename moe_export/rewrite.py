@@ -11,7 +11,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from . import DOMAIN, OP_TYPE, MoeExportError
-from .graph import GraphIndex, NodeBuilder, load_model, write_model_atomic
+from .files import Output, model_files
+from .graph import GraphIndex, NodeBuilder, drop_unused_initializers, load_model
 from .patterns import Gate, find_gates, no_gates_message
 from .spec import RouterAttrs, SpecError
 
@@ -248,6 +249,7 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
         if r["attrs"]["max_experts"] > r["attrs"]["k"] and g.expert_form == "batched" and i not in grouped:
             raise MoeExportError(f"max_experts={r['attrs']['max_experts']} exceeds the graph's k={r['attrs']['k']} at "
                                  f"{g.name}: its batched expert section is not of a form that can be regrouped")
+    drop_unused_initializers(model.graph)
     set_routers_metadata(model, routers, portable, len(grouped))
     if not portable and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
@@ -306,15 +308,78 @@ def _prune(nodes, region, outputs):
 
 def convert(src, dst, pol: Policy, portable=False, group_experts=True):
     """Converts the model at `src` into `dst` (never modifying `src`). Returns the gates."""
+    return convert_model(src, dst, pol, portable, group_experts)[0]
+
+
+def convert_model(src, dst, pol: Policy, portable=False, group_experts=True, protect=()):
+    """convert(), also returning what the user should know about the written files.
+    `protect`: further input files no output may replace (a calibration set, ...)."""
     src, dst = Path(src), Path(dst)
-    if dst.exists() and src.exists() and os.path.samefile(src, dst) or dst.resolve() == src.resolve():
-        raise MoeExportError("output path is the input path; moe-export never modifies its input")
-    if dst.is_dir():
-        raise MoeExportError(f"output {dst} is a directory; give a file name")
-    if not dst.parent.is_dir():
-        raise MoeExportError(f"output directory {dst.parent} does not exist")
     model = load_model(src)
-    model, gates = rewrite_model(model, pol, portable=portable, group_experts=group_experts)
-    model.producer_name = "moe-export"
-    write_model_atomic(model, dst, src.parent)
-    return gates
+    with Output(protected=model_files(src) + [Path(p) for p in protect]) as out:
+        out.check_model_path(dst)
+        meta = routers_metadata(model)
+        if meta is not None:
+            raise MoeExportError(already_converted(src, meta))
+        model, gates = rewrite_model(model, pol, portable=portable, group_experts=group_experts)
+        model.producer_name = "moe-export"
+        out.model(model, dst, src.parent)
+    return gates, out.notes
+
+
+def already_converted(path, meta) -> str:
+    pols = sorted({r["attrs"]["policy"] for r in meta["routers"]})
+    how = ("convert the original model again" if meta["portable"] else
+           f"`moe-export convert {path} -o OUT --repolicy --policy ...` re-sets the policy, "
+           f"`moe-export calibrate {path} ...` retunes it")
+    return (f"{path} is already converted by moe-export ({len(meta['routers'])} router(s), policy "
+            f"{'/'.join(pols)}{', portable' if meta['portable'] else ''}); {how}")
+
+
+def router_nodes(model):
+    """The DynamicRouter node of each router in the metadata, in the same order."""
+    meta = routers_metadata(model)
+    by_out = {n.output[1]: n for n in model.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN}
+    return [by_out.get(r["indices"]) for r in meta["routers"]]
+
+
+def set_policy(model, pol: Policy):
+    """Re-sets the routing policy of a converted model's DynamicRouter nodes, in place. The
+    routers' output width stays (the expert sections were built for it), and so does each
+    router's max_experts unless `pol` gives one."""
+    meta = routers_metadata(model)
+    if meta is None:
+        raise MoeExportError("not written by moe-export convert: no routers to re-set")
+    if meta["portable"]:
+        raise MoeExportError("a --portable conversion has no DynamicRouter nodes to re-set; convert the "
+                             "original model again")
+    for r, node in zip(meta["routers"], router_nodes(model)):
+        if node is None:
+            raise MoeExportError(f"router {r['layer']}: its DynamicRouter node is missing from the graph")
+        old = RouterAttrs(**r["attrs"])
+        t = pol.per_layer.get(r["layer"], pol.threshold) if pol.per_layer else pol.threshold
+        try:
+            a = RouterAttrs(**dict(r["attrs"], policy=pol.policy, threshold=float(t), min_experts=pol.min_experts,
+                                   max_experts=pol.max_experts or old.max_experts)).resolved()
+        except SpecError as e:
+            raise MoeExportError(f"invalid policy arguments: {e}") from None
+        if a.width != old.width:
+            raise MoeExportError(f"--max-experts {a.max_experts} changes {r['layer']}'s router width "
+                                 f"({old.width} -> {a.width}); convert the original model again for that")
+        attrs = _node_attrs(a)
+        del node.attribute[:]
+        node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+        r["attrs"] = attrs
+    set_routers_metadata(model, meta["routers"], False, meta.get("grouped_expert_sections", 0))
+    return model
+
+
+def repolicy(src, dst, pol: Policy, protect=()):
+    """Writes `src` (a converted model) to `dst` with its routers under `pol`."""
+    src, dst = Path(src), Path(dst)
+    model = load_model(src)
+    with Output(protected=model_files(src) + [Path(p) for p in protect]) as out:
+        out.check_model_path(dst)
+        set_policy(model, pol)
+        out.model(model, dst, src.parent)
+    return len(router_nodes(model)), out.notes

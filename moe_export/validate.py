@@ -32,11 +32,12 @@ def make_feeds(model, dims=None, seed=0, tokens=16, batch=2):
     dims = dict(dims or {})
     ix = GraphIndex(model.graph)
     rng = np.random.default_rng(seed)
-    init_names = set(ix.initializers)
+    symbolic = {d.dim_param for i in graph_inputs(model) for d in i.type.tensor_type.shape.dim if d.dim_param}
+    if set(dims) - symbolic:
+        raise MoeExportError(f"--dim {', '.join(sorted(set(dims) - symbolic))}: no such input dimension "
+                             f"(the graph's symbolic dimensions: {', '.join(sorted(symbolic)) or 'none'})")
     feeds = {}
-    for inp in model.graph.input:
-        if inp.name in init_names:
-            continue
+    for inp in graph_inputs(model):
         tt = inp.type.tensor_type
         shape = []
         for d in tt.shape.dim:
@@ -58,12 +59,67 @@ def make_feeds(model, dims=None, seed=0, tokens=16, batch=2):
     return feeds
 
 
-def load_feeds(path):
+def graph_inputs(model):
+    """The inputs a caller feeds: graph inputs that are not initializers."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def load_inputs(path, model):
+    """Inputs for `model` from an .npz of named arrays, or an .npy for a single-input graph
+    (token ids [batch, seq], router logits [tokens, E]); checked against the graph's inputs."""
+    p = Path(path)
+    if not p.is_file():
+        raise MoeExportError(f"{p}: no such file")
     try:
-        with np.load(path) as d:
-            return {k: d[k] for k in d.files}
+        data = np.load(p, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                data = {k: data[k] for k in data.files}
     except Exception as e:
-        raise MoeExportError(f"{path}: cannot read inputs ({type(e).__name__}); expected an .npz of named arrays") from None
+        raise MoeExportError(f"{p}: cannot read inputs ({type(e).__name__}); expected .npy or .npz") from None
+    inputs = graph_inputs(model)
+    if not isinstance(data, dict):
+        if len(inputs) != 1:
+            raise MoeExportError(f"{p}: an .npy feeds a single-input graph; this one has {len(inputs)} inputs "
+                                 f"({', '.join(i.name for i in inputs)}): pass an .npz with one array each")
+        rank = len(inputs[0].type.tensor_type.shape.dim)
+        if data.ndim == rank - 1:  # one sequence of token ids: a batch of one
+            data = data[None]
+        data = {inputs[0].name: data}
+    return check_inputs(data, model, str(p))
+
+
+def check_inputs(feeds, model, where="--data"):
+    """Names, element kinds and ranks of `feeds` against the graph's inputs; arrays cast to the
+    graph's element types. One-line errors."""
+    inputs = {i.name: i for i in graph_inputs(model)}
+    unknown, missing = sorted(set(feeds) - set(inputs)), sorted(set(inputs) - set(feeds))
+    if unknown or missing:
+        raise MoeExportError(f"{where}: inputs do not match the graph's ({', '.join(inputs)}): "
+                             + "; ".join(x for x in (unknown and f"unknown {', '.join(unknown)}",
+                                                     missing and f"missing {', '.join(missing)}") if x))
+    out = {}
+    for name, arr in feeds.items():
+        tt = inputs[name].type.tensor_type
+        want = _NP.get(tt.elem_type)
+        arr = np.asarray(arr)
+        if want is None:
+            raise MoeExportError(f"input {name!r}: element type {tt.elem_type} is not supported")
+        kind = lambda d: "bool" if d == np.bool_ else "integer" if np.issubdtype(d, np.integer) else \
+            "float" if np.issubdtype(d, np.floating) else str(d)
+        if kind(arr.dtype) != kind(np.dtype(want)):
+            raise MoeExportError(f"{where}: input {name!r} is {arr.dtype}, the graph wants {np.dtype(want).name}")
+        if tt.HasField("shape"):
+            dims = tt.shape.dim
+            if arr.ndim != len(dims):
+                raise MoeExportError(f"{where}: input {name!r} has rank {arr.ndim}, the graph wants {len(dims)}")
+            for j, d in enumerate(dims):
+                if d.HasField("dim_value") and arr.shape[j] != d.dim_value:
+                    raise MoeExportError(f"{where}: input {name!r} has shape {list(arr.shape)}, "
+                                         f"dimension {j} must be {d.dim_value}")
+        out[name] = arr.astype(want, copy=False)
+    return out
 
 
 def expose(model, tensors, prefix):
@@ -81,17 +137,21 @@ def with_routing_outputs(model, index_tensors):
     return expose(model, index_tensors, PAIRS_PREFIX)
 
 
-def run_exposed(model, base_dir, tensors, feeds, batch=16, custom_ops=True):
+def run_exposed(model, base_dir, tensors, feeds, batch=16, custom_ops=True, progress=None):
     """Runs `model` on `feeds`, `batch` rows of the first axis at a time, and returns for each of
-    `tensors` the list of its per-batch values."""
+    `tensors` the list of its per-batch values. `progress`: a files.Progress told the batches done."""
     prefix = "moe_export.exposed."
     names = [f"{prefix}{i}" for i in range(len(tensors))]
     sess = session_from_proto(expose(model, tensors, prefix), base_dir, custom_ops=custom_ops)
     n = next(iter(feeds.values())).shape[0]
     got = [[] for _ in tensors]
-    for s in range(0, n, batch):
+    if progress is not None:
+        progress.total = -(-n // batch)
+    for j, s in enumerate(range(0, n, batch)):
         for g, r in zip(got, sess.run(names, {k: v[s:s + batch] for k, v in feeds.items()})):
             g.append(r)
+        if progress is not None:
+            progress.update(j + 1)
     return got
 
 
@@ -126,7 +186,27 @@ def count_pairs(index_arrays, attrs):
     return [int((np.asarray(ix) < a["num_experts"]).sum()) for ix, a in zip(index_arrays, attrs)]
 
 
-def validate(original, converted, feeds=None, atol=1e-4, rtol=1e-3, dims=None, seed=0, trt=False):
+# Default tolerances: for float32 models, and for models that compute in float16/bfloat16 anywhere
+# (the original rounds after each half-precision op, the kernel once: a few units in the last
+# place, about 1e-3 relative, even where the outputs are float32).
+TOLERANCE = {"float": (1e-4, 1e-3), "half": (2e-3, 5e-3)}
+_HALF = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+
+def _computes_in_half(model) -> bool:
+    g = model.graph
+    return (any(v.type.tensor_type.elem_type in _HALF for v in list(g.input) + list(g.output) + list(g.value_info))
+            or any(t.data_type in _HALF for t in g.initializer)
+            or any(n.op_type == "Cast" and any(a.name == "to" and a.i in _HALF for a in n.attribute) for n in g.node))
+
+
+def _tolerances(model, atol, rtol):
+    """(atol, rtol): those given, else by the precision the model computes in."""
+    default = TOLERANCE["half" if _computes_in_half(model) else "float"]
+    return (default[0] if atol is None else atol), (default[1] if rtol is None else rtol)
+
+
+def validate(original, converted, feeds=None, atol=None, rtol=None, dims=None, seed=0, trt=False):
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.logger import G_LOGGER
@@ -140,6 +220,10 @@ def validate(original, converted, feeds=None, atol=1e-4, rtol=1e-3, dims=None, s
         raise MoeExportError(f"{converted}: not written by moe-export convert (no router metadata)")
     if feeds is None:
         feeds = make_feeds(orig_m, dims=dims, seed=seed)
+    elif isinstance(feeds, (str, Path)):
+        feeds = load_inputs(feeds, orig_m)
+    else:
+        feeds = check_inputs(feeds, orig_m)
     names_o = {o.name for o in orig_m.graph.output}
     names_c = {o.name for o in conv_m.graph.output}
     if names_o != names_c:
@@ -156,6 +240,7 @@ def validate(original, converted, feeds=None, atol=1e-4, rtol=1e-3, dims=None, s
         raise
     except Exception as e:
         raise MoeExportError(f"running the graphs failed: {str(e).splitlines()[0]}") from None
+    _canonical_slot_order(results, orig_m, len(oi))
     # The static policy keeps exactly k whatever the cap; only a router wider than k changes shapes.
     static = all(a.get("policy", "static") == "static" and a.get("max_experts", a["k"]) <= a["k"] for a in cattrs)
     graph_outputs = [o.name for o in orig_m.graph.output]
@@ -163,6 +248,7 @@ def validate(original, converted, feeds=None, atol=1e-4, rtol=1e-3, dims=None, s
         from polygraphy.comparator.compare import SimpleCompareFunc as simple
     except ImportError:
         simple = CompareFunc.simple
+    atol, rtol = _tolerances(orig_m, atol, rtol)
     accuracy = Comparator.compare_accuracy(results, compare_func=simple(atol=atol, rtol=rtol, check_shapes=True))
     report = {"original": str(original), "converted": str(converted), "atol": atol, "rtol": rtol,
               "static_policy": static}
@@ -190,6 +276,29 @@ def validate(original, converted, feeds=None, atol=1e-4, rtol=1e-3, dims=None, s
     report["static_reproduces"] = (report["outputs_match"] and
                                    all(np.array_equal(a, b) for a, b in zip(o_idx, c_idx))) if static else None
     return report
+
+
+def _canonical_slot_order(results, orig_m, n_routers):
+    """Where the original's TopK has sorted=0 (DeepSeek-V3), the order of a token's slots is
+    unspecified: every runner's (index, weight) pairs are put in index order before comparing,
+    in the exposed indices and in graph outputs that are that gate's weights or indices."""
+    from .graph import attr
+
+    if routers_metadata(orig_m) is not None:
+        return
+    ix = GraphIndex(orig_m.graph)
+    gates, _ = find_gates(orig_m, ix)
+    outs = {o.name for o in orig_m.graph.output}
+    for i, g in enumerate(gates[:n_routers]):
+        if attr(g.topk, "sorted", 1) != 0:
+            continue
+        gate_outs = [t for t in (ix.through_casts(g.weights)[0], ix.through_casts(g.indices)[0]) if t in outs]
+        for _, iterations in results.items():
+            for res in iterations:
+                order = np.argsort(res[f"{PAIRS_PREFIX}{i}"], axis=-1, kind="stable")
+                for name in [f"{PAIRS_PREFIX}{i}"] + gate_outs:
+                    if name in res and res[name].shape == order.shape:
+                        res[name] = np.take_along_axis(res[name], order, axis=-1)
 
 
 def _trt_runner(converted):

@@ -40,8 +40,10 @@ def test_convert_to_another_directory_keeps_weights_valid(exported, tmp_path):
     out.parent.mkdir()
     r = run_cli("convert", exported, "-o", out, "--policy", "static")
     assert r.returncode == 0, r.stderr
-    copied = out.parent / "model.onnx.data"
-    assert copied.is_file() and hashlib.sha256(copied.read_bytes()).hexdigest() == before
+    # Copied (never hard-linked) into one data file named after the output.
+    copied = out.parent / "model.dynamic.onnx.data"
+    assert copied.is_file() and copied.stat().st_nlink == 1 and data.stat().st_nlink == 1
+    assert hashlib.sha256(copied.read_bytes()).hexdigest() == before
     assert hashlib.sha256(data.read_bytes()).hexdigest() == before
     ref = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
     conv = moe_export.session(out)

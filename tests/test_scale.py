@@ -20,7 +20,7 @@ def test_48_layers_convert_with_weights_untouched(tmp_path):
     out = onnx.load(str(tmp_path / "out" / "m.onnx"), load_external_data=False)
     assert sum(n.op_type == "DynamicRouter" for n in out.graph.node) == 48
     assert not any(n.op_type == "TopK" for n in out.graph.node)
-    data = tmp_path / "out" / "weights.bin"
-    assert data.stat().st_size == nbytes and sha256(data) == before
+    data = tmp_path / "out" / "m.onnx.data"  # a copy named after the output, never a link
+    assert data.stat().st_size == nbytes and sha256(data) == before and data.stat().st_nlink == 1
     assert sha256(tmp_path / "in" / "weights.bin") == before
-    assert {e.value for t in out.graph.initializer for e in t.external_data if e.key == "location"} == {"weights.bin"}
+    assert {e.value for t in out.graph.initializer for e in t.external_data if e.key == "location"} == {"m.onnx.data"}
