@@ -12,7 +12,7 @@ from .graph import load_model
 from .patterns import find_gates
 from .rewrite import Policy, convert_model, repolicy, routers_metadata, set_policy
 from .spec import RouterAttrs, SpecError, policy_counts, policy_view
-from .validate import load_inputs as load_data, run_exposed
+from .validate import load_inputs, run_exposed
 
 
 def router_logits(model_path, feeds, batch=16):
@@ -118,7 +118,7 @@ def calibrate_and_convert(model_path, data_path, out, target, policy="top-p", mo
     converted = routers_metadata(model) is not None
     if converted and portable:
         raise MoeExportError("--portable applies to converting an original model; this one is converted")
-    feeds = load_data(data_path, model)
+    feeds = load_inputs(data_path, model)
     layers = calibrate(model_path, feeds, target, policy, mode, min_experts, max_experts)
     pol = Policy(policy, layers[0]["threshold"], min_experts, max_experts,
                  per_layer={r["layer"]: r["threshold"] for r in layers})

@@ -196,7 +196,7 @@ def _signals_held():
 class Output:
     """Stages the files of one output and commits them together.
 
-        with Output(protected=model_files(src, model)) as out:
+        with Output(protected=model_files(src)) as out:
             out.model(model, dst, src.parent)
         # committed here; on any exception nothing staged is left behind
 
@@ -216,8 +216,8 @@ class Output:
         """Refuses a path that is, or would replace, one of the inputs' files."""
         for p in self.protected:
             if same_file(path, p):
-                kind = "the input model" if p == self.protected[0] else f"a file the inputs use ({p})"
-                raise MoeExportError(f"{what} {path} would replace {kind}; moe-export never modifies its inputs")
+                raise MoeExportError(f"{what} {path} would replace the input file {p}; "
+                                     "moe-export never modifies its inputs")
 
     def check_model_path(self, out: Path) -> None:
         """Checks an output model's path before any work is done."""
@@ -228,6 +228,16 @@ class Output:
             raise MoeExportError(f"output directory {out.parent} does not exist")
         self.check(out)
         self.check_unreferenced(out, out)
+
+    def check_replaceable(self, path: Path, replacing: Path) -> None:
+        """A data file for the model at `replacing` may take `path` if nothing is there, or if it
+        is the data of the earlier model at `replacing` and of no other model."""
+        self.check(path)
+        self.check_unreferenced(path, replacing)
+        if path.exists() or path.is_symlink():
+            if path.resolve() not in set(_previous_data(Path(replacing))):
+                raise MoeExportError(f"{path} exists and is not data of the output being replaced; "
+                                     "choose another output name or directory")
 
     def check_unreferenced(self, path: Path, replacing: Path) -> None:
         """Refuses to replace a file that another model beside it keeps its data in (`replacing`,
@@ -302,20 +312,13 @@ class Output:
         data files are now. owned=True: they are this command's own scratch files (moved)."""
         out, src_dir = Path(out), Path(src_dir)
         out_dir = out.parent if str(out.parent) else Path(".")
-        locs = data_locations(model)
+        locs = data_locations(model)  # relative, inside src_dir: load_model checked them
         self.check_model_path(out)
-        for loc in locs:
-            if Path(loc).is_absolute() or ".." in Path(loc).parts:
-                raise MoeExportError(f"external data location {loc!r} points outside the model's directory")
         in_place = not owned and same_file(out_dir, src_dir)
         if owned:
-            replaceable = set(_previous_data(out)) - {Path(p).resolve() for p in self.protected}
             for loc in locs:
                 dst = out_dir / loc
-                self.check_unreferenced(dst, out)
-                if (dst.exists() or dst.is_symlink()) and dst.resolve() not in replaceable:
-                    raise MoeExportError(f"{dst} exists and is not data of the output being replaced; "
-                                         "choose another output directory")
+                self.check_replaceable(dst, out)
                 self.mkdir(dst.parent)
                 self.move(src_dir / loc, dst)
         elif locs and in_place:
@@ -330,12 +333,7 @@ class Output:
         it: no name can clash with another output's data, nor be the output itself."""
         name = out.name + ".data"
         dst = out.parent / name
-        replaceable = set(_previous_data(out)) - {Path(p).resolve() for p in self.protected}
-        self.check(dst)
-        self.check_unreferenced(dst, out)
-        if (dst.exists() or dst.is_symlink()) and dst.resolve() not in replaceable:
-            raise MoeExportError(f"{dst} exists and is not data of the output being replaced; "
-                                 "choose another output name")
+        self.check_replaceable(dst, out)
         srcs = [src_dir / loc for loc in locs]
         total = sum(os.path.getsize(f) for f in srcs)
         base, at = {}, 0
@@ -361,11 +359,15 @@ class Output:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            with _signals_held():
-                for tmp, final in self.staged:
-                    os.replace(tmp, final)
-                for d, final in self.dirs:
-                    os.rename(d, final)
+            try:
+                with _signals_held():
+                    for tmp, final in self.staged:
+                        os.replace(tmp, final)
+                    for d, final in self.dirs:
+                        os.rename(d, final)
+            except BaseException:
+                self.rollback()
+                raise
             for d in self.scratch:
                 shutil.rmtree(d, ignore_errors=True)
             return False
