@@ -20,21 +20,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from moe_export.spec import POLICY_CODE, SCORE_CODE, SELECT_CODE, RouterAttrs, dynamic_router  # noqa: E402
-
-FIELDS = ["num_experts", "k", "policy", "threshold", "min_experts", "max_experts", "score_func", "select",
-          "normalize", "scale", "n_group", "topk_group", "group_score_topk"]
-
-
-class Params(ctypes.Structure):  # moe::Params in plugins/core/router_core.h
-    _fields_ = [(f, ctypes.c_float if f in ("threshold", "scale") else ctypes.c_int32) for f in FIELDS]
-
+from moe_export.schema import CParams, c_params  # noqa: E402
+from moe_export.spec import RouterAttrs, dynamic_router  # noqa: E402
 
 def params(**attrs):
     a = RouterAttrs(**attrs).resolved()
-    vals = dict(a.__dict__, policy=POLICY_CODE[a.policy], score_func=SCORE_CODE[a.score_func],
-                select=SELECT_CODE[a.select])
-    return Params(*[vals[f] for f in FIELDS]), a
+    return c_params(a), a
 
 
 def build(lib_dir: Path) -> Path:
@@ -55,7 +46,7 @@ def main():
     ap.add_argument("--skip-parity", action="store_true")
     args = ap.parse_args()
     lib = ctypes.CDLL(str(args.lib or build(Path(tempfile.mkdtemp()))))
-    lib.moe_dynamic_router_cuda.argtypes = [ctypes.POINTER(Params), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+    lib.moe_dynamic_router_cuda.argtypes = [ctypes.POINTER(CParams), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     dev = torch.device("cuda")
     dtypes = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}

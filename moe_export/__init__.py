@@ -5,8 +5,6 @@ import os
 from pathlib import Path
 
 __version__ = "0.1.0"
-DOMAIN = "moe_export"
-OP_TYPE = "DynamicRouter"
 
 def _lib_dirs():
     # lib/ beside this file (regular install), else in site-packages (an editable install keeps
@@ -82,7 +80,11 @@ def session(model, providers=None, cpu_isa=None, **session_options):
                 os.environ["MOE_EXPORT_CPU_ISA"] = old
 
 
+from .schema import DOMAIN, OP_TYPE, register as _register_op_schema  # noqa: E402
 from .spec import dynamic_router, RouterAttrs  # noqa: E402  (public API)
+
+# onnx.checker and onnx.shape_inference then know moe_export::DynamicRouter (docs/dynamic_router.md).
+_register_op_schema()
 
 __all__ = ["session", "custom_op_library", "cuda_library", "trt_plugin_library", "dynamic_router",
            "RouterAttrs", "MoeExportError", "DOMAIN", "OP_TYPE", "__version__"]

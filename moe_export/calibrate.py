@@ -1,6 +1,7 @@
 """Per-layer thresholds from router statistics on calibration data, to hit a compute budget."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,7 @@ def calibrate(model_path, feeds, target, policy="top-p", mode="per-layer", min_e
             raise MoeExportError(f"invalid policy arguments: {e}") from None
         if not (a.min_experts <= target <= a.max_experts):
             raise MoeExportError(f"--target-experts {target} outside [{a.min_experts}, {a.max_experts}] at {name}")
-        views.append(policy_view(logits, bias, **{k: v for k, v in a.__dict__.items() if k != "extra"}))
+        views.append(policy_view(logits, bias, **asdict(a)))
         attrs.append(a)
     increasing = policy == "top-p"  # more mass wanted -> more experts; ratio/entropy go the other way
     hi = 1.0 if policy != "entropy" else 0.999

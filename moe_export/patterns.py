@@ -12,6 +12,7 @@ import numpy as np
 
 from . import MoeExportError
 from .graph import GraphIndex, attr, node_axes
+from .schema import gate_defaults
 
 FAMILIES = {
     "softmax_topk": "softmax -> top-k (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)",
@@ -126,11 +127,6 @@ def _expert_form(ix, indices):
     return "unknown"
 
 
-def _base_attrs(E, k):
-    return dict(num_experts=int(E), k=int(k), score_func="softmax", select="after_score", normalize=0,
-                scale=1.0, n_group=1, topk_group=1, group_score_topk=2)
-
-
 def _num_experts(ix, *tensors):
     for t in tensors:
         e = ix.static_last_dim(t)
@@ -158,7 +154,7 @@ def match_softmax_topk(ix, tk):
     if E is None:
         raise NearMiss(f"softmax->TopK {tk.name!r}: cannot tell the number of experts (run onnx shape inference first)")
     w, normalize, scale, cast = _weights_chain(ix, tk.output[0])
-    a = _base_attrs(E, k) | dict(normalize=normalize, scale=scale)
+    a = gate_defaults(E, k) | dict(normalize=normalize, scale=scale)
     return Gate("softmax_topk", tk, sm.input[0], None, w, tk.output[1], a, cast_to=cast or cast_to)
 
 
@@ -172,7 +168,7 @@ def match_topk_softmax(ix, tk):
     if E is None:
         raise NearMiss(f"TopK->softmax {tk.name!r}: cannot tell the number of experts")
     w, _, scale, cast = _weights_chain(ix, sm.output[0])
-    a = _base_attrs(E, k) | dict(select="before_score", scale=scale)
+    a = gate_defaults(E, k) | dict(select="before_score", scale=scale)
     return Gate("topk_softmax", tk, tk.input[0], None, w, tk.output[1], a, cast_to=cast or to)
 
 
@@ -227,7 +223,7 @@ def match_sigmoid_topk(ix, tk):
     E = _num_experts(ix, sig.output[0], sig.input[0], bias) if bias else _num_experts(ix, sig.output[0], sig.input[0])
     if E is None:
         raise NearMiss(f"sigmoid->TopK {tk.name!r}: cannot tell the number of experts")
-    a = _base_attrs(E, k) | dict(score_func="sigmoid")
+    a = gate_defaults(E, k) | dict(score_func="sigmoid")
     if where is not None:
         a |= _group_params(ix, choice, E)
     ge = next((c for c in ix.consumers_of(tk.output[1])

@@ -10,10 +10,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from . import DOMAIN, OP_TYPE, MoeExportError
+from . import MoeExportError
 from .files import Output, model_files
 from .graph import GraphIndex, NodeBuilder, drop_unused_initializers, load_model
 from .patterns import Gate, find_gates, no_gates_message
+from .schema import DOMAIN, OP_TYPE, VERSION, node_attributes
 from .spec import RouterAttrs, SpecError
 
 # A dropped slot's id (= E) must be clamped before it indexes a gather; comparisons (OneHot, Equal:
@@ -64,13 +65,6 @@ def router_attrs(gate: Gate, pol: Policy, group_experts=True) -> RouterAttrs:
         return a.resolved()
     except SpecError as e:
         raise MoeExportError(f"invalid policy arguments: {e}") from None
-
-
-def _node_attrs(a: RouterAttrs) -> dict:
-    return dict(num_experts=a.num_experts, k=a.k, policy=a.policy, threshold=float(a.threshold),
-                min_experts=a.min_experts, max_experts=a.max_experts, score_func=a.score_func,
-                select=a.select, normalize=int(a.normalize), scale=float(a.scale), n_group=a.n_group,
-                topk_group=a.topk_group, group_score_topk=a.group_score_topk)
 
 
 def _portable(b: NodeBuilder, a: RouterAttrs, logits: str, bias: str | None, float_type: int):
@@ -181,7 +175,7 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
             inputs = [gate.logits] + ([gate.bias] if gate.bias else [])
             w, idx = b.name("weights"), b.name("indices")
             b.nodes.append(helper.make_node(OP_TYPE, inputs, [w, idx], name=b.name("DynamicRouter"),
-                                            domain=DOMAIN, **_node_attrs(a)))
+                                            domain=DOMAIN, **node_attributes(a)))
         if gate.cast_to is not None and gate.cast_to != ftype:
             w = b.op("Cast", [w], to=gate.cast_to)
         clamped = None
@@ -191,7 +185,7 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
         rename[gate.weights] = w
         rename[gate.indices] = (idx, clamped, raw_ok)
         routers.append({"layer": gate.name, "family": gate.family, "weights": w, "indices": idx,
-                        "logits": gate.logits, "bias": gate.bias, "attrs": _node_attrs(a)})
+                        "logits": gate.logits, "bias": gate.bias, "attrs": node_attributes(a)})
         insert_at[gate.topk.name or id(gate.topk)] = b.nodes
         new_inits += b.inits
     # Rewire consumers. Graph outputs that were gate tensors keep their names through Identity.
@@ -252,7 +246,7 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
     drop_unused_initializers(model.graph)
     set_routers_metadata(model, routers, portable, len(grouped))
     if not portable and not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
     return model, gates
 
 
@@ -366,7 +360,7 @@ def set_policy(model, pol: Policy):
         if a.width != old.width:
             raise MoeExportError(f"--max-experts {a.max_experts} changes {r['layer']}'s router width "
                                  f"({old.width} -> {a.width}); convert the original model again for that")
-        attrs = _node_attrs(a)
+        attrs = node_attributes(a)
         del node.attribute[:]
         node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
         r["attrs"] = attrs

@@ -9,54 +9,34 @@ boundary; :func:`dynamic_router` reports those tokens as ``ambiguous``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field, make_dataclass
 import math
 
 import numpy as np
 
-POLICIES = ("static", "top-p", "ratio", "entropy")
-SCORE_FUNCS = ("softmax", "sigmoid")
-SELECTS = ("after_score", "before_score")
-# Integer codes shared with router_core.h (kept in the same order there).
+from .schema import ATTRIBUTES, CHOICES, MAX_EXPERTS_LIMIT, SpecError  # the op's one declaration
+
+POLICIES = CHOICES["policy"]
+SCORE_FUNCS = CHOICES["score_func"]
+SELECTS = CHOICES["select"]
+# Integer codes shared with router_core.h (generated into router_attrs.h from the same table).
 POLICY_CODE = {p: i for i, p in enumerate(POLICIES)}
 SCORE_CODE = {s: i for i, s in enumerate(SCORE_FUNCS)}
 SELECT_CODE = {s: i for i, s in enumerate(SELECTS)}
-MAX_EXPERTS_LIMIT = 4096
 LANES = 8  # router_core.h's kLanes: how its sums are ordered
 # Decisions closer than this (relative) to a policy boundary may differ between
 # implementations that sum in another order (the CUDA warp path; the CPU kernel sums as _lane_sum).
 DECISION_EPS = 1e-5
 
 
-class SpecError(ValueError):
-    """Attributes that do not describe a valid router."""
-
-
-@dataclass
-class RouterAttrs:
-    """Attributes of one DynamicRouter node (names match the ONNX attributes)."""
-
-    num_experts: int
-    k: int
-    policy: str = "static"
-    threshold: float = 0.0
-    min_experts: int = 1
-    max_experts: int = 0  # 0 means "k"
-    score_func: str = "softmax"
-    select: str = "after_score"
-    normalize: int = 0
-    scale: float = 1.0
-    n_group: int = 1
-    topk_group: int = 0  # 0 means "n_group"
-    group_score_topk: int = 2
-    extra: dict = field(default_factory=dict, repr=False, compare=False)
+class _Rules:
+    """What RouterAttrs knows beyond its fields (which come from schema.ATTRIBUTES)."""
 
     def resolved(self) -> "RouterAttrs":
-        a = RouterAttrs(**{k: v for k, v in asdict(self).items() if k != "extra"})
-        if a.max_experts == 0:
-            a.max_experts = a.k
-        if a.topk_group == 0:
-            a.topk_group = a.n_group
+        a = RouterAttrs(**asdict(self))
+        for attr in ATTRIBUTES:
+            if attr.zero_means and getattr(a, attr.name) == 0:
+                setattr(a, attr.name, getattr(a, attr.zero_means))
         a.validate()
         return a
 
@@ -100,6 +80,16 @@ class RouterAttrs:
             bad(f"group_score_topk must be in [1, experts per group={E // self.n_group}]")
         if self.select == "before_score" and self.score_func != "softmax":
             bad("select=before_score is defined for score_func=softmax only")
+
+
+_PY = {"int": int, "float": float, "string": str}
+# Attributes of one DynamicRouter node (names match the ONNX attributes); required ones first.
+RouterAttrs = make_dataclass(
+    "RouterAttrs",
+    [(a.name, _PY[a.type]) for a in ATTRIBUTES if a.default is None]
+    + [(a.name, _PY[a.type], field(default=a.default)) for a in ATTRIBUTES if a.default is not None],
+    bases=(_Rules,))
+RouterAttrs.__module__ = __name__
 
 
 # --- float32 arithmetic shared with router_core.h -------------------------------------------

@@ -7,6 +7,9 @@
 #include <string.h>
 #include <math.h>
 
+// moe::Params, the attribute codes and MOE_ROUTER_ATTRS, generated from moe_export/schema.py.
+#include "router_attrs.h"
+
 #if defined(__CUDACC__)
 #define MOE_HD __host__ __device__ __forceinline__
 #else
@@ -27,29 +30,7 @@
 
 namespace moe {
 
-// Codes shared with spec.py (POLICIES, SCORE_FUNCS, SELECTS keep this order).
-enum Policy : int32_t { kStatic = 0, kTopP = 1, kRatio = 2, kEntropy = 3 };
-enum ScoreFunc : int32_t { kSoftmax = 0, kSigmoid = 1 };
-enum Select : int32_t { kAfterScore = 0, kBeforeScore = 1 };
-
-constexpr int kMaxExperts = 4096;
 constexpr int kLanes = 8;  // independent partial sums, so the compiler can use one SIMD register
-
-struct Params {
-  int32_t num_experts;
-  int32_t k;
-  int32_t policy;
-  float threshold;
-  int32_t min_experts;
-  int32_t max_experts;
-  int32_t score_func;
-  int32_t select;
-  int32_t normalize;
-  float scale;
-  int32_t n_group;
-  int32_t topk_group;
-  int32_t group_score_topk;
-};
 
 // Functions live in an ISA-named inline namespace (see MOE_ISA above); data types do not, so
 // both builds share them.

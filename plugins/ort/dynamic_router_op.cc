@@ -62,38 +62,35 @@ void run_batch(void* data, size_t batch) {
   run_rows(j, begin, std::min(j.t.rows, begin + j.t.rows_per_batch));
 }
 
-// Attribute readers: absent attributes take the documented defaults.
-int64_t attr_int(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t dflt) {
-  int64_t v = dflt;
+// Attribute readers, one per C type of MOE_ROUTER_ATTRS: an absent attribute keeps the default
+// already in `out`. A string attribute is stored as the index of its value among `names`; an
+// unknown value stores -1 and is kept in `bad` for the error message.
+void read_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name, int32_t& out,
+               const char* const* names, int n, std::string& bad) {
+  if (names) {
+    size_t len = 0;
+    OrtStatus* st = api.KernelInfoGetAttribute_string(info, name, nullptr, &len);
+    if (st) { api.ReleaseStatus(st); return; }
+    std::string s(len, '\0');
+    st = api.KernelInfoGetAttribute_string(info, name, &s[0], &len);
+    if (st) { api.ReleaseStatus(st); return; }
+    s.resize(len ? len - 1 : 0);
+    out = -1;
+    for (int i = 0; i < n; ++i)
+      if (s == names[i]) out = i;
+    if (out < 0) bad = s;
+    return;
+  }
+  int64_t v = 0;
   OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, &v);
-  if (st) { api.ReleaseStatus(st); return dflt; }
-  return v;
+  if (st) { api.ReleaseStatus(st); return; }
+  out = (v < -(1ll << 30) || v > (1ll << 30)) ? -1 : (int32_t)v;  // int64 in ONNX, int32 in the core
 }
-float attr_float(const OrtApi& api, const OrtKernelInfo* info, const char* name, float dflt) {
-  float v = dflt;
-  OrtStatus* st = api.KernelInfoGetAttribute_float(info, name, &v);
-  if (st) { api.ReleaseStatus(st); return dflt; }
-  return v;
+void read_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name, float& out,
+               const char* const*, int, std::string&) {
+  OrtStatus* st = api.KernelInfoGetAttribute_float(info, name, &out);
+  if (st) api.ReleaseStatus(st);
 }
-std::string attr_string(const OrtApi& api, const OrtKernelInfo* info, const char* name, const char* dflt) {
-  size_t n = 0;
-  OrtStatus* st = api.KernelInfoGetAttribute_string(info, name, nullptr, &n);
-  if (st) { api.ReleaseStatus(st); return dflt; }
-  std::string s(n, '\0');
-  st = api.KernelInfoGetAttribute_string(info, name, &s[0], &n);
-  if (st) { api.ReleaseStatus(st); return dflt; }
-  s.resize(n ? n - 1 : 0);
-  return s;
-}
-
-int code_of(const std::string& v, std::initializer_list<const char*> names) {
-  int i = 0;
-  for (const char* n : names) { if (v == n) return i; ++i; }
-  return -1;
-}
-
-// Narrowing guard: attributes are int64 in ONNX, int32 in the core.
-int32_t narrow(int64_t v) { return (v < -(1ll << 30) || v > (1ll << 30)) ? -1 : (int32_t)v; }
 
 struct DynamicRouterKernel {
   moe::Params p{};
@@ -155,25 +152,15 @@ struct DynamicRouterOp : Ort::CustomOpBase<DynamicRouterOp, DynamicRouterKernel,
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     auto k = std::make_unique<DynamicRouterKernel>();
     moe::Params& p = k->p;
-    p.num_experts = narrow(attr_int(api, info, "num_experts", -1));
-    p.k = narrow(attr_int(api, info, "k", -1));
-    std::string policy = attr_string(api, info, "policy", "static");
-    p.policy = code_of(policy, {"static", "top-p", "ratio", "entropy"});
-    p.threshold = attr_float(api, info, "threshold", 0.f);
-    p.min_experts = narrow(attr_int(api, info, "min_experts", 1));
-    p.max_experts = narrow(attr_int(api, info, "max_experts", 0));
-    if (p.max_experts == 0) p.max_experts = p.k;
-    p.score_func = code_of(attr_string(api, info, "score_func", "softmax"), {"softmax", "sigmoid"});
-    p.select = code_of(attr_string(api, info, "select", "after_score"), {"after_score", "before_score"});
-    p.normalize = narrow(attr_int(api, info, "normalize", 0));
-    p.scale = attr_float(api, info, "scale", 1.f);
-    p.n_group = narrow(attr_int(api, info, "n_group", 1));
-    p.topk_group = narrow(attr_int(api, info, "topk_group", 0));
-    if (p.topk_group == 0) p.topk_group = p.n_group;
-    p.group_score_topk = narrow(attr_int(api, info, "group_score_topk", 2));
+    p = moe::default_params();
+    std::string bad;
+#define MOE_READ_ATTR(name, type, dflt, names, n) read_attr(api, info, #name, p.name, names, n, bad);
+    MOE_ROUTER_ATTRS(MOE_READ_ATTR)
+#undef MOE_READ_ATTR
+    moe::resolve_zero_defaults(p);
     if (const char* err = moe::validate(p))
       return api.CreateStatus(ORT_INVALID_ARGUMENT, (std::string("DynamicRouter: ") + err +
-                                                     (p.policy < 0 ? " '" + policy + "'" : "")).c_str());
+                                                     (bad.empty() ? "" : " '" + bad + "'")).c_str());
     k->dtype = dtype;
     std::string err;
     k->route = pick_route_rows(err);

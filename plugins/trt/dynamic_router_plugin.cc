@@ -3,6 +3,8 @@
 // The kernel is the CUDA entry point in plugins/cuda (the same routing core as the CPU kernel).
 #include <NvInferRuntime.h>
 
+#include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -16,30 +18,12 @@ namespace {
 constexpr char const* kName = "DynamicRouter";
 constexpr char const* kVersion = "1";
 
-// Field order of serialization and of getFieldNames(): the ONNX attribute names.
-enum Field { kNumExperts, kK, kPolicy, kThreshold, kMinExperts, kMaxExperts, kScoreFunc, kSelect, kNormalize,
-             kScale, kNGroup, kTopkGroup, kGroupScoreTopk, kNumFields };
-char const* const kFieldNames[kNumFields] = {"num_experts", "k", "policy", "threshold", "min_experts",
-                                             "max_experts", "score_func", "select", "normalize", "scale",
-                                             "n_group", "topk_group", "group_score_topk"};
-char const* const kPolicies[] = {"static", "top-p", "ratio", "entropy"};
-char const* const kScoreFuncs[] = {"softmax", "sigmoid"};
-char const* const kSelects[] = {"after_score", "before_score"};
-
-int lookup(char const* s, int len, char const* const* names, int n) {
-  std::string v(s, len > 0 && s[len - 1] == '\0' ? len - 1 : len);
-  for (int i = 0; i < n; ++i)
-    if (v == names[i]) return i;
-  return -1;
-}
-
-moe::Params default_params() {
-  moe::Params p{};
-  p.num_experts = -1; p.k = -1; p.policy = moe::kStatic; p.threshold = 0.f; p.min_experts = 1;
-  p.max_experts = 0; p.score_func = moe::kSoftmax; p.select = moe::kAfterScore; p.normalize = 0;
-  p.scale = 1.f; p.n_group = 1; p.topk_group = 0; p.group_score_topk = 2;
-  return p;
-}
+// Plugin fields are the ONNX attributes (MOE_ROUTER_ATTRS, generated from moe_export/schema.py),
+// in that order for serialization and getFieldNames().
+#define MOE_FIELD_NAME(name, type, dflt, names, n) #name,
+char const* const kFieldNames[] = {MOE_ROUTER_ATTRS(MOE_FIELD_NAME)};
+#undef MOE_FIELD_NAME
+constexpr int kNumFields = sizeof(kFieldNames) / sizeof(kFieldNames[0]);
 
 int64_t as_int(PluginField const& f) {
   switch (f.type) {
@@ -50,45 +34,44 @@ int64_t as_int(PluginField const& f) {
     default: return -1;
   }
 }
-float as_float(PluginField const& f) {
+
+// One reader per C type of MOE_ROUTER_ATTRS. A string attribute arrives as its name (kCHAR, how
+// the ONNX parser passes strings) or as its code.
+void read_field(PluginField const& f, int32_t& out, char const* const* names, int n) {
+  if (names && f.type == PluginFieldType::kCHAR) {
+    char const* s = static_cast<char const*>(f.data);
+    std::string v(s, f.length > 0 && s[f.length - 1] == '\0' ? f.length - 1 : f.length);
+    out = -1;
+    for (int i = 0; i < n; ++i)
+      if (v == names[i]) out = i;
+    return;
+  }
+  out = (int32_t)as_int(f);
+}
+void read_field(PluginField const& f, float& out, char const* const*, int) {
   switch (f.type) {
-    case PluginFieldType::kFLOAT32: return *static_cast<float const*>(f.data);
-    case PluginFieldType::kFLOAT64: return (float)*static_cast<double const*>(f.data);
-    case PluginFieldType::kINT32: return (float)*static_cast<int32_t const*>(f.data);
-    case PluginFieldType::kINT64: return (float)*static_cast<int64_t const*>(f.data);
-    default: return NAN;
+    case PluginFieldType::kFLOAT32: out = *static_cast<float const*>(f.data); break;
+    case PluginFieldType::kFLOAT64: out = (float)*static_cast<double const*>(f.data); break;
+    case PluginFieldType::kINT32: out = (float)*static_cast<int32_t const*>(f.data); break;
+    case PluginFieldType::kINT64: out = (float)*static_cast<int64_t const*>(f.data); break;
+    default: out = NAN;
   }
 }
 
-// Returns false when a field is unusable; validate() then names the bad attribute.
-bool parse_fields(PluginFieldCollection const* fc, moe::Params& p) {
+// Returns nullptr, or why the fields do not describe a router this plugin can run.
+char const* parse_fields(PluginFieldCollection const* fc, moe::Params& p) {
   for (int32_t i = 0; fc && i < fc->nbFields; ++i) {
     PluginField const& f = fc->fields[i];
-    if (!f.name || !f.data) continue;
-    int idx = -1;
-    for (int j = 0; j < kNumFields; ++j)
-      if (!std::strcmp(f.name, kFieldNames[j])) idx = j;
-    char const* s = static_cast<char const*>(f.data);
-    switch (idx) {
-      case kNumExperts: p.num_experts = (int32_t)as_int(f); break;
-      case kK: p.k = (int32_t)as_int(f); break;
-      case kPolicy: p.policy = f.type == PluginFieldType::kCHAR ? lookup(s, f.length, kPolicies, 4) : (int32_t)as_int(f); break;
-      case kThreshold: p.threshold = as_float(f); break;
-      case kMinExperts: p.min_experts = (int32_t)as_int(f); break;
-      case kMaxExperts: p.max_experts = (int32_t)as_int(f); break;
-      case kScoreFunc: p.score_func = f.type == PluginFieldType::kCHAR ? lookup(s, f.length, kScoreFuncs, 2) : (int32_t)as_int(f); break;
-      case kSelect: p.select = f.type == PluginFieldType::kCHAR ? lookup(s, f.length, kSelects, 2) : (int32_t)as_int(f); break;
-      case kNormalize: p.normalize = (int32_t)as_int(f); break;
-      case kScale: p.scale = as_float(f); break;
-      case kNGroup: p.n_group = (int32_t)as_int(f); break;
-      case kTopkGroup: p.topk_group = (int32_t)as_int(f); break;
-      case kGroupScoreTopk: p.group_score_topk = (int32_t)as_int(f); break;
-      default: break;  // unknown fields (plugin_version, ...) are ignored
-    }
+    if (!f.name || !f.data) continue;  // unknown fields (plugin_version, ...) match nothing below
+#define MOE_PARSE_FIELD(attr, type, dflt, names, n) \
+    if (!std::strcmp(f.name, #attr)) read_field(f, p.attr, names, n);
+    MOE_ROUTER_ATTRS(MOE_PARSE_FIELD)
+#undef MOE_PARSE_FIELD
   }
-  if (p.max_experts == 0) p.max_experts = p.k;
-  if (p.topk_group == 0) p.topk_group = p.n_group;
-  return moe::validate(p) == nullptr && p.num_experts <= MOE_CUDA_MAX_EXPERTS;
+  moe::resolve_zero_defaults(p);
+  if (char const* err = moe::validate(p)) return err;
+  if (p.num_experts > MOE_CUDA_MAX_EXPERTS) return "num_experts exceeds what the CUDA kernel supports (512)";
+  return nullptr;
 }
 
 class DynamicRouterPlugin : public IPluginV3, public IPluginV3OneCore, public IPluginV3OneBuild,
@@ -172,18 +155,21 @@ class DynamicRouterPlugin : public IPluginV3, public IPluginV3OneCore, public IP
   void make_fields() {
     // Strings serialize as their names so engines stay readable across plugin versions.
     fields_.clear();
-    auto i32 = [&](Field f, int32_t const* v) { fields_.emplace_back(kFieldNames[f], v, PluginFieldType::kINT32, 1); };
-    auto f32 = [&](Field f, float const* v) { fields_.emplace_back(kFieldNames[f], v, PluginFieldType::kFLOAT32, 1); };
-    auto str = [&](Field f, char const* s) {
-      fields_.emplace_back(kFieldNames[f], s, PluginFieldType::kCHAR, (int32_t)std::strlen(s) + 1);
-    };
-    i32(kNumExperts, &p_.num_experts); i32(kK, &p_.k); str(kPolicy, kPolicies[p_.policy]);
-    f32(kThreshold, &p_.threshold); i32(kMinExperts, &p_.min_experts); i32(kMaxExperts, &p_.max_experts);
-    str(kScoreFunc, kScoreFuncs[p_.score_func]); str(kSelect, kSelects[p_.select]);
-    i32(kNormalize, &p_.normalize); f32(kScale, &p_.scale); i32(kNGroup, &p_.n_group);
-    i32(kTopkGroup, &p_.topk_group); i32(kGroupScoreTopk, &p_.group_score_topk);
+#define MOE_MAKE_FIELD(name, type, dflt, names, n) add_field(#name, p_.name, names);
+    MOE_ROUTER_ATTRS(MOE_MAKE_FIELD)
+#undef MOE_MAKE_FIELD
     fc_.nbFields = (int32_t)fields_.size();
     fc_.fields = fields_.data();
+  }
+  void add_field(char const* name, int32_t const& v, char const* const* names) {
+    if (names) {
+      fields_.emplace_back(name, names[v], PluginFieldType::kCHAR, (int32_t)std::strlen(names[v]) + 1);
+    } else {
+      fields_.emplace_back(name, &v, PluginFieldType::kINT32, 1);
+    }
+  }
+  void add_field(char const* name, float const& v, char const* const*) {
+    fields_.emplace_back(name, &v, PluginFieldType::kFLOAT32, 1);
   }
 
   moe::Params p_;
@@ -202,8 +188,12 @@ class DynamicRouterCreator : public IPluginCreatorV3One {
   }
   IPluginV3* createPlugin(char const*, PluginFieldCollection const* fc, TensorRTPhase) noexcept override {
     try {
-      moe::Params p = default_params();
-      if (!parse_fields(fc, p)) return nullptr;  // TensorRT reports the node it could not create
+      moe::Params p = moe::default_params();
+      if (char const* err = parse_fields(fc, p)) {
+        // TensorRT then reports the node it could not create; this says why.
+        std::fprintf(stderr, "[E] [moe_export] DynamicRouter plugin: %s\n", err);
+        return nullptr;
+      }
       auto* plugin = new DynamicRouterPlugin(p);
       plugin->set_namespace(ns_.c_str());
       return plugin;
