@@ -156,7 +156,8 @@ def run(work: Path, out: Path, policy=None, reduction=None, tokens=TOKENS, threa
     from moe_export.calibrate import calibrate
     from moe_export.graph import load_model
     from moe_export.rewrite import Policy, convert
-    from moe_export.validate import routing_indices, session_from_proto, with_routing_outputs
+    from moe_export.runtime import session_from_proto
+    from moe_export.validate import routing_indices, with_routing_outputs
 
     dims = json.loads((work / "dims.json").read_text())
     original, fused, converted = work / "original.onnx", work / "ort_moe.onnx", work / "converted.onnx"

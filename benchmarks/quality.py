@@ -24,7 +24,8 @@ from moe_export.calibrate import calibrate
 from moe_export.export import export_checkpoint
 from moe_export.graph import load_model
 from moe_export.rewrite import Policy, convert, routers_metadata
-from moe_export.validate import routing_indices, session_from_proto, with_routing_outputs
+from moe_export.runtime import session_from_proto
+from moe_export.validate import routing_indices, with_routing_outputs
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path.home() / ".cache" / "moe-export"

@@ -47,41 +47,9 @@ def trt_plugin_library() -> str:
     return _native("moe_export_trt", "MOE_EXPORT_TRT_PLUGIN", "the TensorRT plugin library")
 
 
-def session(model, providers=None, cpu_isa=None, **session_options):
-    """An onnxruntime.InferenceSession with the DynamicRouter library registered.
-
-    `model` is a path, a ModelProto or serialized bytes. Keyword arguments set SessionOptions
-    fields, e.g. intra_op_num_threads=1. `cpu_isa` ("auto", "avx2", "portable") picks the CPU
-    kernel's build for this session, as MOE_EXPORT_CPU_ISA does (it sets that variable while the
-    session is created, so do not create sessions from several threads with it).
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    for key, value in session_options.items():
-        if not hasattr(so, key):
-            raise TypeError(f"onnxruntime.SessionOptions has no field {key!r}")
-        setattr(so, key, value)
-    so.register_custom_ops_library(custom_op_library())
-    if hasattr(model, "SerializeToString"):
-        model = model.SerializeToString()
-    elif not isinstance(model, bytes):
-        model = str(model)
-    old = os.environ.get("MOE_EXPORT_CPU_ISA")
-    if cpu_isa is not None:
-        os.environ["MOE_EXPORT_CPU_ISA"] = cpu_isa  # read when the session creates its kernels
-    try:
-        return ort.InferenceSession(model, sess_options=so, providers=providers or ["CPUExecutionProvider"])
-    finally:
-        if cpu_isa is not None:
-            if old is None:
-                del os.environ["MOE_EXPORT_CPU_ISA"]
-            else:
-                os.environ["MOE_EXPORT_CPU_ISA"] = old
-
-
 from .schema import DOMAIN, OP_TYPE, register as _register_op_schema  # noqa: E402
-from .spec import dynamic_router, RouterAttrs  # noqa: E402  (public API)
+from .runtime import session  # noqa: E402  (public API)
+from .spec import dynamic_router, RouterAttrs  # noqa: E402
 
 # onnx.checker and onnx.shape_inference then know moe_export::DynamicRouter (docs/dynamic_router.md).
 _register_op_schema()

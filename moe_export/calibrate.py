@@ -5,7 +5,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from . import MoeExportError
 from .files import Output, Progress, model_files
@@ -13,7 +12,7 @@ from .graph import load_model
 from .patterns import find_gates
 from .rewrite import Policy, convert_model, repolicy, routers_metadata, set_policy
 from .spec import RouterAttrs, SpecError, policy_counts, policy_view
-from .validate import load_inputs, run_exposed
+from .runtime import load_inputs, run_exposed
 
 
 def router_logits(model_path, feeds, batch=16):

@@ -107,30 +107,49 @@ def cmd_convert(args):
 
 
 def cmd_inspect(args):
+    import onnx
+
     from .graph import load_model
-    from .patterns import find_gates, no_gates_message
-    from .rewrite import routers_metadata
+    from .patterns import explain, no_gates_message
+    from .rewrite import Policy, rewrite_model, routers_metadata
 
     model = load_model(args.model)
-    gates, misses = find_gates(model)
     meta = routers_metadata(model)
-    rows = [g.describe() for g in gates]
-    if args.json:
-        print(json.dumps({"model": str(args.model), "layers": rows, "near_misses": misses,
-                          "converted": meta}, indent=2))
-        return
     if meta is not None:
+        if args.json:
+            print(json.dumps({"model": str(args.model), "converted": meta}, indent=2))
+            return
         for r in meta["routers"]:
             a = r["attrs"]
             print(f"{r['layer']}: DynamicRouter E={a['num_experts']} k={a['k']} policy={a['policy']} "
                   f"threshold={a['threshold']} experts={a['min_experts']}..{a['max_experts']}")
+        return
+    topks = explain(model)
+    gates = [t["gate"] for t in topks if t["gate"] is not None]
+    misses = [t["near_miss"] for t in topks if t["near_miss"]]
+    rows = [g.describe() for g in gates]
+    if rows:  # what a conversion would do with each expert section (a dry run, in memory)
+        try:
+            dry = onnx.ModelProto()
+            dry.CopyFrom(model)
+            rewrite_model(dry, Policy("static"))
+            sections = [r["expert_section"] for r in routers_metadata(dry)["routers"]]
+        except MoeExportError as e:
+            sections = [f"not convertible: {e}"] * len(rows)
+        for r, sec in zip(rows, sections):
+            r["expert_section"] = sec
+    if args.json:
+        print(json.dumps({"model": str(args.model), "layers": rows, "near_misses": misses, "converted": None,
+                          "topk": [{"node": t["topk"], "taken_as": t["gate"] and t["gate"].family,
+                                    "near_miss": t["near_miss"], "why_not": t["why_not"]} for t in topks]},
+                         indent=2))
         return
     if not rows:
         raise MoeExportError(no_gates_message(model, misses))
     for r in rows:
         extra = f" groups={r['topk_group']}/{r['n_group']}" if r["n_group"] > 1 else ""
         print(f"{r['layer']}: {r['form']}; E={r['num_experts']} k={r['k']} scoring={r['scoring']} "
-              f"normalize={r['normalize']} scale={r['scale']:g}{extra} experts={r['experts']}")
+              f"normalize={r['normalize']} scale={r['scale']:g}{extra} experts={r['expert_section']}")
     print(f"{len(rows)} MoE layer(s)")
 
 

@@ -9,6 +9,7 @@ from onnx import TensorProto
 from . import MoeExportError, custom_op_library, trt_plugin_library
 from .files import Output, model_files
 from .graph import load_model
+from .runtime import graph_inputs
 
 _TRITON_TYPES = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.FLOAT16: "TYPE_FP16", TensorProto.BFLOAT16: "TYPE_BF16",
                  TensorProto.DOUBLE: "TYPE_FP64", TensorProto.INT64: "TYPE_INT64", TensorProto.INT32: "TYPE_INT32",
@@ -75,8 +76,7 @@ def build_engine(onnx_path, out, fp16=False, shapes=None, workspace_mb=4096):
 
 def _io_config(model, max_batch):
     """Triton input/output stanzas from the graph; with batching, the leading dim is Triton's."""
-    inits = {t.name for t in model.graph.initializer}
-    vals = [(v, "input") for v in model.graph.input if v.name not in inits] + [(v, "output") for v in model.graph.output]
+    vals = [(v, "input") for v in graph_inputs(model)] + [(v, "output") for v in model.graph.output]
     stanzas = {"input": [], "output": []}
     for v, kind in vals:
         tt = v.type.tensor_type
@@ -92,8 +92,7 @@ def _io_config(model, max_batch):
 
 def _batchable(model):
     """Triton may batch when every input and output has a dynamic leading (batch) dimension."""
-    inits = {t.name for t in model.graph.initializer}
-    vals = [v for v in model.graph.input if v.name not in inits] + list(model.graph.output)
+    vals = graph_inputs(model) + list(model.graph.output)
     def lead_dynamic(v):
         dims = v.type.tensor_type.shape.dim
         return len(dims) >= 2 and not dims[0].HasField("dim_value")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .graph import GraphIndex, NodeBuilder, attr, node_axes
+from .graph import GraphIndex, NodeBuilder, Surgery, attr, node_axes
 
 class _Skip(Exception):
     """The section is not of the batched shape this pass understands."""
@@ -66,21 +66,21 @@ def _section(ix, ids_flat, w_flat):
     return nodes, wmul
 
 
-def group_by_expert(model: onnx.ModelProto, routers) -> list[int]:
+def group_by_expert(model: onnx.ModelProto, routers) -> dict:
     """Rewrites, in place, the batched expert sections fed by `routers` (the rewriter's metadata).
-    Returns the indices of the routers whose sections were grouped."""
+    Returns, per router index, None where its section was grouped, else why it was kept."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 15:
-        return []
-    done = []  # (rewrite_model has named every node: sections are tracked by name)
+        return {i: f"opset {opset} < 15" for i in range(len(routers))}
+    out = {}  # (rewrite_model has named every node: sections are tracked by name)
     for i, r in enumerate(routers):
         ix = GraphIndex(model.graph)
         try:
             _group(model, ix, r, f"moe_export/experts_{i}")
-            done.append(i)
-        except _Skip:
-            continue
-    return done
+            out[i] = None
+        except _Skip as e:
+            out[i] = str(e)
+    return out
 
 
 def _combine_shape(ix, wmul, k, width):
@@ -203,35 +203,19 @@ def _group(model, ix, router, prefix):
     shape = op("Concat", [op("Shape", [ids_flat]), op("Slice", [op("Shape", [allc]), i64([1]), i64([2**62])])], axis=0)
     zeros = op("Expand", [op("CastLike", [const(np.float32(0)), allc]), shape])
     combined = op("ScatterND", [zeros, allp, allc])
+    surgery = Surgery(model.graph)
     if widen:
         widen[0].input[1] = const(widen[1])
-        stale = {widen[0].output[0], ids_flat, w_flat}
-        keep_vi = [v for v in model.graph.value_info if v.name not in stale]
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(keep_vi)
+        surgery.stale |= {widen[0].output[0], ids_flat, w_flat}
     # The new nodes take the place of the section's sink: every section node feeds it, so every
     # input they read is produced before it, and everything reading its result comes after.
-    section = {n.name for n in nodes}
-    g = model.graph
-    new_nodes = []
-    for n in g.node:
-        if n is wmul:
-            new_nodes.extend(b.nodes)
-        if n.name in section:
-            continue
-        for j, t in enumerate(n.input):
-            if t == wmul.output[0]:
-                n.input[j] = combined
-        new_nodes.append(n)
+    surgery.insert(b, before=wmul.name)
+    surgery.rewire(wmul.output[0], combined)
+    surgery.remove(n.name for n in nodes)
     # Dropped slots (id = E) must reach the Equal tests unclamped: they then match no expert.
-    clamp = ix.producer.get(ix.producer[ids_flat].input[0])
+    flat = ix.producer[ids_flat]
+    clamp = ix.producer.get(flat.input[0])
     if clamp is not None and clamp.op_type == "Min" and clamp.name.startswith("moe_export/"):
-        ix.producer[ids_flat].input[0] = clamp.input[0]
-        if not any(clamp.output[0] in n.input for n in new_nodes):
-            new_nodes.remove(clamp)
-    del g.node[:]
-    g.node.extend(new_nodes)
-    live = {t for n in new_nodes for t in n.input}
-    keep = [t for t in g.initializer if t.name in live or t.name not in {i for n in nodes for i in n.input}]
-    del g.initializer[:]
-    g.initializer.extend(keep + b.inits)
+        surgery.rewire(clamp.output[0], clamp.output[0], exceptions={flat.name: clamp.input[0]})
+        surgery.remove([clamp.name])
+    surgery.apply()

@@ -8,6 +8,7 @@ time proportional to the weights; here cost is proportional to the node count, a
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,20 @@ class GraphIndex:
         n = self.producer.get(self.source(name)[0])
         return n if n is not None and (op_type is None or n.op_type == op_type) else None
 
+    def path_up(self, tensor, ops):
+        """The nodes producing `tensor` along `ops`, nearest first, Casts stepped over: ops[0]
+        produces `tensor`, ops[1] one of ops[0]'s inputs, and so on; None if there is no such path."""
+        node = self.source_node(tensor, ops[0])
+        if node is None:
+            return None
+        found = [node]
+        for op in ops[1:]:
+            node = next((n for n in (self.source_node(i, op) for i in node.input if i) if n is not None), None)
+            if node is None:
+                return None
+            found.append(node)
+        return found
+
     def through_casts(self, name):
         """(`name` followed forward through a chain of sole-consumer Casts, the last type cast to)."""
         to = None
@@ -217,11 +232,7 @@ class NodeBuilder:
 
 def _reads(graph: onnx.GraphProto, acc: set) -> set:
     """Every tensor name read by the graph's nodes, subgraphs (If/Loop/Scan bodies) included."""
-    for n in graph.node:
-        acc.update(i for i in n.input if i)
-        for a in n.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                _reads(g, acc)
+    acc |= _reads_of(graph.node)
     return acc
 
 
@@ -232,3 +243,90 @@ def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     if len(keep) != len(graph.initializer):
         del graph.initializer[:]
         graph.initializer.extend(keep)
+
+
+@dataclass
+class Rewire:
+    """Consumers of `old` read `new` instead; those named in `exceptions` read the tensor given
+    there. A graph output named `old` keeps its name and carries `output` (default `new`)."""
+    old: str
+    new: str
+    exceptions: dict = field(default_factory=dict)
+    output: str | None = None
+
+
+class Surgery:
+    """One batch of edits to a graph, applied together: new nodes placed before an anchor node,
+    consumers rewired, nodes that nothing reads any more removed (from the given candidates),
+    then unused initializers and stale value_info dropped. Every node must be named (the
+    rewriter names them first)."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.added: dict[str, list] = {}   # anchor node name -> nodes placed before it
+        self.inits: list = []
+        self.rewires: list[Rewire] = []
+        self.removable: set[str] = set()   # node names that go once unused
+        self.stale: set[str] = set()       # tensors whose value_info no longer holds
+
+    def insert(self, builder: "NodeBuilder", before: str) -> None:
+        """Places the builder's nodes before node `before` (after everything they read)."""
+        self.added.setdefault(before, []).extend(builder.nodes)
+        self.inits += builder.inits
+
+    def rewire(self, old, new, exceptions=None, output=None) -> None:
+        self.rewires.append(Rewire(old, new, dict(exceptions or {}), output))
+
+    def remove(self, names) -> None:
+        self.removable |= set(names)
+
+    def apply(self) -> None:
+        g = self.graph
+        rw = {r.old: r for r in self.rewires}
+        for n in g.node:  # only the existing nodes: the new ones read the tensors as they were
+            for i, t in enumerate(n.input):
+                if t in rw:
+                    n.input[i] = rw[t].exceptions.get(n.name, rw[t].new)
+        outputs = {o.name for o in g.output}
+        keep = []
+        for n in g.node:
+            for j, o in enumerate(n.output):
+                if o in rw and o in outputs:
+                    # The old producer lets go of the name (and so becomes dead); an Identity takes it.
+                    n.output[j] = f"{o}/replaced_by_moe_export"
+                    r = rw[o]
+                    keep.append(helper.make_node("Identity", [r.output or r.new], [o], name=f"moe_export/keep_{o}"))
+        nodes = []
+        for n in g.node:
+            nodes.extend(self.added.get(n.name, ()))
+            nodes.append(n)
+        nodes = _prune(nodes + keep, self.removable, outputs)
+        del g.node[:]
+        g.node.extend(nodes)
+        g.initializer.extend(self.inits)
+        drop_unused_initializers(g)
+        produced = {o for n in nodes for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+        stale = set(rw) | self.stale
+        keep_vi = [v for v in g.value_info if v.name in produced and v.name not in stale]
+        del g.value_info[:]
+        g.value_info.extend(keep_vi)
+
+
+def _prune(nodes, removable, outputs):
+    """Removes nodes of `removable` whose outputs nothing reads (iteratively)."""
+    while True:
+        used = _reads_of(nodes) | outputs
+        keep = [n for n in nodes if n.name not in removable or any(o in used for o in n.output if o)]
+        if len(keep) == len(nodes):
+            return keep
+        nodes = keep
+
+
+def _reads_of(nodes) -> set:
+    acc = set()
+    for n in nodes:
+        acc.update(i for i in n.input if i)
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                _reads(sub, acc)
+    return acc

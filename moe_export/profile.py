@@ -9,7 +9,7 @@ from . import MoeExportError
 from .graph import load_model
 from .rewrite import routers_metadata
 from .spec import dynamic_router
-from .validate import load_inputs, run_exposed
+from .runtime import load_inputs, run_exposed
 
 
 def flops_per_pair(model, E, n_layers):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from onnx import TensorProto, helper
 
 from . import MoeExportError
 from .files import Output, model_files
-from .graph import GraphIndex, NodeBuilder, drop_unused_initializers, load_model
+from .graph import GraphIndex, NodeBuilder, Surgery, load_model
 from .patterns import Gate, find_gates, no_gates_message
 from .schema import DOMAIN, OP_TYPE, VERSION, node_attributes
 from .spec import RouterAttrs, SpecError
@@ -160,10 +159,7 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
         raise MoeExportError(no_gates_message(model, misses))
     if portable and _opset(model) < 13:
         raise MoeExportError(f"--portable needs ONNX opset >= 13, the model has {_opset(model)}")
-    graph = model.graph
-    insert_at = {}     # TopK node name -> nodes to place there
-    rename = {}        # old tensor -> new tensor, for consumers outside the gate
-    new_inits = []
+    surgery = Surgery(model.graph)
     routers = []       # recorded in metadata for validate/profile/calibrate
     for gi, gate in enumerate(gates):
         a = router_attrs(gate, pol, group_experts)
@@ -178,73 +174,32 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
                                             domain=DOMAIN, **node_attributes(a)))
         if gate.cast_to is not None and gate.cast_to != ftype:
             w = b.op("Cast", [w], to=gate.cast_to)
+        consumers = ix.consumers_of(gate.indices)
+        raw_ok = {c.name for c in consumers if _only_compared(ix, c)}
         clamped = None
-        raw_ok = {c.name for c in ix.consumers_of(gate.indices) if _only_compared(ix, c)}
-        if any(c.name not in raw_ok for c in ix.consumers_of(gate.indices)):
+        if any(c.name not in raw_ok for c in consumers):
             clamped = b.op("Min", [idx, b.const(np.int64(a.num_experts - 1))], hint="clamped_indices")
-        rename[gate.weights] = w
-        rename[gate.indices] = (idx, clamped, raw_ok)
+        surgery.rewire(gate.weights, w)
+        surgery.rewire(gate.indices, clamped or idx, exceptions={c: idx for c in raw_ok}, output=idx)
+        # The router goes where the gate's TopK stood: after logits and bias, before any user.
+        surgery.insert(b, before=gate.topk.name)
+        surgery.remove(_gate_region(ix, gate))
         routers.append({"layer": gate.name, "family": gate.family, "weights": w, "indices": idx,
                         "logits": gate.logits, "bias": gate.bias, "attrs": node_attributes(a)})
-        insert_at[gate.topk.name or id(gate.topk)] = b.nodes
-        new_inits += b.inits
-    # Rewire consumers. Graph outputs that were gate tensors keep their names through Identity.
-    out_names = {o.name for o in graph.output}
-    for n in graph.node:
-        for i, name in enumerate(n.input):
-            if name in rename:
-                r = rename[name]
-                if isinstance(r, tuple):
-                    n.input[i] = r[0] if (n.name in r[2] or r[1] is None) else r[1]
-                else:
-                    n.input[i] = r
-    ident = []
-    for old, r in rename.items():
-        if old in out_names:
-            # The old producer lets go of the name (and so becomes dead) and an Identity takes it.
-            for o_i, o in enumerate(ix.producer[old].output):
-                if o == old:
-                    ix.producer[old].output[o_i] = f"{old}/replaced_by_moe_export"
-            src = r[0] if isinstance(r, tuple) else r
-            ident.append(helper.make_node("Identity", [src], [old], name=f"moe_export/keep_{old}"))
-    # Place the new nodes where each gate's TopK stood (after logits and bias are produced and
-    # before anything that used the gate), then drop the gate nodes nothing uses any more.
-    nodes = []
-    for n in graph.node:
-        key = n.name or id(n)
-        if n.op_type == "TopK" and key in insert_at:
-            nodes.extend(insert_at[key])
-        nodes.append(n)
-    region = set()
-    for g in gates:
-        region |= _gate_region(ix, g)
-    nodes = _prune(nodes + ident, region, out_names)
-    # Small constants only the removed gate nodes read (k, axes, shapes) go with them.
-    still_read = {i for n in nodes for i in n.input} | out_names
-    removed_reads = {i for n in graph.node if n.name in region for i in n.input}
-    orphans = {t for t in removed_reads - still_read if t in ix.initializers}
-    keep_inits = [t for t in graph.initializer if t.name not in orphans]
-    del graph.initializer[:]
-    graph.initializer.extend(keep_inits + new_inits)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    # value_info entries for the replaced tensors describe shapes that may have changed.
-    produced = {o for n in nodes for o in n.output}
-    stale = set(rename) | (set(ix.producer) - produced)
-    keep_vi = [v for v in graph.value_info if v.name not in stale]
-    del graph.value_info[:]
-    graph.value_info.extend(keep_vi)
+    surgery.apply()
     if group_experts:
         from .experts import group_by_expert
-        grouped = group_by_expert(model, routers)
+        kept = group_by_expert(model, routers)
     else:
-        grouped = []
+        kept = {i: "--no-group-experts" for i in range(len(routers))}
     for i, (g, r) in enumerate(zip(gates, routers)):
-        if r["attrs"]["max_experts"] > r["attrs"]["k"] and g.expert_form == "batched" and i not in grouped:
+        r["expert_section"] = ("grouped by expert" if kept[i] is None else
+                               "per-expert loop (a dropped slot matches no expert)" if g.expert_form == "loop" else
+                               f"{g.expert_form}, kept as exported: {kept[i]}")
+        if r["attrs"]["max_experts"] > r["attrs"]["k"] and g.expert_form == "batched" and kept[i] is not None:
             raise MoeExportError(f"max_experts={r['attrs']['max_experts']} exceeds the graph's k={r['attrs']['k']} at "
-                                 f"{g.name}: its batched expert section is not of a form that can be regrouped")
-    drop_unused_initializers(model.graph)
-    set_routers_metadata(model, routers, portable, len(grouped))
+                                 f"{g.name}: its batched expert section cannot be regrouped ({kept[i]})")
+    set_routers_metadata(model, routers, portable, sum(v is None for v in kept.values()))
     if not portable and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
     return model, gates
@@ -288,16 +243,6 @@ def _gate_region(ix: GraphIndex, gate: Gate) -> set:
         region.add(n.name)
         stack.extend(n.input)
     return region
-
-
-def _prune(nodes, region, outputs):
-    """Removes nodes of `region` whose outputs nothing reads (iteratively)."""
-    while True:
-        used = {i for n in nodes for i in n.input} | outputs
-        keep = [n for n in nodes if n.name not in region or any(o in used for o in n.output if o)]
-        if len(keep) == len(nodes):
-            return keep
-        nodes = keep
 
 
 def convert(src, dst, pol: Policy, portable=False, group_experts=True):

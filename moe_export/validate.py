@@ -4,172 +4,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from . import MoeExportError
 from .graph import GraphIndex, load_model
 from .patterns import find_gates
 from .rewrite import routers_metadata
+from .runtime import check_inputs, expose, load_inputs, make_feeds, session_from_proto
 
 PAIRS_PREFIX = "moe_export.indices."
-
-_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64,
-       TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.BOOL: np.bool_}
-
-
-def _int_bound(ix: GraphIndex, name):
-    """Token ids index an embedding: the first Gather over an initializer tells the vocab size."""
-    for c in ix.consumers_of(name):
-        if c.op_type == "Gather" and c.input[1] == name and c.input[0] in ix.initializers:
-            return ix.initializers[c.input[0]].dims[0]
-    return None
-
-
-def make_feeds(model, dims=None, seed=0, tokens=16, batch=2):
-    """Random inputs from the graph's input specs. Symbolic dims take `dims[name]`, else `batch`
-    for a dim named like a batch and `tokens` for the others."""
-    dims = dict(dims or {})
-    ix = GraphIndex(model.graph)
-    rng = np.random.default_rng(seed)
-    symbolic = {d.dim_param for i in graph_inputs(model) for d in i.type.tensor_type.shape.dim if d.dim_param}
-    if set(dims) - symbolic:
-        raise MoeExportError(f"--dim {', '.join(sorted(set(dims) - symbolic))}: no such input dimension "
-                             f"(the graph's symbolic dimensions: {', '.join(sorted(symbolic)) or 'none'})")
-    feeds = {}
-    for inp in graph_inputs(model):
-        tt = inp.type.tensor_type
-        shape = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                shape.append(d.dim_value)
-            else:
-                guess = batch if "batch" in d.dim_param.lower() else tokens
-                shape.append(int(dims.get(d.dim_param, guess)))
-        dt = _NP.get(tt.elem_type)
-        if dt is None:
-            raise MoeExportError(f"input {inp.name!r}: element type {tt.elem_type} is not supported; pass --data")
-        if np.issubdtype(dt, np.integer):
-            hi = _int_bound(ix, inp.name) or 100
-            feeds[inp.name] = rng.integers(0, hi, size=shape).astype(dt)
-        elif dt is np.bool_:
-            feeds[inp.name] = rng.integers(0, 2, size=shape).astype(bool)
-        else:
-            feeds[inp.name] = (rng.standard_normal(shape) * 2.0).astype(dt)
-    return feeds
-
-
-def graph_inputs(model):
-    """The inputs a caller feeds: graph inputs that are not initializers."""
-    inits = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in inits]
-
-
-def load_inputs(path, model):
-    """Inputs for `model` from an .npz of named arrays, or an .npy for a single-input graph
-    (token ids [batch, seq], router logits [tokens, E]); checked against the graph's inputs."""
-    p = Path(path)
-    if not p.is_file():
-        raise MoeExportError(f"{p}: no such file")
-    try:
-        data = np.load(p, allow_pickle=False)
-        if isinstance(data, np.lib.npyio.NpzFile):
-            with data:
-                data = {k: data[k] for k in data.files}
-    except Exception as e:
-        raise MoeExportError(f"{p}: cannot read inputs ({type(e).__name__}); expected .npy or .npz") from None
-    inputs = graph_inputs(model)
-    if not isinstance(data, dict):
-        if len(inputs) != 1:
-            raise MoeExportError(f"{p}: an .npy feeds a single-input graph; this one has {len(inputs)} inputs "
-                                 f"({', '.join(i.name for i in inputs)}): pass an .npz with one array each")
-        rank = len(inputs[0].type.tensor_type.shape.dim)
-        if data.ndim == rank - 1:  # one sequence of token ids: a batch of one
-            data = data[None]
-        data = {inputs[0].name: data}
-    return check_inputs(data, model, str(p))
-
-
-def check_inputs(feeds, model, where="--data"):
-    """Names, element kinds and ranks of `feeds` against the graph's inputs; arrays cast to the
-    graph's element types. One-line errors."""
-    inputs = {i.name: i for i in graph_inputs(model)}
-    unknown, missing = sorted(set(feeds) - set(inputs)), sorted(set(inputs) - set(feeds))
-    if unknown or missing:
-        raise MoeExportError(f"{where}: inputs do not match the graph's ({', '.join(inputs)}): "
-                             + "; ".join(x for x in (unknown and f"unknown {', '.join(unknown)}",
-                                                     missing and f"missing {', '.join(missing)}") if x))
-    out = {}
-    for name, arr in feeds.items():
-        tt = inputs[name].type.tensor_type
-        want = _NP.get(tt.elem_type)
-        arr = np.asarray(arr)
-        if want is None:
-            raise MoeExportError(f"input {name!r}: element type {tt.elem_type} is not supported")
-        kind = lambda d: "bool" if d == np.bool_ else "integer" if np.issubdtype(d, np.integer) else \
-            "float" if np.issubdtype(d, np.floating) else str(d)
-        if kind(arr.dtype) != kind(np.dtype(want)):
-            raise MoeExportError(f"{where}: input {name!r} is {arr.dtype}, the graph wants {np.dtype(want).name}")
-        if tt.HasField("shape"):
-            dims = tt.shape.dim
-            if arr.ndim != len(dims):
-                raise MoeExportError(f"{where}: input {name!r} has rank {arr.ndim}, the graph wants {len(dims)}")
-            for j, d in enumerate(dims):
-                if d.HasField("dim_value") and arr.shape[j] != d.dim_value:
-                    raise MoeExportError(f"{where}: input {name!r} has shape {list(arr.shape)}, "
-                                         f"dimension {j} must be {d.dim_value}")
-        out[name] = arr.astype(want, copy=False)
-    return out
-
-
-def expose(model, tensors, prefix):
-    """A copy of `model` with `tensors` also as graph outputs, named prefix + position."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for i, t in enumerate(tensors):
-        m.graph.node.append(helper.make_node("Identity", [t], [f"{prefix}{i}"], name=f"moe_export/expose_{prefix}{i}"))
-        m.graph.output.append(helper.make_empty_tensor_value_info(f"{prefix}{i}"))
-    return m
-
 
 def with_routing_outputs(model, index_tensors):
     """A copy of `model` whose router index tensors are also graph outputs, under fixed names."""
     return expose(model, index_tensors, PAIRS_PREFIX)
-
-
-def run_exposed(model, base_dir, tensors, feeds, batch=16, custom_ops=True, progress=None):
-    """Runs `model` on `feeds`, `batch` rows of the first axis at a time, and returns for each of
-    `tensors` the list of its per-batch values. `progress`: a files.Progress told the batches done."""
-    prefix = "moe_export.exposed."
-    names = [f"{prefix}{i}" for i in range(len(tensors))]
-    sess = session_from_proto(expose(model, tensors, prefix), base_dir, custom_ops=custom_ops)
-    n = next(iter(feeds.values())).shape[0]
-    got = [[] for _ in tensors]
-    if progress is not None:
-        progress.total = -(-n // batch)
-    for j, s in enumerate(range(0, n, batch)):
-        for g, r in zip(got, sess.run(names, {k: v[s:s + batch] for k, v in feeds.items()})):
-            g.append(r)
-        if progress is not None:
-            progress.update(j + 1)
-    return got
-
-
-def session_from_proto(model, base_dir, custom_ops=True, **opts):
-    import onnxruntime as ort
-    from . import custom_op_library
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 4  # a load failure is reported once, as MoeExportError below
-    for k, v in opts.items():
-        setattr(so, k, v)
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
-    if custom_ops:
-        so.register_custom_ops_library(custom_op_library())
-    try:
-        return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise MoeExportError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
 
 
 def routing_indices(model):

@@ -56,7 +56,7 @@ def run_cli(*args, cwd=None):
 
 
 def input_feeds(path, tokens=16, seed=0):
-    from moe_export.validate import make_feeds
+    from moe_export.runtime import make_feeds
     return make_feeds(onnx.load(str(path), load_external_data=False), dims={}, seed=seed, tokens=tokens)
 
 

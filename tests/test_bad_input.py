@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import FAMILY_GRAPHS, GATE_GRAPHS, run_cli
+from conftest import FAMILY_GRAPHS, run_cli
 
 MIXTRAL = next(p for p in FAMILY_GRAPHS if p.stem == "mixtral")
 

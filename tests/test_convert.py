@@ -10,7 +10,8 @@ from conftest import ALL_GRAPHS, FAMILY_GRAPHS, GATE_GRAPHS, GRAPHS, input_feeds
 from moe_export.graph import load_model
 from moe_export.patterns import find_gates
 from moe_export.rewrite import Policy, convert, routers_metadata
-from moe_export.validate import make_feeds, validate
+from moe_export.runtime import make_feeds
+from moe_export.validate import validate
 
 
 def ids(paths):

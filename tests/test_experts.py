@@ -10,7 +10,7 @@ from onnx import helper
 import moe_export
 from conftest import FAMILY_GRAPHS, input_feeds
 from moe_export.rewrite import Policy, convert, routers_metadata
-from moe_export.validate import session_from_proto
+from moe_export.runtime import session_from_proto
 
 BATCHED = [p for p in FAMILY_GRAPHS if not p.stem.startswith("legacy_")]
 LOOPS = [p for p in FAMILY_GRAPHS if p.stem.startswith("legacy_")]

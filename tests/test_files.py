@@ -4,7 +4,6 @@ import os
 import pty
 import resource
 import select
-import shutil
 import signal
 import subprocess
 import sys

@@ -1,5 +1,4 @@
 """The scale benchmark's generator and conversion, at full layer count (weights file kept small)."""
-import os
 import sys
 
 import onnx

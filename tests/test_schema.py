@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 import moe_export  # registers the op's OpSchema
-from conftest import FAMILY_GRAPHS, GATE_GRAPHS, GRAPHS, ROOT
+from conftest import GATE_GRAPHS, GRAPHS, ROOT
 from moe_export import schema
 from moe_export.rewrite import Policy, convert
 from moe_export.spec import RouterAttrs

@@ -215,4 +215,3 @@ extern "C" int moe_dynamic_router_cuda(const moe::Params* p, int dtype, const vo
   return (int)err;
 }
 
-extern "C" const char* moe_dynamic_router_validate(const moe::Params* p) { return moe::validate(*p); }

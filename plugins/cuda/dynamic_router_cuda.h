@@ -23,8 +23,6 @@ __attribute__((visibility("default"))) int moe_dynamic_router_cuda(
     const moe::Params* params, int dtype, const void* logits, const void* bias, void* weights,
     int64_t* indices, int64_t rows, cudaStream_t stream);
 
-// nullptr when valid, else why not.
-__attribute__((visibility("default"))) const char* moe_dynamic_router_validate(const moe::Params* params);
 
 #ifdef __cplusplus
 }

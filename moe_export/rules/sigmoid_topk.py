@@ -1,0 +1,79 @@
+"""Sigmoid scores, an optional correction bias added for ranking, an optional group limit
+(DeepSeek-V3: the best topk_group of n_group expert groups, by the sum of each group's best
+keys, masked with Where), TopK, the weights gathered from the unbiased scores, optionally
+renormalized and scaled."""
+from ..patterns import Gate, Miss, NearMiss, Rule, num_experts, topk_k, weights_chain
+from ..schema import gate_defaults
+
+ORDER = 30
+
+
+def group_params(ix, choice, E):
+    """Reshape(choice, [.., G, E/G]) -> TopK(t) -> ReduceSum -> TopK(topk_group)."""
+    for r in ix.followers(choice, "Reshape"):
+        shape = ix.const(r.input[1])
+        if shape is None or shape.size < 2:
+            continue
+        G, gs = int(shape.reshape(-1)[-2]), int(shape.reshape(-1)[-1])
+        if G <= 0 and gs > 0:
+            G = E // gs
+        if gs <= 0 and G > 0:
+            gs = E // G
+        # Other consumers (Shape for a zeros_like, ...) may share these tensors.
+        first = lambda t, op: next(iter(ix.followers(t, op)), None)
+        t1 = first(r.output[0], "TopK")
+        if t1 is None or G * gs != E:
+            continue
+        rs = first(t1.output[0], "ReduceSum")
+        t2 = rs and first(rs.output[0], "TopK")
+        if t2 is None:
+            continue
+        return dict(n_group=G, group_score_topk=topk_k(ix, t1), topk_group=topk_k(ix, t2))
+    raise NearMiss("masked top-k without a recognizable expert-group selection")
+
+
+def match(ix, tk):
+    scores, cast_to = ix.source(tk.input[0])
+    src = ix.producer.get(scores)
+    where = None
+    if src is not None and src.op_type == "Where":
+        # masked_fill(~group_mask, -inf): the non-constant branch carries the choice scores
+        cands = [i for i in src.input[1:] if ix.const(ix.source(i)[0]) is None]
+        if len(cands) != 1:
+            raise Miss("TopK ranks a Where whose both branches vary (not a group mask)")
+        where, choice = src, ix.source(cands[0])[0]
+        src = ix.producer.get(choice)
+    else:
+        choice = scores
+    bias = None
+    if src is not None and src.op_type == "Add":
+        sig = next((n for n in (ix.source_node(i, "Sigmoid") for i in src.input) if n is not None), None)
+        if sig is None:
+            raise Miss("TopK ranks a sum that is not Sigmoid scores + bias")
+        bias = src.input[1] if ix.source(src.input[0])[0] == sig.output[0] else src.input[0]
+    elif src is not None and src.op_type == "Sigmoid":
+        sig = src
+    else:
+        raise Miss("TopK does not rank Sigmoid scores (with or without a bias or group mask)")
+    k = topk_k(ix, tk)
+    E = num_experts(ix, sig.output[0], sig.input[0], bias) if bias else num_experts(ix, sig.output[0], sig.input[0])
+    if E is None:
+        raise NearMiss(f"sigmoid->TopK {tk.name!r}: cannot tell the number of experts")
+    a = gate_defaults(E, k) | dict(score_func="sigmoid")
+    if where is not None:
+        a |= group_params(ix, choice, E)
+    ge = next((c for c in ix.consumers_of(tk.output[1])
+               if c.op_type == "GatherElements" and ix.source(c.input[0])[0] == sig.output[0]), None)
+    if ge is not None:
+        w0, w0_cast = ge.output[0], ix.source(ge.input[0])[1]
+    elif bias is None and where is None:
+        w0, w0_cast = tk.output[0], cast_to  # the top-k values are the sigmoid scores themselves
+    else:
+        raise NearMiss(f"sigmoid gate {tk.name!r}: weights are not gathered from the sigmoid scores")
+    w, normalize, scale, cast = weights_chain(ix, w0)
+    a |= dict(normalize=normalize, scale=scale)
+    return Gate("sigmoid_topk", tk, sig.input[0], bias, w, tk.output[1], a, cast_to=cast or w0_cast)
+
+
+RULE = Rule("sigmoid_topk", "Sigmoid [+ bias] [-> group mask] -> TopK -> GatherElements(Sigmoid) [-> x / sum] [-> x * scale]",
+            "DeepSeek-V3", match)
