@@ -40,7 +40,7 @@ TOLERANCE = {"float": (1e-4, 1e-3), "half": (2e-3, 5e-3)}
 _HALF = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
 
-def _computes_in_half(model) -> bool:
+def computes_in_half(model) -> bool:
     g = model.graph
     return (any(v.type.tensor_type.elem_type in _HALF for v in list(g.input) + list(g.output) + list(g.value_info))
             or any(t.data_type in _HALF for t in g.initializer)
@@ -49,7 +49,7 @@ def _computes_in_half(model) -> bool:
 
 def _tolerances(model, atol, rtol):
     """(atol, rtol): those given, else by the precision the model computes in."""
-    default = TOLERANCE["half" if _computes_in_half(model) else "float"]
+    default = TOLERANCE["half" if computes_in_half(model) else "float"]
     return (default[0] if atol is None else atol), (default[1] if rtol is None else rtol)
 
 

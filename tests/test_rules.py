@@ -1,0 +1,199 @@
+"""Each gate rule on minimal synthetic graphs: every optional branch taken and not taken, and
+the reason a rule gives when a TopK is not of its form. Converted graphs are run against the
+original in ONNX Runtime for the positive cases."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import moe_export
+from moe_export.patterns import explain
+from moe_export.rewrite import Policy, rewrite_model
+from moe_export.validate import TOLERANCE, computes_in_half
+
+E, K = 8, 2
+
+
+class G:
+    """A tiny graph: logits [n, E] in, weights and indices out."""
+
+    def __init__(self):
+        self.nodes, self.inits, self.n = [], [], 0
+
+    def const(self, value, dtype=np.int64):
+        self.n += 1
+        name = f"c{self.n}"
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, op_type, inputs, n_out=1, **kw):
+        self.n += 1
+        outs = [f"{op_type.lower()}{self.n}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{op_type}{self.n}", **kw))
+        return outs if n_out > 1 else outs[0]
+
+    def cast(self, x, to):
+        return self.op("Cast", [x], to=to)
+
+    def topk(self, x, k=K, **kw):
+        return self.op("TopK", [x, self.const([k])], n_out=2, axis=-1, **kw)
+
+    def model(self, weights, indices, extra_inputs=()):
+        g = helper.make_graph(self.nodes, "gate", [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", E]),
+                                                   *extra_inputs],
+                              [helper.make_tensor_value_info(weights, TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info(indices, TensorProto.INT64, None)], self.inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+        m.ir_version = 9
+        return m
+
+
+def normalize(g, w, eps=None):
+    s = g.op("ReduceSum", [w, g.const([-1])], keepdims=1)
+    if eps is not None:
+        s = g.op("Add", [s, g.const(eps, np.float32)])
+    return g.op("Div", [w, s])
+
+
+def softmax_topk(norm=False, eps=None, scale=None, cast=False, axis=-1):
+    g = G()
+    p = g.op("Softmax", ["logits"], axis=axis)
+    if cast:
+        p = g.cast(g.cast(p, TensorProto.FLOAT16), TensorProto.FLOAT)
+    w, i = g.topk(p)
+    if norm:
+        w = normalize(g, w, eps)
+    if scale:
+        w = g.op("Mul", [w, g.const(scale, np.float32)])
+    return g.model(w, i)
+
+
+def topk_softmax(scale=None, cast=False, extra_consumer=False):
+    g = G()
+    v, i = g.topk("logits")
+    if cast:
+        v = g.cast(g.cast(v, TensorProto.FLOAT16), TensorProto.FLOAT)
+    w = g.op("Softmax", [v], axis=-1)
+    if scale:
+        w = g.op("Mul", [w, g.const(scale, np.float32)])
+    if extra_consumer:
+        g.op("Neg", [v])
+    return g.model(w, i)
+
+
+def sigmoid_topk(bias=False, groups=False, gather=True, norm=False, eps=None, scale=None, both_vary=False):
+    g = G()
+    s = g.op("Sigmoid", ["logits"])
+    choice = g.op("Add", [s, g.const(np.linspace(-0.1, 0.1, E), np.float32)]) if bias else s
+    key = choice
+    if groups:  # DeepSeek-V3: 4 groups of 2, the best 2 groups by the sum of their best 2 keys
+        grouped = g.op("Reshape", [choice, g.const([-1, 4, 2])])
+        best = g.topk(grouped, 2)[0]
+        gsum = g.op("ReduceSum", [best, g.const([-1])], keepdims=0)
+        gidx = g.topk(gsum, 2)[1]
+        mask = g.op("ScatterElements", [g.op("Mul", [gsum, g.const(0.0, np.float32)]), gidx,
+                                        g.op("Add", [g.op("Mul", [g.cast(gidx, TensorProto.FLOAT), g.const(0.0, np.float32)]),
+                                                     g.const(1.0, np.float32)])], axis=1)
+        full = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [mask, g.const([-1])]), g.const([1, 1, 2])]),
+                                g.const([-1, E])])
+        off = g.op("Not", [g.cast(full, TensorProto.BOOL)])
+        other = "logits" if both_vary else g.const(-np.inf, np.float32)
+        key = g.op("Where", [off, other, choice])
+    w, i = g.topk(key)
+    if gather:
+        w = g.op("GatherElements", [s, i], axis=1)
+    if norm:
+        w = normalize(g, w, eps)
+    if scale:
+        w = g.op("Mul", [w, g.const(scale, np.float32)])
+    return g.model(w, i)
+
+
+def only_row(m):
+    rows = explain(m)
+    return rows[-1]  # the TopK that selects experts is the last one (groups come first)
+
+
+def check_parity(m, tmp_path):
+    """The rewritten graph, static, reproduces the original in ONNX Runtime."""
+    import onnxruntime as ort
+
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    conv = onnx.ModelProto()
+    conv.CopyFrom(m)
+    rewrite_model(conv, Policy("static"))
+    x = np.random.default_rng(0).standard_normal((64, E)).astype(np.float32)
+    (w0, i0), (w1, i1) = ref.run(None, {"logits": x}), moe_export.session(conv).run(None, {"logits": x})
+    o0, o1 = np.argsort(i0, -1), np.argsort(i1, -1)  # slot order may be unspecified (sorted=0)
+    np.testing.assert_array_equal(np.take_along_axis(i0, o0, -1), np.take_along_axis(i1, o1, -1))
+    # A graph that rounds scores through float16 differs from the router by that rounding.
+    atol, rtol = TOLERANCE["half"] if computes_in_half(m) else (1e-6, 1e-6)
+    np.testing.assert_allclose(np.take_along_axis(w1, o1, -1), np.take_along_axis(w0, o0, -1), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("kw, attrs", [
+    ({}, dict(normalize=0, scale=1.0)),
+    ({"norm": True}, dict(normalize=1)),
+    ({"norm": True, "eps": 1e-20}, dict(normalize=1)),
+    ({"scale": 2.5}, dict(normalize=0, scale=2.5)),
+    ({"norm": True, "scale": 1.5, "cast": True}, dict(normalize=1, scale=1.5)),
+])
+def test_softmax_topk_branches(kw, attrs, tmp_path):
+    m = softmax_topk(**kw)
+    row = only_row(m)
+    assert row["gate"] is not None and row["gate"].family == "softmax_topk", row
+    assert {k: row["gate"].attrs[k] for k in attrs} == pytest.approx(attrs)
+    check_parity(m, tmp_path)
+
+
+def test_softmax_topk_declines():
+    row = only_row(softmax_topk(axis=0))
+    assert row["gate"] is None and "not over the experts" in row["why_not"]["softmax_topk"]
+    # an eps that is not small is not a renormalization's guard: the gate stops before it
+    row = only_row(softmax_topk(norm=True, eps=0.5))
+    assert row["gate"].attrs["normalize"] == 0
+
+
+@pytest.mark.parametrize("kw, scale", [({}, 1.0), ({"scale": 3.0}, 3.0), ({"cast": True}, 1.0)])
+def test_topk_softmax_branches(kw, scale, tmp_path):
+    m = topk_softmax(**kw)
+    row = only_row(m)
+    assert row["gate"].family == "topk_softmax" and row["gate"].attrs["select"] == "before_score"
+    assert row["gate"].attrs["scale"] == scale
+    check_parity(m, tmp_path)
+
+
+def test_topk_softmax_declines_values_used_elsewhere():
+    row = only_row(topk_softmax(extra_consumer=True))
+    assert row["gate"] is None and "Softmax alone" in row["why_not"]["topk_softmax"]
+
+
+@pytest.mark.parametrize("kw, attrs", [
+    ({"gather": False}, dict(n_group=1, normalize=0)),
+    ({"bias": True}, dict(n_group=1)),
+    ({"bias": True, "norm": True, "eps": 1e-20, "scale": 2.5}, dict(normalize=1, scale=2.5)),
+    ({"bias": True, "groups": True, "norm": True}, dict(n_group=4, topk_group=2, group_score_topk=2, normalize=1)),
+])
+def test_sigmoid_topk_branches(kw, attrs, tmp_path):
+    m = sigmoid_topk(**kw)
+    row = only_row(m)
+    assert row["gate"].family == "sigmoid_topk", row
+    assert (row["gate"].bias is not None) == kw.get("bias", False)
+    assert {k: row["gate"].attrs[k] for k in attrs} == pytest.approx(attrs)
+    check_parity(m, tmp_path)
+
+
+def test_sigmoid_topk_declines_and_near_misses():
+    row = only_row(sigmoid_topk(bias=True, groups=True, both_vary=True))
+    assert row["gate"] is None and "both branches vary" in row["why_not"]["sigmoid_topk"]
+    # a biased ranking whose weights do not come from the sigmoid scores: the form is there, a piece is not
+    row = only_row(sigmoid_topk(bias=True, gather=False))
+    assert row["gate"] is None and "not gathered from the sigmoid scores" in row["near_miss"]
+
+
+def test_every_rule_says_why_not():
+    g = G()
+    w, i = g.topk(g.op("Relu", ["logits"]))
+    row = only_row(g.model(w, i))
+    assert row["gate"] is None and set(row["why_not"]) == {"softmax_topk", "topk_softmax", "sigmoid_topk"}
+    assert all(row["why_not"].values())
