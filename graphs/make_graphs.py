@@ -125,6 +125,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--legacy", action="store_true", help="export per-expert-loop graphs (transformers 4.x)")
     ap.add_argument("--out", type=Path, default=HERE)
+    ap.add_argument("--only", metavar="FAMILY", help="regenerate this family's graph alone")
     args = ap.parse_args()
     import transformers
     major = int(transformers.__version__.split(".")[0])
@@ -133,7 +134,9 @@ def main():
     # wide/: the same tiny models with one more expert per token, the reference for routers
     # converted with --max-experts k+1 (same seed and shapes, so the same weights).
     (args.out / "wide").mkdir(exist_ok=True)
-    if args.legacy:
+    if args.only:
+        export_family(args.only, args.out / f"{'legacy_' if args.legacy else ''}{args.only}.onnx")
+    elif args.legacy:
         for fam in LEGACY:
             for exporter in ("torchscript", "dynamo"):
                 export_family(fam, args.out / f"legacy_{fam}_{exporter}.onnx", exporter=exporter)

@@ -11,7 +11,17 @@ from . import MoeExportError
 from .files import Output, Spinner
 from .graph import load_model
 
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
+
+
+def _declares_experts(cfg: dict) -> bool:
+    """Mixture-of-Experts configs name an expert count (num_experts, num_local_experts,
+    n_routed_experts, moe_num_experts, ...), possibly in a sub-config (text_config)."""
+    for k, v in cfg.items():
+        if isinstance(v, dict) and _declares_experts(v):
+            return True
+        if "expert" in k and not isinstance(v, bool) and isinstance(v, int) and v > 1:
+            return True
+    return False
 
 
 def _transformers():
@@ -47,11 +57,13 @@ def load_checkpoint(ckpt_dir):
     if not (ckpt / "config.json").is_file():
         raise MoeExportError(f"{ckpt}: not a transformers checkpoint directory (no config.json)")
     try:
-        model_type = json.loads((ckpt / "config.json").read_text()).get("model_type")
+        cfg = json.loads((ckpt / "config.json").read_text())
+        model_type = cfg.get("model_type")
     except (ValueError, AttributeError):
         raise MoeExportError(f"{ckpt}/config.json is not a JSON object") from None
-    if model_type not in SUPPORTED:
-        raise MoeExportError(f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED)}")
+    if not _declares_experts(cfg):
+        raise MoeExportError(f"unsupported architecture {model_type!r}: its config declares no experts "
+                             "(moe-export works on Mixture-of-Experts models)")
     try:
         tf.AutoConfig.from_pretrained(str(ckpt), local_files_only=True)
     except Exception as e:

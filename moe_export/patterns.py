@@ -118,13 +118,7 @@ def weights_chain(ix, w0):
         dv = next((c for c in cons if c.op_type == "Div" and c.input[0] == t), None)
         if rs is not None and dv is not None and attr(rs, "keepdims", 1) == 1 \
                 and node_axes(ix, rs) in ([-1], [1]):
-            den = rs.output[0]
-            eps = ix.only_consumer(den, "Add")
-            if eps is not None and dv.input[1] == eps.output[0]:
-                other = eps.input[1] if eps.input[0] == den else eps.input[0]
-                e = scalar(ix, other)
-                if e is not None and abs(e) < 1e-6:
-                    den = eps.output[0]
+            den = _guarded(ix, rs.output[0], dv.input[1])
             if dv.input[1] == den:
                 cur, normalize, cast = dv.output[0], 1, to or cast
     t, to = ix.through_casts(cur)
@@ -134,6 +128,20 @@ def weights_chain(ix, w0):
         if c is not None:
             cur, scale, cast = m.output[0], float(c), to or cast
     return cur, normalize, scale, cast
+
+
+def _guarded(ix, den, divisor):
+    """The denominator of a renormalization, through a guard against a zero sum that changes
+    nothing for real scores: sum + eps, Clip(sum, min=eps) or Max(sum, eps), eps < 1e-6."""
+    g = ix.only_consumer(den)
+    if g is None or g.output[0] != divisor or g.op_type not in ("Add", "Clip", "Max"):
+        return den
+    if g.op_type == "Clip":
+        small = len(g.input) > 1 and g.input[0] == den and (len(g.input) < 3 or not g.input[2])
+        eps = scalar(ix, g.input[1]) if small else None
+    else:
+        eps = scalar(ix, g.input[1] if g.input[0] == den else g.input[0])
+    return g.output[0] if eps is not None and abs(eps) < 1e-6 else den
 
 
 def expert_form(ix, indices):

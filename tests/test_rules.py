@@ -48,21 +48,22 @@ class G:
         return m
 
 
-def normalize(g, w, eps=None):
+def normalize(g, w, eps=None, guard="Add"):
+    """x / sum(x), the sum guarded against 0 by `guard` (Add eps, Clip(min=eps), Max(eps))."""
     s = g.op("ReduceSum", [w, g.const([-1])], keepdims=1)
     if eps is not None:
-        s = g.op("Add", [s, g.const(eps, np.float32)])
+        s = g.op(guard, [s, g.const(eps, np.float32)])
     return g.op("Div", [w, s])
 
 
-def softmax_topk(norm=False, eps=None, scale=None, cast=False, axis=-1):
+def softmax_topk(norm=False, eps=None, scale=None, cast=False, axis=-1, guard="Add"):
     g = G()
     p = g.op("Softmax", ["logits"], axis=axis)
     if cast:
         p = g.cast(g.cast(p, TensorProto.FLOAT16), TensorProto.FLOAT)
     w, i = g.topk(p)
     if norm:
-        w = normalize(g, w, eps)
+        w = normalize(g, w, eps, guard)
     if scale:
         w = g.op("Mul", [w, g.const(scale, np.float32)])
     return g.model(w, i)
@@ -135,6 +136,8 @@ def check_parity(m, tmp_path):
     ({}, dict(normalize=0, scale=1.0)),
     ({"norm": True}, dict(normalize=1)),
     ({"norm": True, "eps": 1e-20}, dict(normalize=1)),
+    ({"norm": True, "eps": 1e-12, "guard": "Clip"}, dict(normalize=1)),
+    ({"norm": True, "eps": 1e-12, "guard": "Max"}, dict(normalize=1)),
     ({"scale": 2.5}, dict(normalize=0, scale=2.5)),
     ({"norm": True, "scale": 1.5, "cast": True}, dict(normalize=1, scale=1.5)),
 ])
@@ -151,6 +154,8 @@ def test_softmax_topk_declines():
     assert row["gate"] is None and "not over the experts" in row["why_not"]["softmax_topk"]
     # an eps that is not small is not a renormalization's guard: the gate stops before it
     row = only_row(softmax_topk(norm=True, eps=0.5))
+    assert row["gate"].attrs["normalize"] == 0
+    row = only_row(softmax_topk(norm=True, eps=0.5, guard="Clip"))
     assert row["gate"].attrs["normalize"] == 0
 
 
