@@ -31,6 +31,8 @@ FAMILIES = {
                         v_head_dim=16, routed_scaling_factor=2.5, norm_topk_prob=True, num_key_value_heads=4),
     "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=16,
                     layer_types=["sliding_attention", "full_attention"]),
+    "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_layer_start_index=0,
+                         moe_num_shared_experts=0),
 }
 LEGACY = ("mixtral", "qwen2_moe", "olmoe")  # the families transformers 4.46 has
 
