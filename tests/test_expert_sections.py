@@ -1,12 +1,15 @@
 """Why a batched expert section is kept as exported: each reason of experts._Skip on the real
 exported Mixtral graph, changed just enough to lose the shape the regrouping needs. The router is
 still replaced, and the converted graph still reproduces the original where it runs."""
+import re
+
 import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
 
 from conftest import GRAPHS
+from moe_export import MoeExportError
 from moe_export.graph import GraphIndex
 from moe_export.rewrite import Policy, rewrite_model, routers_metadata
 
@@ -67,6 +70,40 @@ def combine_not_reshape_to_k(m):
     r.input[0] = "pairs_copy"
 
 
+def no_flat_pair_view(m):
+    flat = node(m, "node_view_8")  # Reshape(ids, [-1])
+    m.graph.initializer.append(numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), "not_flat"))
+    flat.input[1] = "not_flat"
+
+
+def no_table_gathered(m):
+    for name in ("node_GatherND_348", "node_GatherND_357"):
+        node(m, name).op_type = "Gather"
+
+
+def matmul_operand_of_another_form(m):
+    node(m, "node_unsqueeze_19").op_type = "Identity"
+
+
+def matmul_of_pair_tensors(m):
+    node(m, "node_mul_422").op_type = "MatMul"
+
+
+def set_const(m, name, value):
+    m.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=np.int64), name))
+    return name
+
+
+def combine_not_a_slot_sum(m):
+    node(m, "node_sum_2").input[1] = set_const(m, "axis_2", [2])
+
+
+def states_not_a_per_token_repeat(m):
+    node(m, "node_Expand_334").op_type = "Tile"
+
+
+WIDE = {"policy": "top-p", "threshold": 0.5, "max_experts": 3}
+
 CASES = [
     (opset_14, {}, "opset 14 < 15"),
     (pair_tensor_is_output, {}, "a pair tensor is a graph output"),
@@ -75,8 +112,14 @@ CASES = [
     (table_not_initializer, {}, "gathered table is not an [E, ...] initializer"),
     (ids_gather_of_another_form, {}, "ids gather of another form"),
     (ids_used_by_another_op, {}, "expert ids used by Add"),
-    # only a router wider than k needs the per-token combine widened
-    (combine_not_reshape_to_k, {"policy": "top-p", "threshold": 0.5, "max_experts": 3}, None),
+    (no_flat_pair_view, {}, "no flat pair view of the routing"),
+    (no_table_gathered, {}, "no weight tables gathered by expert id"),
+    (matmul_operand_of_another_form, {}, "batched matmul operand of another form"),
+    (matmul_of_pair_tensors, {}, "a matmul of pair tensors that is not an expert weight"),
+    # only a router wider than k needs the per-token combine widened and the states repeated
+    (combine_not_reshape_to_k, WIDE, "the per-token combine is not a Reshape to [-1, k, hidden]"),
+    (combine_not_a_slot_sum, WIDE, "the per-token combine is not a sum over the slot axis"),
+    (states_not_a_per_token_repeat, WIDE, "a pair tensor from outside the section is not a per-token repeat"),
 ]
 
 
@@ -84,9 +127,8 @@ CASES = [
 def test_section_kept_with_its_reason(change, policy, reason):
     m = onnx.load(str(MIXTRAL))
     change(m)
-    if reason is None:  # the wider router cannot be served: conversion says why, in one line
-        from moe_export import MoeExportError
-        with pytest.raises(MoeExportError, match="cannot be regrouped .*per-token combine is not a Reshape"):
+    if policy:  # a router wider than k cannot be served by the section as exported: one line says why
+        with pytest.raises(MoeExportError, match=re.escape(f"cannot be regrouped ({reason})")):
             kept_because(m, **policy)
         return
     assert kept_because(m, **policy).endswith(f"kept as exported: {reason}")

@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import moe_export
-from moe_export.patterns import explain
+from moe_export.patterns import explain, rules
 from moe_export.rewrite import Policy, rewrite_model
 from moe_export.validate import TOLERANCE, computes_in_half
 
@@ -200,5 +200,30 @@ def test_every_rule_says_why_not():
     g = G()
     w, i = g.topk(g.op("Relu", ["logits"]))
     row = only_row(g.model(w, i))
-    assert row["gate"] is None and set(row["why_not"]) == {"softmax_topk", "topk_softmax", "sigmoid_topk"}
+    assert row["gate"] is None and set(row["why_not"]) == {r.family for r in rules()}
     assert all(row["why_not"].values())
+
+
+@pytest.mark.parametrize("router", ["Gemm_transB", "Gemm", "MatMul"])
+def test_number_of_experts_from_the_router_weight(router):
+    """No shape information on the logits: E comes from the router's weight."""
+    H = 6
+    g = G()
+    w = np.random.default_rng(0).standard_normal((E, H) if router == "Gemm_transB" else (H, E)).astype(np.float32)
+    op = router.split("_")[0]
+    kw = {"transB": 1} if router == "Gemm_transB" else {}
+    logits = g.op(op, ["hidden", g.const(w, np.float32)], **kw)
+    wts, idx = g.topk(g.op("Softmax", [logits], axis=-1))
+    m = g.model(wts, idx)
+    m.graph.input[0].CopyFrom(helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["n", H]))
+    row = only_row(m)
+    assert row["gate"].attrs["num_experts"] == E, row
+
+
+def test_unknown_number_of_experts_is_a_near_miss():
+    g = G()
+    wts, idx = g.topk(g.op("Softmax", [g.op("Relu", ["hidden"])], axis=-1))
+    m = g.model(wts, idx)
+    m.graph.input[0].CopyFrom(helper.make_tensor_value_info("hidden", TensorProto.FLOAT, None))
+    row = only_row(m)
+    assert row["gate"] is None and "cannot tell the number of experts" in row["near_miss"]
