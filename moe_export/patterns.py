@@ -130,6 +130,20 @@ def weights_chain(ix, w0):
     return cur, normalize, scale, cast
 
 
+def experts_of(ix, tk, *tensors):
+    """The number of experts, read off the first of `tensors` that tells it; a NearMiss if none."""
+    E = num_experts(ix, *tensors)
+    if E is None:
+        raise NearMiss(f"TopK {tk.name!r}: cannot tell the number of experts (run onnx shape inference first)")
+    return E
+
+
+def gathered(ix, tk, scores):
+    """The GatherElements taking the weights from `scores` at the ids `tk` chose, or None."""
+    return next((c for c in ix.consumers_of(tk.output[1])
+                 if c.op_type == "GatherElements" and ix.source(c.input[0])[0] == scores), None)
+
+
 def _guarded(ix, den, divisor):
     """The denominator of a renormalization, through a guard against a zero sum that changes
     nothing for real scores: sum + eps, Clip(sum, min=eps) or Max(sum, eps), eps < 1e-6."""

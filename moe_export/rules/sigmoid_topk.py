@@ -2,7 +2,7 @@
 (DeepSeek-V3: the best topk_group of n_group expert groups, by the sum of each group's best
 keys, masked with Where), TopK, the weights gathered from the unbiased scores, optionally
 renormalized and scaled."""
-from ..patterns import Gate, Miss, NearMiss, Rule, num_experts, topk_k, weights_chain
+from ..patterns import Gate, Miss, NearMiss, Rule, experts_of, gathered, topk_k, weights_chain
 from ..schema import gate_defaults
 
 ORDER = 30
@@ -56,14 +56,11 @@ def match(ix, tk):
     else:
         raise Miss("TopK does not rank Sigmoid scores (with or without a bias or group mask)")
     k = topk_k(ix, tk)
-    E = num_experts(ix, sig.output[0], sig.input[0], bias) if bias else num_experts(ix, sig.output[0], sig.input[0])
-    if E is None:
-        raise NearMiss(f"sigmoid->TopK {tk.name!r}: cannot tell the number of experts")
+    E = experts_of(ix, tk, sig.output[0], sig.input[0], *([bias] if bias else []))
     a = gate_defaults(E, k) | dict(score_func="sigmoid")
     if where is not None:
         a |= group_params(ix, choice, E)
-    ge = next((c for c in ix.consumers_of(tk.output[1])
-               if c.op_type == "GatherElements" and ix.source(c.input[0])[0] == sig.output[0]), None)
+    ge = gathered(ix, tk, sig.output[0])
     if ge is not None:
         w0, w0_cast = ge.output[0], ix.source(ge.input[0])[1]
     elif bias is None and where is None:

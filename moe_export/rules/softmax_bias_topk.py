@@ -1,7 +1,7 @@
 """Softmax scores with a correction bias added for ranking only (ERNIE 4.5 MoE): TopK ranks
 softmax + bias, the weights are the unbiased probabilities gathered at the chosen experts,
 optionally renormalized and scaled."""
-from ..patterns import Gate, Miss, NearMiss, Rule, last_axis, num_experts, topk_k, weights_chain
+from ..patterns import Gate, Miss, NearMiss, Rule, experts_of, gathered, last_axis, topk_k, weights_chain
 from ..schema import gate_defaults
 
 ORDER = 40
@@ -16,11 +16,8 @@ def match(ix, tk):
         raise Miss("the Softmax is not over the experts (last) axis")
     bias = next(i for i in add.input if ix.source(i)[0] != sm.output[0])
     k = topk_k(ix, tk)
-    E = num_experts(ix, sm.output[0], sm.input[0])
-    if E is None:
-        raise NearMiss(f"softmax+bias->TopK {tk.name!r}: cannot tell the number of experts")
-    ge = next((c for c in ix.consumers_of(tk.output[1])
-               if c.op_type == "GatherElements" and ix.source(c.input[0])[0] == sm.output[0]), None)
+    E = experts_of(ix, tk, sm.output[0], sm.input[0])
+    ge = gathered(ix, tk, sm.output[0])
     if ge is None:
         raise NearMiss(f"softmax+bias gate {tk.name!r}: weights are not gathered from the softmax scores")
     w, normalize, scale, cast = weights_chain(ix, ge.output[0])

@@ -1,6 +1,6 @@
 """Softmax over the experts, then TopK of the probabilities; optionally renormalized over the k
 (x / sum(x) [+ eps]) and scaled."""
-from ..patterns import Gate, Miss, NearMiss, Rule, last_axis, num_experts, topk_k, weights_chain
+from ..patterns import Gate, Miss, Rule, experts_of, last_axis, topk_k, weights_chain
 from ..schema import gate_defaults
 
 ORDER = 10
@@ -14,9 +14,7 @@ def match(ix, tk):
     if not last_axis(sm, ix, sm.input[0]):
         raise Miss("the Softmax is not over the experts (last) axis")
     k = topk_k(ix, tk)
-    E = num_experts(ix, sm.output[0], sm.input[0])
-    if E is None:
-        raise NearMiss(f"softmax->TopK {tk.name!r}: cannot tell the number of experts (run onnx shape inference first)")
+    E = experts_of(ix, tk, sm.output[0], sm.input[0])
     w, normalize, scale, cast = weights_chain(ix, tk.output[0])
     return Gate("softmax_topk", tk, sm.input[0], None, w, tk.output[1],
                 gate_defaults(E, k) | dict(normalize=normalize, scale=scale),

@@ -1,5 +1,5 @@
 """TopK of the raw logits, then a Softmax over the k values (the weights); optionally scaled."""
-from ..patterns import Gate, Miss, NearMiss, Rule, last_axis, num_experts, topk_k, weights_chain
+from ..patterns import Gate, Miss, Rule, experts_of, last_axis, topk_k, weights_chain
 from ..schema import gate_defaults
 
 ORDER = 20
@@ -13,9 +13,7 @@ def match(ix, tk):
     if not last_axis(sm, ix, vals):
         raise Miss("the Softmax of the TopK values is not over the last axis")
     k = topk_k(ix, tk)
-    E = num_experts(ix, tk.input[0])
-    if E is None:
-        raise NearMiss(f"TopK->softmax {tk.name!r}: cannot tell the number of experts")
+    E = experts_of(ix, tk, tk.input[0])
     w, _, scale, cast = weights_chain(ix, sm.output[0])
     return Gate("topk_softmax", tk, tk.input[0], None, w, tk.output[1],
                 gate_defaults(E, k) | dict(select="before_score", scale=scale), cast_to=cast or to)
