@@ -1,7 +1,6 @@
 """TensorRT engines and Triton Inference Server model repositories for converted graphs."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from onnx import TensorProto
@@ -43,34 +42,30 @@ def _tensorrt():
 
 def build_engine(onnx_path, out, fp16=False, shapes=None, workspace_mb=4096):
     """Builds a TensorRT engine with the DynamicRouter plugin loaded (polygraphy's loaders)."""
-    trt = _tensorrt()
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
-
-    model = load_model(onnx_path)  # one-line errors for bad files before TensorRT sees them
     out = Path(out)
-    if not out.parent.is_dir():
-        raise MoeExportError(f"output directory {out.parent} does not exist")
-    trt.get_plugin_registry().load_library(trt_plugin_library())
-    profile = Profile()
-    for name, (lo, opt, hi) in (shapes or {}).items():
-        profile.add(name, min=lo, opt=opt, max=hi)
-    missing = [i.name for i in model.graph.input
-               if any(d.dim_param or not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)
-               and i.name not in (shapes or {})]
-    if missing:
-        raise MoeExportError(f"dynamic inputs need --shape NAME:MIN,OPT,MAX: {', '.join(missing)}")
-    config = CreateConfig(fp16=fp16, profiles=[profile] if shapes else None,
-                          memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace_mb << 20})
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        SaveEngine(EngineFromNetwork(NetworkFromOnnxPath(str(onnx_path)), config=config), str(tmp))()
-        os.replace(tmp, out)
-    except MoeExportError:
-        raise
-    except Exception as e:
-        raise MoeExportError(f"TensorRT could not build the engine: {str(e).splitlines()[0]}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    with Output(protected=model_files(onnx_path)) as staged:
+        staged.check_model_path(out)
+        trt = _tensorrt()
+        from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
+
+        model = load_model(onnx_path)  # one-line errors for bad files before TensorRT sees them
+        trt.get_plugin_registry().load_library(trt_plugin_library())
+        profile = Profile()
+        for name, (lo, opt, hi) in (shapes or {}).items():
+            profile.add(name, min=lo, opt=opt, max=hi)
+        missing = [i.name for i in model.graph.input
+                   if any(d.dim_param or not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)
+                   and i.name not in (shapes or {})]
+        if missing:
+            raise MoeExportError(f"dynamic inputs need --shape NAME:MIN,OPT,MAX: {', '.join(missing)}")
+        config = CreateConfig(fp16=fp16, profiles=[profile] if shapes else None,
+                              memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace_mb << 20})
+        try:
+            SaveEngine(EngineFromNetwork(NetworkFromOnnxPath(str(onnx_path)), config=config), str(staged.temp(out)))()
+        except MoeExportError:
+            raise
+        except Exception as e:
+            raise MoeExportError(f"TensorRT could not build the engine: {str(e).splitlines()[0]}") from None
     return out
 
 

@@ -282,7 +282,8 @@ class Output:
         self.dirs.append((d, final))
         return d
 
-    def _temp(self, final: Path) -> Path:
+    def temp(self, final: Path) -> Path:
+        """A staged temporary beside `final`, for a writer that wants a path; renamed on commit."""
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is not what a user expects
@@ -290,12 +291,12 @@ class Output:
         return Path(tmp)
 
     def file(self, final: Path, data: bytes) -> None:
-        self._temp(Path(final)).write_bytes(data)
+        self.temp(Path(final)).write_bytes(data)
 
     def copy(self, src: Path, final: Path, label=None) -> None:
         final = Path(final)
         self.check(final)
-        tmp = self._temp(final)
+        tmp = self.temp(final)
         copy_file(src, tmp, label)
         if os.stat(src).st_mode & 0o111:  # libraries and tools stay executable
             os.chmod(tmp, 0o777 & ~_umask())
@@ -304,7 +305,7 @@ class Output:
         """For a file this command made itself (an exporter's scratch output)."""
         final = Path(final)
         self.check(final)
-        tmp = self._temp(final)
+        tmp = self.temp(final)
         os.replace(src, tmp)
 
     def model(self, model: onnx.ModelProto, out: Path, src_dir: Path, owned=False) -> None:
@@ -337,7 +338,7 @@ class Output:
         srcs = [src_dir / loc for loc in locs]
         total = sum(os.path.getsize(f) for f in srcs)
         base, at = {}, 0
-        with open(self._temp(dst), "r+b") as fo, Progress(f"copying external data to {name}", total) as bar:
+        with open(self.temp(dst), "r+b") as fo, Progress(f"copying external data to {name}", total) as bar:
             for loc, f in zip(locs, srcs):
                 base[loc] = at
                 at += copy_into(f, fo, at, bar, at)

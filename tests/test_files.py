@@ -273,3 +273,10 @@ def test_triton_repository_is_readable_by_the_servers_user(tmp_path):
             assert mode & 0o001, f"{p} cannot be entered by others ({oct(mode)})"
     assert (tmp_path / "repo" / "m" / "1" / "model.onnx.data").stat().st_nlink == 1
     loads_everywhere(tmp_path / "repo" / "m" / "1" / "model.onnx")
+
+
+def test_build_engine_never_writes_over_its_input(user_model, tmp_path):
+    before = snapshot(user_model.parent)
+    for target in (user_model, user_model.parent / "m.onnx.data"):
+        assert_one_line_error(run_cli("build-engine", user_model, "-o", target), "never modifies its inputs")
+    assert snapshot(user_model.parent) == before
