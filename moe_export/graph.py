@@ -263,15 +263,15 @@ class Surgery:
 
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph
-        self.added: dict[str, list] = {}   # anchor node name -> nodes placed before it
+        self.added: dict[tuple, list] = {}  # (anchor node name, 0 before / 1 after) -> nodes
         self.inits: list = []
         self.rewires: list[Rewire] = []
         self.removable: set[str] = set()   # node names that go once unused
         self.stale: set[str] = set()       # tensors whose value_info no longer holds
 
-    def insert(self, builder: "NodeBuilder", before: str) -> None:
-        """Places the builder's nodes before node `before` (after everything they read)."""
-        self.added.setdefault(before, []).extend(builder.nodes)
+    def insert(self, builder: "NodeBuilder", before: str | None = None, after: str | None = None) -> None:
+        """Places the builder's nodes right before node `before`, or right after node `after`."""
+        self.added.setdefault((before, 0) if before else (after, 1), []).extend(builder.nodes)
         self.inits += builder.inits
 
     def rewire(self, old, new, exceptions=None, output=None) -> None:
@@ -288,19 +288,31 @@ class Surgery:
                 if t in rw:
                     n.input[i] = rw[t].exceptions.get(n.name, rw[t].new)
         outputs = {o.name for o in g.output}
-        keep = []
+        producers = {o: n for n in g.node for o in n.output}
+        keep, moved = [], {}
         for n in g.node:
             for j, o in enumerate(n.output):
                 if o in rw and o in outputs:
-                    # The old producer lets go of the name (and so becomes dead); an Identity takes it.
-                    n.output[j] = f"{o}/replaced_by_moe_export"
+                    # The old producer lets go of the name (and so usually becomes dead); an
+                    # Identity takes it. New nodes that read the old tensor follow it.
+                    n.output[j] = moved[o] = f"{o}/replaced_by_moe_export"
                     r = rw[o]
                     keep.append(helper.make_node("Identity", [r.output or r.new], [o], name=f"moe_export/keep_{o}"))
+        for added in self.added.values():
+            for n in added:
+                for i, t in enumerate(n.input):
+                    if t in moved:
+                        n.input[i] = moved[t]
         nodes = []
         for n in g.node:
-            nodes.extend(self.added.get(n.name, ()))
+            nodes.extend(self.added.get((n.name, 0), ()))
             nodes.append(n)
-        nodes = _prune(nodes + keep, self.removable, outputs)
+            nodes.extend(self.added.get((n.name, 1), ()))
+        # Removable too: new nodes nobody reads, and nodes that fed only removed ones.
+        added = {n.name for a in self.added.values() for n in a}
+        fed = {p.name for n in g.node if n.name in self.removable for t in n.input
+               for p in [producers.get(t)] if p is not None}
+        nodes = _prune(nodes + keep, self.removable | added | fed, outputs)
         del g.node[:]
         g.node.extend(nodes)
         g.initializer.extend(self.inits)

@@ -11,33 +11,45 @@ from onnx import TensorProto, helper
 
 from . import MoeExportError
 from .files import Output, model_files
-from .graph import GraphIndex, NodeBuilder, Surgery, load_model
+from .graph import GraphIndex, NodeBuilder, Surgery, attr, load_model
 from .patterns import Gate, find_gates, no_gates_message
 from .schema import DOMAIN, OP_TYPE, VERSION, node_attributes
 from .spec import RouterAttrs, SpecError
 
-# A dropped slot's id (= E) must be clamped before it indexes a gather; comparisons (OneHot, Equal:
-# the per-expert loops) skip it by themselves, and must see it unclamped or expert E-1 would
-# compute every dropped slot.
-_SKIPS_SENTINEL = {"OneHot", "Equal"}
+# How each use of the expert ids stays right when a slot is dropped (id = E, weight 0). Every
+# path from the ids, through view ops, ends in one of these, or the conversion is refused for
+# policies that drop slots:
+#   compared  (OneHot, Equal: per-expert loops): the raw ids; E matches no expert, so a dropped
+#             slot skips its work (clamped, expert E-1 would compute every dropped slot);
+#   gathered  (Gather, GatherND, GatherElements as the index): ids clamped to E-1; the rows
+#             gathered meet the slot's zero weight (batched experts);
+#   scattered (ScatterElements as the index, dense router weights): the raw ids into the data
+#             widened by a scratch column that is sliced off again, so a dropped slot's zero never
+#             lands on a kept expert E-1.
 _VIEWS = {"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Identity", "Cast"}
+_USES = {("OneHot", 0): "compared", ("Equal", 0): "compared", ("Equal", 1): "compared",
+         ("Gather", 1): "gathered", ("GatherND", 1): "gathered", ("GatherElements", 1): "gathered",
+         ("ScatterElements", 1): "scattered"}
 
 
-def _only_compared(ix, node):
-    """True when every path from this consumer of the expert ids, through view ops, ends in a
-    comparison (so the raw ids, sentinel included, are safe and skip work)."""
-    stack, seen = [node], set()
+def _uses(ix, consumer, tensor, region):
+    """[(kind, terminal node)] for every path from `tensor` through `consumer` and view ops;
+    kind is a _USES value, "output" for a graph output, or the op for an unknown use."""
+    out, stack, seen = [], [(consumer, tensor)], set()
     while stack:
-        n = stack.pop()
-        if n.name in seen:
+        n, t = stack.pop()
+        if n.name in seen or n.name in region:
             continue
         seen.add(n.name)
-        if n.op_type in _SKIPS_SENTINEL:
+        if n.op_type in _VIEWS:
+            for o in n.output:
+                if o in ix.graph_outputs:
+                    out.append(("output", n))
+                stack.extend((c, o) for c in ix.consumers_of(o))
             continue
-        if n.op_type not in _VIEWS or any(o in ix.graph_outputs for o in n.output):
-            return False
-        stack.extend(c for o in n.output for c in ix.consumers_of(o))
-    return True
+        slot = list(n.input).index(t)
+        out.append((_USES.get((n.op_type, slot), f"{n.op_type} (input {slot})"), n))
+    return out
 
 
 @dataclass
@@ -174,16 +186,30 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
                                             domain=DOMAIN, **node_attributes(a)))
         if gate.cast_to is not None and gate.cast_to != ftype:
             w = b.op("Cast", [w], to=gate.cast_to)
-        consumers = ix.consumers_of(gate.indices)
-        raw_ok = {c.name for c in consumers if _only_compared(ix, c)}
-        clamped = None
-        if any(c.name not in raw_ok for c in consumers):
-            clamped = b.op("Min", [idx, b.const(np.int64(a.num_experts - 1))], hint="clamped_indices")
+        region = _gate_region(ix, gate)
+        raw, clamped = {}, None
+        drops = not (a.policy == "static" and a.width == a.k)  # whether any slot can be dropped
+        for c in ix.consumers_of(gate.indices):
+            uses = _uses(ix, c, gate.indices, region)
+            kinds = {kind for kind, _ in uses}
+            unknown = kinds - {"compared", "gathered", "scattered", "output"}
+            if {"scattered", "gathered"} <= kinds:  # one id tensor cannot be both raw and clamped
+                unknown.add("ScatterElements and a gather through one tensor")
+            if unknown and drops:
+                raise MoeExportError(f"{gate.name}: the expert ids feed {sorted(unknown)[0]}, which moe-export cannot "
+                                     "keep right when a slot is dropped (id = num_experts); only --policy static "
+                                     "converts this graph")
+            if kinds <= {"compared", "scattered", "output"}:
+                raw[c.name] = idx
+                for j, (_, n) in enumerate(u for u in uses if u[0] == "scattered"):
+                    _widen_scatter(surgery, f"moe_export/router_{gi}/scatter_{j}", n, a.num_experts)
+            elif clamped is None:
+                clamped = b.op("Min", [idx, b.const(np.int64(a.num_experts - 1))], hint="clamped_indices")
         surgery.rewire(gate.weights, w)
-        surgery.rewire(gate.indices, clamped or idx, exceptions={c: idx for c in raw_ok}, output=idx)
+        surgery.rewire(gate.indices, clamped or idx, exceptions=raw, output=idx)
         # The router goes where the gate's TopK stood: after logits and bias, before any user.
         surgery.insert(b, before=gate.topk.name)
-        surgery.remove(_gate_region(ix, gate))
+        surgery.remove(region)
         routers.append({"layer": gate.name, "family": gate.family, "weights": w, "indices": idx,
                         "logits": gate.logits, "bias": gate.bias, "attrs": node_attributes(a)})
     surgery.apply()
@@ -227,6 +253,21 @@ def routers_metadata(model):
 
 def _opset(model):
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _widen_scatter(surgery, prefix, n, E):
+    """ScatterElements(data, ids, updates) with raw ids: data gets a scratch column E (zeros),
+    the result is sliced back to E columns, so dropped slots write where nothing reads."""
+    axis = attr(n, "axis", 0)
+    pre, post = NodeBuilder(f"{prefix}/widen"), NodeBuilder(f"{prefix}/narrow")
+    col = pre.op("Slice", [n.input[0], pre.const([0], np.int64), pre.const([1], np.int64), pre.const([axis], np.int64)])
+    wide = pre.op("Concat", [n.input[0], pre.op("Sub", [col, col])], axis=axis)
+    sliced = post.op("Slice", [n.output[0], post.const([0], np.int64), post.const([E], np.int64),
+                               post.const([axis], np.int64)], hint="scattered")
+    surgery.rewire(n.input[0], n.input[0], exceptions={n.name: wide})
+    surgery.rewire(n.output[0], sliced)
+    surgery.insert(pre, before=n.name)
+    surgery.insert(post, after=n.name)
 
 
 def _gate_region(ix: GraphIndex, gate: Gate) -> set:

@@ -152,7 +152,7 @@ def test_small_initializers_stored_outside_are_read(tmp_path):
     loads_everywhere(out)
 
 
-def test_no_unused_initializers_in_converted_graphs(tmp_path):
+def test_no_unused_initializers_or_dead_nodes_in_converted_graphs(tmp_path):
     for graph in FAMILY_GRAPHS:
         for args in ([], ["--portable", "--policy", "top-p", "--threshold", "0.5"]):
             out = tmp_path / f"{graph.stem}.onnx"
@@ -161,6 +161,9 @@ def test_no_unused_initializers_in_converted_graphs(tmp_path):
             read = {i for n in m.graph.node for i in n.input}
             unused = [t.name for t in m.graph.initializer if t.name not in read]
             assert unused == [], (graph.stem, args, unused[:5])
+            used = read | {o.name for o in m.graph.output}
+            dead = [n.name for n in m.graph.node if not any(o in used for o in n.output)]
+            assert dead == [], (graph.stem, args, dead[:5])
 
 
 def big_model(folder, gib):
