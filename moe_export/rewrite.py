@@ -21,20 +21,34 @@ from .spec import RouterAttrs, SpecError
 # policies that drop slots:
 #   compared  (OneHot, Equal: per-expert loops): the raw ids; E matches no expert, so a dropped
 #             slot skips its work (clamped, expert E-1 would compute every dropped slot);
-#   gathered  (Gather, GatherND, GatherElements as the index): ids clamped to E-1; the rows
-#             gathered meet the slot's zero weight (batched experts);
-#   scattered (ScatterElements as the index, dense router weights): the raw ids into the data
-#             widened by a scratch column that is sliced off again, so a dropped slot's zero never
-#             lands on a kept expert E-1.
+#   indexed   (Gather*, the ids as index; a sort of the ids; a scatter that adds up): ids
+#             clamped to E-1, so a dropped slot is a pair of expert E-1 everywhere alike, and its
+#             zero weight cancels it. A scatter that overwrites is not one of these: a clamped id
+#             can repeat a kept E-1 within a token, and the two writes collapse into one (JetMoE's
+#             per-expert counts would then not add up to the pairs it splits);
+#   scattered (ScatterElements of the routing weights by id, dense router weights): the raw ids
+#             into the data widened by a scratch column that is sliced off, so a dropped slot's
+#             zero never overwrites a kept expert E-1's weight;
+#   shape     (Shape): the values do not matter.
 _VIEWS = {"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Identity", "Cast"}
 _USES = {("OneHot", 0): "compared", ("Equal", 0): "compared", ("Equal", 1): "compared",
-         ("Gather", 1): "gathered", ("GatherND", 1): "gathered", ("GatherElements", 1): "gathered",
-         ("ScatterElements", 1): "scattered"}
+         ("Gather", 1): "indexed", ("GatherND", 1): "indexed", ("GatherElements", 1): "indexed",
+         ("TopK", 0): "indexed", ("Shape", 0): "shape"}
 
 
-def _uses(ix, consumer, tensor, region):
+def _from(ix, tensor, source):
+    """Whether `tensor` is `source` seen through view ops."""
+    while tensor != source:
+        p = ix.producer.get(tensor)
+        if p is None or p.op_type not in _VIEWS:
+            return False
+        tensor = p.input[0]
+    return True
+
+
+def _uses(ix, consumer, tensor, gate, region):
     """[(kind, terminal node)] for every path from `tensor` through `consumer` and view ops;
-    kind is a _USES value, "output" for a graph output, or the op for an unknown use."""
+    kind is one of the above, "output" for a graph output, or the op of an unknown use."""
     out, stack, seen = [], [(consumer, tensor)], set()
     while stack:
         n, t = stack.pop()
@@ -48,7 +62,17 @@ def _uses(ix, consumer, tensor, region):
                 stack.extend((c, o) for c in ix.consumers_of(o))
             continue
         slot = list(n.input).index(t)
-        out.append((_USES.get((n.op_type, slot), f"{n.op_type} (input {slot})"), n))
+        kind = _USES.get((n.op_type, slot), f"{n.op_type} (input {slot})")
+        if n.op_type in ("ScatterElements", "ScatterND") and slot == 1:
+            reduction = attr(n, "reduction", b"none")
+            reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+            if reduction == "add":
+                kind = "indexed"
+            elif reduction == "none" and n.op_type == "ScatterElements" and _from(ix, n.input[2], gate.weights):
+                kind = "scattered"
+            else:
+                kind = f"{n.op_type} (reduction {reduction}, overwriting by id)"
+        out.append((kind, n))
     return out
 
 
@@ -190,16 +214,16 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
         raw, clamped = {}, None
         drops = not (a.policy == "static" and a.width == a.k)  # whether any slot can be dropped
         for c in ix.consumers_of(gate.indices):
-            uses = _uses(ix, c, gate.indices, region)
+            uses = _uses(ix, c, gate.indices, gate, region)
             kinds = {kind for kind, _ in uses}
-            unknown = kinds - {"compared", "gathered", "scattered", "output"}
-            if {"scattered", "gathered"} <= kinds:  # one id tensor cannot be both raw and clamped
-                unknown.add("ScatterElements and a gather through one tensor")
+            unknown = kinds - {"compared", "indexed", "scattered", "shape", "output"}
+            if {"scattered", "indexed"} <= kinds:  # one id tensor cannot be both raw and clamped
+                unknown.add("a scatter of the weights and another indexing through one tensor")
             if unknown and drops:
                 raise MoeExportError(f"{gate.name}: the expert ids feed {sorted(unknown)[0]}, which moe-export cannot "
                                      "keep right when a slot is dropped (id = num_experts); only --policy static "
                                      "converts this graph")
-            if kinds <= {"compared", "scattered", "output"}:
+            if kinds <= {"compared", "scattered", "shape", "output"}:
                 raw[c.name] = idx
                 for j, (_, n) in enumerate(u for u in uses if u[0] == "scattered"):
                     _widen_scatter(surgery, f"moe_export/router_{gi}/scatter_{j}", n, a.num_experts)

@@ -73,3 +73,41 @@ def test_an_unknown_use_is_refused_when_slots_can_drop():
     m = dense_router(shifted_ids)
     rewrite_model(m, Policy("static"))  # static drops nothing: any use is right
     assert sum(n.op_type == "DynamicRouter" for n in m.graph.node) == 1
+
+
+def histogram(reduction):
+    """Per-token expert counts scattered by id (JetMoE counts pairs per expert this way)."""
+    def extra(g, m, i):
+        ones = g.op("ConstantOfShape", [g.op("Shape", [i])], value=helper.make_tensor("one", TensorProto.INT64, [1], [1]))
+        zeros = g.op("ConstantOfShape", [g.op("Shape", ["logits"])], value=helper.make_tensor("zero", TensorProto.INT64, [1], [0]))
+        counts = g.op("ScatterElements", [zeros, i, ones], axis=1, reduction=reduction)
+        m.graph.node.extend(g.nodes[-5:])
+        m.graph.output.append(helper.make_tensor_value_info(counts, TensorProto.INT64, None))
+    return extra
+
+
+def test_a_scatter_that_overwrites_by_id_is_refused():
+    """A clamped id repeating a kept E-1 would collapse into one write: refused, one line."""
+    with pytest.raises(MoeExportError, match=r"ScatterElements \(reduction none, overwriting by id\)"):
+        rewrite_model(dense_router(histogram("none")), Policy("ratio", 0.5))
+
+
+def test_a_scatter_that_adds_counts_a_dropped_slot_as_a_zero_weight_pair():
+    m = dense_router(histogram("add"))
+    x = logits_with_last_expert_on_top()
+    rewrite_model(m, Policy("top-p", 1e-6))
+    dense, counts = moe_export.session(m).run(None, {"logits": x})
+    np.testing.assert_array_equal(counts.sum(axis=1), 2)  # every pair counted once: kept + dropped at E-1
+    assert (counts[::2, E - 1] == 2).all()  # rows keeping E-1: its pair and the dropped one
+    assert (dense[::2, E - 1] > 0.5).all()  # and the weights scatter still keeps E-1's weight
+
+
+def test_the_shape_of_the_ids_is_any_ids_shape():
+    def shape_of(g, m, i):
+        s = g.op("Shape", [i])
+        m.graph.node.extend(g.nodes[-1:])
+        m.graph.output.append(helper.make_tensor_value_info(s, TensorProto.INT64, None))
+    m = dense_router(shape_of)
+    rewrite_model(m, Policy("top-p", 0.5))
+    out = moe_export.session(m).run(None, {"logits": logits_with_last_expert_on_top()})
+    np.testing.assert_array_equal(out[1], [64, 2])
