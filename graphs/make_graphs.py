@@ -33,6 +33,10 @@ FAMILIES = {
                     layer_types=["sliding_attention", "full_attention"]),
     "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_layer_start_index=0,
                          moe_num_shared_experts=0),
+    "mistral4": dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, moe_intermediate_size=32,
+                     first_k_dense_replace=0, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16,
+                     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, qk_head_dim=16, head_dim=16,
+                     routed_scaling_factor=2.5, norm_topk_prob=True, num_key_value_heads=4),
 }
 LEGACY = ("mixtral", "qwen2_moe", "olmoe")  # the families transformers 4.46 has
 
@@ -43,7 +47,10 @@ def tiny_model(family, seed=0, **overrides):
 
     cfg = tf.AutoConfig.for_model(family, **(COMMON | FAMILIES[family] | overrides))
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(cfg)
+    try:
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+    except ValueError:  # a causal LM the Auto mapping does not list (Mistral4)
+        model = getattr(tf, type(cfg).__name__.replace("Config", "ForCausalLM"))(cfg)
     # Random routers are near uniform; a larger gate weight spreads the scores as trained ones are.
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -72,11 +72,19 @@ def load_checkpoint(ckpt_dir):
     if int(tf.__version__.split(".")[0]) >= 5:
         # The default grouped_mm and eager expert implementations do not export (shared/BUILDING.md).
         kw["experts_implementation"] = "batched_mm"
+    # A causal LM the Auto mapping does not list (Mistral4, ...) loads through the class its
+    # checkpoint names.
+    named = [getattr(tf, a) for a in cfg.get("architectures") or [] if a.endswith("ForCausalLM") and hasattr(tf, a)]
     try:
-        model = tf.AutoModelForCausalLM.from_pretrained(str(ckpt), **kw).eval()
+        try:
+            model = tf.AutoModelForCausalLM.from_pretrained(str(ckpt), **kw)
+        except ValueError:
+            if not named:
+                raise
+            model = named[0].from_pretrained(str(ckpt), **kw)
     except Exception as e:
         raise MoeExportError(f"{ckpt}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return model
+    return model.eval()
 
 
 def export_model(model, out, *, opset=18, exporter="dynamo", external_data=True, example_tokens=8, protect=()):
