@@ -91,30 +91,47 @@ def _int_bound(ix: GraphIndex, name):
     return None
 
 
-def make_feeds(model, dims=None, seed=0, tokens=16, batch=2):
-    """Random inputs from the graph's input specs. Symbolic dims take `dims[name]`, else `batch`
-    for a dim named like a batch and `tokens` for the others."""
+def make_feeds(model, dims=None, seed=0, tokens=16, batch=2, past=None):
+    """Random inputs from the graph's input specs, consistent across inputs. A symbolic dim takes
+    `dims[name]`, else `batch` when named like a batch, `past` (default tokens // 2) when named
+    like a cache length (past_sequence_length, past_sliding_length...), the value of its
+    expression when written as one ("past_sequence_length + sequence_length"), else `tokens`.
+    So a decoder graph with past_key_values runs a prefill of `tokens` after a cached prefix;
+    attention_mask is all ones and position_ids count on from the prefix."""
     dims = dict(dims or {})
+    past = tokens // 2 if past is None else past
     ix = GraphIndex(model.graph)
     rng = np.random.default_rng(seed)
-    symbolic = {d.dim_param for i in graph_inputs(model) for d in i.type.tensor_type.shape.dim if d.dim_param}
-    if set(dims) - symbolic:
-        raise MoeExportError(f"--dim {', '.join(sorted(set(dims) - symbolic))}: no such input dimension "
+    params = {d.dim_param for i in graph_inputs(model) for d in i.type.tensor_type.shape.dim if d.dim_param}
+    symbolic = set().union(*(_dim_names(p) for p in params)) if params else set()
+    if set(dims) - symbolic - params:
+        raise MoeExportError(f"--dim {', '.join(sorted(set(dims) - symbolic - params))}: no such input dimension "
                              f"(the graph's symbolic dimensions: {', '.join(sorted(symbolic)) or 'none'})")
-    feeds = {}
+
+    def size(param):
+        if param in dims:
+            return int(dims[param])
+        names = _dim_names(param)
+        if names != {param}:  # an expression of other dimensions
+            return int(_eval_dim(param, {n: size(n) for n in names}))
+        low = param.lower()
+        return batch if "batch" in low else past if ("past" in low or "cache" in low) else tokens
+
+    feeds, past_len = {}, None
     for inp in graph_inputs(model):
         tt = inp.type.tensor_type
-        shape = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                shape.append(d.dim_value)
-            else:
-                guess = batch if "batch" in d.dim_param.lower() else tokens
-                shape.append(int(dims.get(d.dim_param, guess)))
+        shape = [d.dim_value if d.HasField("dim_value") else size(d.dim_param) for d in tt.shape.dim]
         dt = _NP.get(tt.elem_type)
         if dt is None:
             raise MoeExportError(f"input {inp.name!r}: element type {tt.elem_type} is not supported; pass --data")
-        if np.issubdtype(dt, np.integer):
+        name = inp.name.lower()
+        if "attention_mask" in name:
+            feeds[inp.name] = np.ones(shape, dtype=dt)
+        elif "position_ids" in name and np.issubdtype(dt, np.integer) and shape:
+            start = past if any("past" in (d.dim_param or "").lower() for i in graph_inputs(model)
+                                for d in i.type.tensor_type.shape.dim) else 0
+            feeds[inp.name] = np.broadcast_to(start + np.arange(shape[-1]), shape).astype(dt)
+        elif np.issubdtype(dt, np.integer):
             hi = _int_bound(ix, inp.name) or 100
             feeds[inp.name] = rng.integers(0, hi, size=shape).astype(dt)
         elif dt is np.bool_:
@@ -122,6 +139,40 @@ def make_feeds(model, dims=None, seed=0, tokens=16, batch=2):
         else:
             feeds[inp.name] = (rng.standard_normal(shape) * 2.0).astype(dt)
     return feeds
+
+
+def _dim_names(param) -> set:
+    """The dimension names in a dim_param ("a + b" -> {"a", "b"}; "seq" -> {"seq"}). Only an
+    operator set off by spaces makes an expression (exporters write them so; "batch-size" is a name)."""
+    import ast
+    import re
+
+    if not re.search(r"\s[-+*]\s|\s//\s", param):
+        return {param}
+    try:
+        tree = ast.parse(param, mode="eval")
+    except SyntaxError:
+        return {param}
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    return names if names and not isinstance(tree.body, ast.Name) else {param}
+
+
+def _eval_dim(param, values):
+    """A dim_param expression of + - * // and integers over known dimension values."""
+    import ast
+    import operator
+
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
+
+    def ev(n):
+        if isinstance(n, ast.BinOp) and type(n.op) in ops:
+            return ops[type(n.op)](ev(n.left), ev(n.right))
+        if isinstance(n, ast.Constant) and isinstance(n.value, int):
+            return n.value
+        if isinstance(n, ast.Name):
+            return values[n.id]
+        raise MoeExportError(f"input dimension {param!r}: not an expression moe-export can size; pass --dim or --data")
+    return ev(ast.parse(param, mode="eval").body)
 
 
 def graph_inputs(model):
@@ -145,13 +196,20 @@ def load_inputs(path, model):
         raise MoeExportError(f"{p}: cannot read inputs ({type(e).__name__}); expected .npy or .npz") from None
     inputs = graph_inputs(model)
     if not isinstance(data, dict):
-        if len(inputs) != 1:
-            raise MoeExportError(f"{p}: an .npy feeds a single-input graph; this one has {len(inputs)} inputs "
-                                 f"({', '.join(i.name for i in inputs)}): pass an .npz with one array each")
-        rank = len(inputs[0].type.tensor_type.shape.dim)
-        if data.ndim == rank - 1:  # one sequence of token ids: a batch of one
+        ids = next((i for i in inputs if i.name == "input_ids"), None)
+        if len(inputs) != 1 and ids is None:
+            raise MoeExportError(f"{p}: an .npy feeds a single-input graph or a decoder's input_ids; this one has "
+                                 f"inputs {', '.join(i.name for i in inputs)}: pass an .npz with one array each")
+        first = ids or inputs[0]
+        dims = first.type.tensor_type.shape.dim
+        if data.ndim == len(dims) - 1:  # one sequence of token ids: a batch of one
             data = data[None]
-        data = {inputs[0].name: data}
+        if ids is not None and len(inputs) > 1:
+            # A decoder with a KV cache: a prefill from an empty cache, the mask all ones.
+            sizes = {d.dim_param: n for d, n in zip(dims, data.shape) if d.dim_param}
+            data = make_feeds(model, dims=sizes, past=0) | {"input_ids": data}
+        else:
+            data = {first.name: data}
     return check_inputs(data, model, str(p))
 
 
