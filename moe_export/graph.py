@@ -161,6 +161,19 @@ class GraphIndex:
             found.append(node)
         return found
 
+    VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+    def behind_views(self, name):
+        """(the tensor before any view ops and Casts that produced `name`, the view nodes stepped
+        over in data order). An elementwise score seen through them equals the score of the
+        logits taken through the same views."""
+        views = []
+        while (p := self.producer.get(name)) is not None and p.op_type in self.VIEWS + ("Cast",):
+            if p.op_type != "Cast":
+                views.insert(0, p)
+            name = p.input[0]
+        return name, views
+
     def through_casts(self, name):
         """(`name` followed forward through a chain of sole-consumer Casts, the last type cast to)."""
         to = None

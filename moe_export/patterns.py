@@ -63,6 +63,7 @@ class Gate:
     attrs: dict                  # DynamicRouter attributes read off the graph
     expert_form: str = "unknown"  # how indices are consumed: "batched" (gather) or "loop" (one-hot)
     cast_to: int | None = None   # a Cast between scores and TopK: the weights' element type
+    logits_views: tuple = ()     # view ops between the scores and the ranking, re-applied to the logits
 
     @property
     def name(self):

@@ -201,10 +201,14 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
         a = router_attrs(gate, pol, group_experts)
         b = NodeBuilder(f"moe_export/router_{gi}")
         ftype = _float_type(ix, gate)
+        logits = gate.logits
+        for v in gate.logits_views:  # the views the gate took its scores through, on the logits
+            logits = b.op(v.op_type, [logits, *v.input[1:]],
+                          **{x.name: helper.get_attribute_value(x) for x in v.attribute})
         if portable:
-            w, idx = _portable(b, a, gate.logits, gate.bias, ftype)
+            w, idx = _portable(b, a, logits, gate.bias, ftype)
         else:
-            inputs = [gate.logits] + ([gate.bias] if gate.bias else [])
+            inputs = [logits] + ([gate.bias] if gate.bias else [])
             w, idx = b.name("weights"), b.name("indices")
             b.nodes.append(helper.make_node(OP_TYPE, inputs, [w, idx], name=b.name("DynamicRouter"),
                                             domain=DOMAIN, **node_attributes(a)))

@@ -82,10 +82,15 @@ def topk_softmax(scale=None, cast=False, extra_consumer=False):
     return g.model(w, i)
 
 
-def sigmoid_topk(bias=False, groups=False, gather=True, norm=False, eps=None, scale=None, both_vary=False):
+def sigmoid_topk(bias=False, groups=False, gather=True, norm=False, eps=None, scale=None, both_vary=False,
+                 view=False):
     g = G()
     s = g.op("Sigmoid", ["logits"])
-    choice = g.op("Add", [s, g.const(np.linspace(-0.1, 0.1, E), np.float32)]) if bias else s
+    b = np.linspace(-0.1, 0.1, E)
+    if view:  # optimum (TorchScript): scores.view(-1, E) + bias.unsqueeze(0)
+        choice = g.op("Add", [g.op("Reshape", [s, g.const([-1, E])]), g.const(b[None], np.float32)])
+    else:
+        choice = g.op("Add", [s, g.const(b, np.float32)]) if bias else s
     key = choice
     if groups:  # DeepSeek-V3: 4 groups of 2, the best 2 groups by the sum of their best 2 keys
         grouped = g.op("Reshape", [choice, g.const([-1, 4, 2])])
@@ -178,12 +183,14 @@ def test_topk_softmax_declines_values_used_elsewhere():
     ({"bias": True}, dict(n_group=1)),
     ({"bias": True, "norm": True, "eps": 1e-20, "scale": 2.5}, dict(normalize=1, scale=2.5)),
     ({"bias": True, "groups": True, "norm": True}, dict(n_group=4, topk_group=2, group_score_topk=2, normalize=1)),
+    ({"bias": True, "view": True, "groups": True, "norm": True, "scale": 2.5}, dict(n_group=4, normalize=1, scale=2.5)),
 ])
 def test_sigmoid_topk_branches(kw, attrs, tmp_path):
     m = sigmoid_topk(**kw)
     row = only_row(m)
     assert row["gate"].family == "sigmoid_topk", row
     assert (row["gate"].bias is not None) == kw.get("bias", False)
+    assert [v.op_type for v in row["gate"].logits_views] == (["Reshape"] if kw.get("view") else [])
     assert {k: row["gate"].attrs[k] for k in attrs} == pytest.approx(attrs)
     check_parity(m, tmp_path)
 
@@ -227,3 +234,19 @@ def test_unknown_number_of_experts_is_a_near_miss():
     m.graph.input[0].CopyFrom(helper.make_tensor_value_info("hidden", TensorProto.FLOAT, None))
     row = only_row(m)
     assert row["gate"] is None and "cannot tell the number of experts" in row["near_miss"]
+
+
+def test_sigmoid_topk_behind_a_view_routes_as_the_spec():
+    """Dynamic routing of the optimum form: the view re-applied to the logits, the [1, E] bias."""
+    m = sigmoid_topk(bias=True, view=True, groups=True, norm=True, scale=2.5)
+    gate = only_row(m)["gate"]
+    conv = rewrite_model(m, Policy("top-p", 0.3))[0]
+    x = np.random.default_rng(3).standard_normal((64, E)).astype(np.float32)
+    w, idx = moe_export.session(conv).run(None, {"logits": x})
+    attrs = {k: v for k, v in gate.attrs.items()}
+    sw, sidx = moe_export.dynamic_router(x, np.linspace(-0.1, 0.1, E).astype(np.float32), **attrs,
+                                         policy="top-p", threshold=0.3, max_experts=attrs["k"])
+    order, sorder = np.argsort(idx, -1), np.argsort(sidx, -1)
+    np.testing.assert_array_equal(np.take_along_axis(idx, order, -1), np.take_along_axis(sidx, sorder, -1))
+    np.testing.assert_allclose(np.take_along_axis(w, order, -1), np.take_along_axis(sw, sorder, -1), rtol=1e-5)
+    assert (idx == E).any()  # the policy dropped slots

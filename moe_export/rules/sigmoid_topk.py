@@ -45,12 +45,15 @@ def match(ix, tk):
         src = ix.producer.get(choice)
     else:
         choice = scores
-    bias = None
+    bias, views = None, []
     if src is not None and src.op_type == "Add":
-        sig = next((n for n in (ix.source_node(i, "Sigmoid") for i in src.input) if n is not None), None)
-        if sig is None:
+        # optimum's TorchScript export views the scores as [-1, E] before adding the bias
+        behind = [ix.behind_views(i) for i in src.input]
+        j = next((j for j, (t, _) in enumerate(behind) if ix.producer.get(t) is not None
+                  and ix.producer[t].op_type == "Sigmoid"), None)
+        if j is None:
             raise Miss("TopK ranks a sum that is not Sigmoid scores + bias")
-        bias = src.input[1] if ix.source(src.input[0])[0] == sig.output[0] else src.input[0]
+        sig, views, bias = ix.producer[behind[j][0]], behind[j][1], src.input[1 - j]
     elif src is not None and src.op_type == "Sigmoid":
         sig = src
     else:
@@ -69,7 +72,8 @@ def match(ix, tk):
         raise NearMiss(f"sigmoid gate {tk.name!r}: weights are not gathered from the sigmoid scores")
     w, normalize, scale, cast = weights_chain(ix, w0)
     a |= dict(normalize=normalize, scale=scale)
-    return Gate("sigmoid_topk", tk, sig.input[0], bias, w, tk.output[1], a, cast_to=cast or w0_cast)
+    return Gate("sigmoid_topk", tk, sig.input[0], bias, w, tk.output[1], a, cast_to=cast or w0_cast,
+                logits_views=tuple(views))
 
 
 RULE = Rule("sigmoid_topk", "Sigmoid [+ bias] [-> group mask] -> TopK -> GatherElements(Sigmoid) [-> x / sum] [-> x * scale]",
