@@ -104,7 +104,8 @@ def export_model(model, out, *, opset=18, exporter="dynamo", external_data=True,
         # Export into a scratch folder beside the output so the final move is a rename.
         staged = o.temp_dir(out.parent, f".{out.name}.") / out.name
         try:
-            with torch.no_grad(), Spinner(f"exporting with torch.onnx ({exporter})"), _stdout_to_stderr_log() as log:
+            with torch.no_grad(), Spinner(f"exporting with torch.onnx ({exporter})"), _real_rotary(model), \
+                    _stdout_to_stderr_log() as log:
                 if exporter == "dynamo":
                     from torch.export import Dim
                     torch.onnx.export(wrapper, (ids,), str(staged), dynamo=True, opset_version=opset,
@@ -128,8 +129,60 @@ def export_model(model, out, *, opset=18, exporter="dynamo", external_data=True,
     return out
 
 
+# Families whose rotary embedding multiplies complex numbers (torch.polar, view_as_complex), which
+# the ONNX exporter cannot convert: while exporting, the rotary yields (cos, sin) pairs and the
+# rotation is done in real arithmetic (the same numbers). Value: how each broadcasts the
+# frequencies [batch, seq, dim/2] against the queries and keys.
+_COMPLEX_ROTARY = {
+    "transformers.models.deepseek_v2.modeling_deepseek_v2": ("DeepseekV2RotaryEmbedding", lambda f: f.unsqueeze(1)),
+    "transformers.models.llama4.modeling_llama4": ("Llama4TextRotaryEmbedding", lambda f: f[:, :, None]),
+}
+
+
+@contextmanager
+def _real_rotary(model):
+    import importlib
+
+    import torch
+
+    patched = []
+    for name, (cls_name, spread) in _COMPLEX_ROTARY.items():
+        if not any(type(m).__module__ == name for m in model.modules()):
+            continue
+        mod = importlib.import_module(name)
+        cls = getattr(mod, cls_name)
+
+        def forward(self, x, position_ids):
+            freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+            return torch.stack([freqs.cos(), freqs.sin()], dim=-1) * self.attention_scaling
+
+        def apply(xq, xk, pairs, spread=spread):
+            c, s = spread(pairs[..., 0]), spread(pairs[..., 1])
+
+            def rotate(x):
+                re, im = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+                return torch.stack([re * c - im * s, re * s + im * c], dim=-1).flatten(3).type_as(x)
+            return rotate(xq), rotate(xk)
+
+        patched.append((cls, "forward", cls.forward))
+        patched.append((mod, "apply_rotary_emb", mod.apply_rotary_emb))
+        cls.forward, mod.apply_rotary_emb = forward, apply
+    try:
+        yield
+    finally:
+        for owner, attr_name, old in patched:
+            setattr(owner, attr_name, old)
+
+
 def _export_failure(e, exporter, log) -> str:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    import re
+
+    first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).strip().splitlines()[0]) if str(e).strip() else ""
+    cause = e.__cause__ or e.__context__
+    while cause is not None and (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and str(cause).strip():  # the exporters' own first line says only which step failed
+        first = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}"
     if exporter == "torchscript":
         # The TorchScript exporter cannot trace transformers 5.x models (their masks and expert
         # dispatch are written for torch.export) and dumps the whole TorchScript IR when it fails.

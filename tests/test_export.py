@@ -63,3 +63,40 @@ def test_convert_in_same_directory_shares_the_weights(exported):
     assert locs == {"model.onnx.data"}
     ids = np.random.default_rng(1).integers(0, 128, (2, 16)).astype(np.int64)
     assert np.isfinite(moe_export.session(out).run(None, {"input_ids": ids})[0]).all()
+
+
+COMPLEX_ROTARY = {  # families whose rotary multiplies complex numbers, which ONNX cannot hold
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=0,
+                        n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                        v_head_dim=16, num_key_value_heads=4),
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=32, intermediate_size_mlp=64,
+                        head_dim=8, interleave_moe_layer_step=1),
+}
+
+
+@pytest.mark.parametrize("family", sorted(COMPLEX_ROTARY))
+def test_complex_rotary_families_export(family, tmp_path):
+    """Exported with a real-valued rotary (the same numbers): ONNX logits equal PyTorch's."""
+    import torch
+    import transformers as tf
+
+    from make_graphs import COMMON
+
+    cfg = tf.AutoConfig.for_model(family, **(COMMON | COMPLEX_ROTARY[family]))
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "ckpt")
+    r = run_cli("export", tmp_path / "ckpt", "-o", tmp_path / "m.onnx")
+    assert r.returncode == 0, r.stderr
+    from moe_export.export import load_checkpoint
+    model = load_checkpoint(tmp_path / "ckpt")
+    ids = np.random.default_rng(0).integers(0, 128, (2, 9))
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    import transformers.models.deepseek_v2.modeling_deepseek_v2 as dsv2  # patched only while exporting
+    assert dsv2.apply_rotary_emb.__module__ == dsv2.__name__
+    if family == "deepseek_v2":
+        assert run_cli("convert", tmp_path / "m.onnx", "-o", tmp_path / "c.onnx").returncode == 0
+        v = run_cli("validate", tmp_path / "m.onnx", tmp_path / "c.onnx")
+        assert v.returncode == 0 and "reproduces the original: yes" in v.stdout
