@@ -117,7 +117,7 @@ def make_feeds(model, dims=None, seed=0, tokens=16, batch=2, past=None):
         low = param.lower()
         return batch if "batch" in low else past if ("past" in low or "cache" in low) else tokens
 
-    feeds, past_len = {}, None
+    feeds = {}
     for inp in graph_inputs(model):
         tt = inp.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else size(d.dim_param) for d in tt.shape.dim]
@@ -128,8 +128,7 @@ def make_feeds(model, dims=None, seed=0, tokens=16, batch=2, past=None):
         if "attention_mask" in name:
             feeds[inp.name] = np.ones(shape, dtype=dt)
         elif "position_ids" in name and np.issubdtype(dt, np.integer) and shape:
-            start = past if any("past" in (d.dim_param or "").lower() for i in graph_inputs(model)
-                                for d in i.type.tensor_type.shape.dim) else 0
+            start = next((size(q) for q in sorted(params) if "past" in q.lower() and _dim_names(q) == {q}), 0)
             feeds[inp.name] = np.broadcast_to(start + np.arange(shape[-1]), shape).astype(dt)
         elif np.issubdtype(dt, np.integer):
             hi = _int_bound(ix, inp.name) or 100

@@ -52,6 +52,7 @@ def test_feeds_are_consistent(tmp_path):
     np.testing.assert_array_equal(f["position_ids"], np.broadcast_to(np.arange(past, past + 6), (3, 6)))
     f = make_feeds(m, dims={"past_sequence_length": 0, "sequence_length": 5})
     assert f["attention_mask"].shape[1] == 5 and f["past_key_values.0.key"].shape[2] == 0
+    np.testing.assert_array_equal(f["position_ids"][0], np.arange(5))
 
 
 def test_validate_runs_a_kv_cache_graph_without_dims(tmp_path):
