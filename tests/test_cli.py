@@ -186,3 +186,18 @@ def test_torchscript_on_transformers_5_is_one_line(tmp_path):
         return
     one_line_error(r, "torchscript exporter cannot export")
     assert r.stdout == "" and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_inspect_json_explains_every_topk_and_expert_section(tmp_path):
+    r = run_cli("inspect", GRAPHS / "deepseek_v3.onnx", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    taken = [t for t in rep["topk"] if t["taken_as"]]
+    assert [t["taken_as"] for t in taken] == ["sigmoid_topk"] * 2
+    # the group-selection TopKs are not gates, and every rule says why
+    others = [t for t in rep["topk"] if not t["taken_as"]]
+    assert others and all(t["why_not"] and all(t["why_not"].values()) for t in others)
+    assert [x["expert_section"] for x in rep["layers"]] == ["grouped by expert"] * 2
+    r = run_cli("inspect", GRAPHS / "legacy_mixtral_torchscript.onnx", "--json")
+    assert {x["expert_section"] for x in json.loads(r.stdout)["layers"]} == {
+        "per-expert loop (a dropped slot matches no expert)"}
