@@ -55,6 +55,8 @@ def _read_small_external(model, base: Path) -> None:
     for t in model.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL or int(np.prod(t.dims)) > INLINE_MAX:
             continue
+        if t.data_type in _PACKED:
+            continue
         info = {e.key: e.value for e in t.external_data}
         try:
             with open(base / info["location"], "rb") as f:
@@ -62,8 +64,6 @@ def _read_small_external(model, base: Path) -> None:
                 raw = f.read(int(info["length"])) if "length" in info else f.read()
         except (OSError, ValueError, KeyError):
             continue  # left external: read as unknown, like any other non-constant
-        if t.data_type in _PACKED:
-            continue
         itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
         raw = raw[:int(np.prod(t.dims)) * itemsize]
         if len(raw) != int(np.prod(t.dims)) * itemsize:
@@ -71,6 +71,11 @@ def _read_small_external(model, base: Path) -> None:
         del t.external_data[:]
         t.data_location = onnx.TensorProto.DEFAULT
         t.raw_data = raw
+
+
+# Ops that pass a tensor's values through unchanged (reshaped, reordered, retyped): uses of the
+# expert ids are followed through them.
+PASS_THROUGH = {"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Identity", "Cast"}
 
 
 class GraphIndex:

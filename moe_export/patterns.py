@@ -15,7 +15,7 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Callable
 
-from .graph import GraphIndex, attr, node_axes
+from .graph import PASS_THROUGH, GraphIndex, attr, node_axes
 
 
 class Miss(Exception):
@@ -165,7 +165,7 @@ def expert_form(ix, indices):
     while stack:  # look through reshapes to the op that consumes the expert ids
         t = stack.pop()
         for c in ix.consumers_of(t):
-            if c.op_type in ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Cast", "Transpose") and c.name not in seen:
+            if c.op_type in PASS_THROUGH and c.name not in seen:
                 seen.add(c.name)
                 stack.extend(c.output)
             else:

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from . import MoeExportError
 from .files import Output, model_files
-from .graph import GraphIndex, NodeBuilder, Surgery, attr, load_model
+from .graph import PASS_THROUGH, GraphIndex, NodeBuilder, Surgery, attr, load_model
 from .patterns import Gate, find_gates, no_gates_message
 from .schema import DOMAIN, OP_TYPE, VERSION, node_attributes
 from .spec import RouterAttrs, SpecError
@@ -30,7 +30,6 @@ from .spec import RouterAttrs, SpecError
 #             into the data widened by a scratch column that is sliced off, so a dropped slot's
 #             zero never overwrites a kept expert E-1's weight;
 #   shape     (Shape): the values do not matter.
-_VIEWS = {"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Identity", "Cast"}
 _USES = {("OneHot", 0): "compared", ("Equal", 0): "compared", ("Equal", 1): "compared",
          ("Gather", 1): "indexed", ("GatherND", 1): "indexed", ("GatherElements", 1): "indexed",
          ("TopK", 0): "indexed", ("Shape", 0): "shape"}
@@ -40,7 +39,7 @@ def _from(ix, tensor, source):
     """Whether `tensor` is `source` seen through view ops."""
     while tensor != source:
         p = ix.producer.get(tensor)
-        if p is None or p.op_type not in _VIEWS:
+        if p is None or p.op_type not in PASS_THROUGH:
             return False
         tensor = p.input[0]
     return True
@@ -55,7 +54,7 @@ def _uses(ix, consumer, tensor, gate, region):
         if n.name in seen or n.name in region:
             continue
         seen.add(n.name)
-        if n.op_type in _VIEWS:
+        if n.op_type in PASS_THROUGH:
             for o in n.output:
                 if o in ix.graph_outputs:
                     out.append(("output", n))
