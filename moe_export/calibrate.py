@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import MoeExportError
+from . import MoeExportError, genai
 from .files import Output, Progress, model_files
 from .graph import load_model
 from .patterns import find_gates
@@ -112,14 +112,19 @@ def calibrate_and_convert(model_path, data_path, out, target, policy="top-p", mo
                           min_experts=1, max_experts=None, portable=False):
     """Calibrates and writes the model. Returns (layers, warnings, notes about the written files)."""
     model_path, out = Path(model_path), Path(out)
-    model = load_model(model_path)
-    protect = model_files(model_path) + [Path(data_path)]
-    Output(protected=protect).check_model_path(out)  # before the long part
+    graph = genai.resolve(model_path)
+    model = load_model(graph)
+    protect = model_files(graph) + [Path(data_path)]
+    if genai.is_folder(model_path):  # before the long part
+        if out.exists():
+            raise MoeExportError(f"{out} exists; remove it or choose another name")
+    else:
+        Output(protected=protect).check_model_path(out)
     converted = routers_metadata(model) is not None
     if converted and portable:
         raise MoeExportError("--portable applies to converting an original model; this one is converted")
-    feeds = load_inputs(data_path, model)
-    layers = calibrate(model_path, feeds, target, policy, mode, min_experts, max_experts)
+    feeds = load_inputs(data_path, model, graph.parent)
+    layers = calibrate(graph, feeds, target, policy, mode, min_experts, max_experts)
     pol = Policy(policy, layers[0]["threshold"], min_experts, max_experts,
                  per_layer={r["layer"]: r["threshold"] for r in layers})
     if converted:

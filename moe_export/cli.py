@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import MoeExportError, __version__
+from . import MoeExportError, __version__, genai
 from .spec import POLICIES
 
 
@@ -113,7 +113,7 @@ def cmd_inspect(args):
     from .patterns import explain, no_gates_message
     from .rewrite import Policy, rewrite_model, routers_metadata
 
-    model = load_model(args.model)
+    model = load_model(genai.resolve(args.model))
     meta = routers_metadata(model)
     if meta is not None:
         if args.json:
@@ -156,7 +156,7 @@ def cmd_inspect(args):
 def cmd_validate(args):
     from .validate import validate
 
-    rep = validate(args.original, args.converted, feeds=args.data, atol=args.atol, rtol=args.rtol,
+    rep = validate(genai.resolve(args.original), genai.resolve(args.converted), feeds=args.data, atol=args.atol, rtol=args.rtol,
                    dims=_dims(args.dim), seed=args.seed, trt=args.trt)
     if args.json:
         print(json.dumps(rep, indent=2))
@@ -202,7 +202,7 @@ def cmd_calibrate(args):
 def cmd_profile(args):
     from .profile import profile, print_profile
 
-    rep = profile(args.model, args.data, flops_per_pair_override=args.flops_per_pair)
+    rep = profile(genai.resolve(args.model), args.data, flops_per_pair_override=args.flops_per_pair)
     print(json.dumps(rep, indent=2) if args.json else print_profile(rep))
 
 
@@ -248,7 +248,8 @@ def build_parser():
         c.add_argument("--json", action="store_true", help="print a JSON report instead of text")
 
     c = cmd("convert", "replace static top-k gating with DynamicRouter", cmd_convert)
-    c.add_argument("model", type=Path, help="the ONNX model to convert (never modified)")
+    c.add_argument("model", type=Path, help="the ONNX model to convert (never modified), or an ONNX Runtime GenAI "
+                   "model folder (with genai_config.json): then OUTPUT is a new folder og.Model() loads")
     c.add_argument("-o", "--output", type=Path, required=True,
                    help="the converted model; external data is shared with the input in its directory, copied elsewhere")
     _add_policy_args(c)
@@ -262,12 +263,12 @@ def build_parser():
     json_flag(c)
 
     i = cmd("inspect", "list the MoE layers found", cmd_inspect)
-    i.add_argument("model", type=Path, help="an ONNX model, original or converted")
+    i.add_argument("model", type=Path, help="an ONNX model (or GenAI model folder), original or converted")
     json_flag(i)
 
     v = cmd("validate", "compare a converted graph with its original (polygraphy)", cmd_validate)
-    v.add_argument("original", type=Path, help="the model before conversion")
-    v.add_argument("converted", type=Path, help="the model moe-export wrote")
+    v.add_argument("original", type=Path, help="the model (or GenAI model folder) before conversion")
+    v.add_argument("converted", type=Path, help="the model (or folder) moe-export wrote")
     v.add_argument("--data", type=Path, help=".npz of named inputs, or .npy for a single-input graph "
                    "(default: random inputs from the input specs)")
     v.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a symbolic input dimension (repeatable)")
@@ -288,7 +289,8 @@ def build_parser():
     e.add_argument("--embed-weights", action="store_true", help="keep weights inside the .onnx file")
 
     cal = cmd("calibrate", "choose per-layer thresholds for a compute budget and convert", cmd_calibrate)
-    cal.add_argument("model", type=Path, help="the original model, or one already converted (retuned)")
+    cal.add_argument("model", type=Path, help="the original model, or one already converted (retuned); a GenAI "
+                     "model folder gives a folder")
     cal.add_argument("--data", type=Path, required=True, help=".npy token ids [batch, seq] (or .npz of inputs)")
     cal.add_argument("--target-experts", type=float, required=True, help="mean experts per token to aim for")
     cal.add_argument("-o", "--output", type=Path, required=True, help="the calibrated, converted model")
@@ -302,7 +304,7 @@ def build_parser():
     json_flag(cal)
 
     pr = cmd("profile", "expert FLOPs, experts per token and expert load, static vs converted", cmd_profile)
-    pr.add_argument("model", type=Path, help="a converted model")
+    pr.add_argument("model", type=Path, help="a converted model (or GenAI model folder)")
     pr.add_argument("--data", type=Path, required=True, help=".npy token ids [batch, seq] (or .npz of inputs)")
     pr.add_argument("--flops-per-pair", type=float, default=None,
                     help="FLOPs of one (token, expert) pair (default: read off the expert weights)")

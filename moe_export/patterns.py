@@ -31,7 +31,11 @@ class Rule:
     family: str
     form: str                                   # the op sequence, for people
     models: str                                 # where it is found
-    match: Callable[[GraphIndex, object], "Gate"]  # (index, TopK node) -> Gate; raises Miss / NearMiss
+    match: Callable[[GraphIndex, object], "Gate"]  # (index, anchor node) -> Gate; raises Miss / NearMiss
+    anchors: tuple = ("TopK",)                  # the ops a gate of this form is anchored at
+    # For a gate whose experts are computed by a fused op (no weights / ids tensors to rewire):
+    # (surgery, builder, index, gate, RouterAttrs, weights, indices) feeds the router's choice to it.
+    feed: Callable | None = None
 
 
 def rules() -> tuple:
@@ -61,13 +65,18 @@ class Gate:
     weights: str                 # the tensor the expert section multiplies by
     indices: str
     attrs: dict                  # DynamicRouter attributes read off the graph
-    expert_form: str = "unknown"  # how indices are consumed: "batched" (gather) or "loop" (one-hot)
+    expert_form: str = "unknown"  # how indices are consumed: "batched" (gather), "loop" (one-hot), "fused"
     cast_to: int | None = None   # a Cast between scores and TopK: the weights' element type
     logits_views: tuple = ()     # view ops between the scores and the ranking, re-applied to the logits
 
     @property
     def name(self):
         return self.topk.name or self.indices
+
+    @property
+    def fused(self) -> bool:
+        """The gate is inside a fused MoE op: the router's choice is fed to that op."""
+        return family(self.family).feed is not None
 
     def describe(self) -> dict:
         a = self.attrs
@@ -131,6 +140,31 @@ def weights_chain(ix, w0):
     return cur, normalize, scale, cast
 
 
+def sigmoid_of(ix, scores):
+    """x where `scores` = sigmoid(x): a Sigmoid, or the form spelled out as Reciprocal(1 + Exp(-x))
+    or 1 / (1 + Exp(-x)) (ONNX Runtime GenAI's builder writes it so, for its accuracy near 0)."""
+    p = ix.producer.get(scores)
+    if p is None:
+        return None
+    if p.op_type == "Sigmoid":
+        return p.input[0]
+    if p.op_type == "Reciprocal":
+        den = p.input[0]
+    elif p.op_type == "Div" and scalar(ix, p.input[0]) == 1.0:
+        den = p.input[1]
+    else:
+        return None
+    add = ix.producer.get(den)
+    if add is None or add.op_type != "Add":
+        return None
+    one = [i for i in add.input if scalar(ix, i) == 1.0]
+    exp = ix.producer.get(next((i for i in add.input if i not in one), ""))
+    if len(one) != 1 or exp is None or exp.op_type != "Exp":
+        return None
+    neg = ix.producer.get(exp.input[0])
+    return neg.input[0] if neg is not None and neg.op_type == "Neg" else None
+
+
 def experts_of(ix, tk, *tensors):
     """The number of experts, read off the first of `tensors` that tells it; a NearMiss if none."""
     E = num_experts(ix, *tensors)
@@ -157,6 +191,32 @@ def _guarded(ix, den, divisor):
     else:
         eps = scalar(ix, g.input[1] if g.input[0] == den else g.input[0])
     return g.output[0] if eps is not None and abs(eps) < 1e-6 else den
+
+
+FUSED_OPS = ("MoE", "QMoE")        # com.microsoft: experts and their mixing in one op
+FUSED_DOMAIN = "com.microsoft"
+
+
+def is_fused(node) -> bool:
+    return node.op_type in FUSED_OPS and node.domain == FUSED_DOMAIN
+
+
+def fused_after(ix, indices):
+    """The fused MoE ops whose router_probs are a scatter by `indices` (an in-graph selection
+    written into the op's routing input, view ops and Casts stepped over)."""
+    def ahead(t, want):  # consumers of t through view ops, with the tensor each reads
+        out, stack = [], [t]
+        while stack:
+            t = stack.pop()
+            for c in ix.consumers_of(t):
+                if c.op_type in PASS_THROUGH:
+                    stack.append(c.output[0])
+                elif want(c, t):
+                    out.append(c)
+        return out
+
+    scatters = ahead(indices, lambda c, t: c.op_type == "ScatterElements" and c.input[1] == t)
+    return [f for s in scatters for f in ahead(s.output[0], lambda c, t: is_fused(c) and c.input[1] == t)]
 
 
 def expert_form(ix, indices):
@@ -206,18 +266,22 @@ def find_gates(model, ix: GraphIndex | None = None):
 
 
 def explain(model, ix: GraphIndex | None = None) -> list[dict]:
-    """For each TopK: the gate a rule took it as, or why each rule did not."""
+    """For each TopK (and each other op a rule anchors at, such as a fused MoE): the gate a rule
+    took it as, or why each rule did not."""
     ix = ix or GraphIndex(model.graph)
+    anchors = {op for r in rules() for op in r.anchors}
     out = []
     for n in list(model.graph.node):
-        if n.op_type != "TopK":
+        if n.op_type not in anchors:
             continue
-        row = {"topk": n.name, "gate": None, "near_miss": None, "why_not": {}}
+        row = {"topk": n.name, "op": n.op_type, "gate": None, "near_miss": None, "why_not": {}}
         out.append(row)
-        if attr(n, "largest", 1) != 1 or not last_axis(n, ix, n.input[0]):
+        if n.op_type == "TopK" and (attr(n, "largest", 1) != 1 or not last_axis(n, ix, n.input[0])):
             row["why_not"]["*"] = "not a largest-k selection over the last axis"
             continue
         for rule in rules():
+            if n.op_type not in rule.anchors:
+                continue
             try:
                 g = rule.match(ix, n)
             except Miss as e:
@@ -229,7 +293,7 @@ def explain(model, ix: GraphIndex | None = None) -> list[dict]:
             if not 1 <= g.attrs["k"] <= g.attrs["num_experts"]:
                 row["near_miss"] = f"TopK {n.name!r}: k={g.attrs['k']} outside [1, {g.attrs['num_experts']}]"
                 break
-            g.expert_form = expert_form(ix, g.indices)
+            g.expert_form = "fused" if g.fused or fused_after(ix, g.indices) else expert_form(ix, g.indices)
             row["gate"], row["why_not"] = g, {}
             break
     return out

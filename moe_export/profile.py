@@ -24,7 +24,7 @@ def profile(model_path, data_path, flops_per_pair_override=None, batch=16):
     meta = routers_metadata(model)
     if meta is None:
         raise MoeExportError(f"{model_path}: not written by moe-export convert; profile a converted model")
-    feeds = load_inputs(data_path, model)
+    feeds = load_inputs(data_path, model, Path(model_path).parent)
     tensors = [t for r in meta["routers"] for t in (r["indices"], r["logits"], r.get("bias")) if t]
     got = dict(zip(tensors, run_exposed(model, Path(model_path).parent, tensors, feeds, batch,
                                         custom_ops=not meta["portable"])))

@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from . import MoeExportError
+from . import MoeExportError, genai
 from .files import Output, model_files
 from .graph import PASS_THROUGH, GraphIndex, NodeBuilder, Surgery, attr, load_model
-from .patterns import Gate, find_gates, no_gates_message
+from .patterns import Gate, family, find_gates, fused_after, no_gates_message
 from .schema import DOMAIN, OP_TYPE, VERSION, node_attributes
 from .spec import RouterAttrs, SpecError
 
@@ -26,20 +26,28 @@ from .spec import RouterAttrs, SpecError
 #             zero weight cancels it. A scatter that overwrites is not one of these: a clamped id
 #             can repeat a kept E-1 within a token, and the two writes collapse into one (JetMoE's
 #             per-expert counts would then not add up to the pairs it splits);
-#   scattered (ScatterElements of the routing weights by id, dense router weights): the raw ids
-#             into the data widened by a scratch column that is sliced off, so a dropped slot's
-#             zero never overwrites a kept expert E-1's weight;
+#   scattered (ScatterElements by id of the routing weights, or of a per-slot function of them:
+#             dense router weights; ORT GenAI's log-weights for a fused MoE op): the raw ids into
+#             the data widened by a scratch column that is sliced off, so a dropped slot's value
+#             never overwrites a kept expert E-1's;
 #   shape     (Shape): the values do not matter.
 _USES = {("OneHot", 0): "compared", ("Equal", 0): "compared", ("Equal", 1): "compared",
          ("Gather", 1): "indexed", ("GatherND", 1): "indexed", ("GatherElements", 1): "indexed",
          ("TopK", 0): "indexed", ("Shape", 0): "shape"}
 
 
+# Elementwise functions of one tensor (the rest of their inputs constant bounds): what a slot
+# holds after them still belongs to that slot alone.
+_PER_SLOT = PASS_THROUGH | {"Clip", "Log", "Exp", "Neg", "Abs", "Sqrt"}
+
+
 def _from(ix, tensor, source):
-    """Whether `tensor` is `source` seen through view ops."""
+    """Whether `tensor` is a per-slot function of `source` (view ops, Clip, Log, ...)."""
     while tensor != source:
         p = ix.producer.get(tensor)
-        if p is None or p.op_type not in PASS_THROUGH:
+        if p is None or p.op_type not in _PER_SLOT:
+            return False
+        if p.op_type not in PASS_THROUGH and any(ix.const(i) is None for i in p.input[1:] if i):
             return False
         tensor = p.input[0]
     return True
@@ -90,8 +98,10 @@ def router_attrs(gate: Gate, pol: Policy, group_experts=True) -> RouterAttrs:
     a = RouterAttrs(**gate.attrs, policy=pol.policy, threshold=float(t), min_experts=pol.min_experts,
                     max_experts=pol.max_experts or gate.attrs["k"])
     # More than k slots per token: a per-expert loop takes any number (each expert gathers its
-    # own rows); a batched section only once regrouped, whose combine is then widened.
-    if a.max_experts > a.k and not (gate.expert_form == "loop" or (gate.expert_form == "batched" and group_experts)):
+    # own rows), a fused op once its k is raised; a batched section only once regrouped, whose
+    # combine is then widened.
+    if a.max_experts > a.k and not (gate.expert_form in ("loop", "fused")
+                                    or (gate.expert_form == "batched" and group_experts)):
         raise MoeExportError(f"max_experts={a.max_experts} exceeds the graph's k={a.k} at {gate.name}: the "
                              f"expert section of this graph ({gate.expert_form}) is built for k slots per token"
                              + ("; drop --no-group-experts" if gate.expert_form == "batched" else ""))
@@ -213,6 +223,20 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
                                             domain=DOMAIN, **node_attributes(a)))
         if gate.cast_to is not None and gate.cast_to != ftype:
             w = b.op("Cast", [w], to=gate.cast_to)
+        record = {"layer": gate.name, "family": gate.family, "weights": w, "indices": idx,
+                  "logits": gate.logits, "bias": gate.bias, "attrs": node_attributes(a)}
+        routers.append(record)
+        fused = [gate.topk] if gate.fused else fused_after(ix, gate.indices)
+        if fused:
+            from .rules.fused_moe import flops_per_pair
+            record["flops_per_pair"] = flops_per_pair(ix, fused[0])
+        if gate.fused:
+            family(gate.family).feed(surgery, b, ix, gate, a, w, idx)
+            surgery.insert(b, before=gate.topk.name)
+            continue
+        for f in fused:  # an in-graph selection scattered into a fused op's routing input
+            k = next(x for x in f.attribute if x.name == "k")
+            k.i = max(k.i, a.width)
         region = _gate_region(ix, gate)
         raw, clamped = {}, None
         drops = not (a.policy == "static" and a.width == a.k)  # whether any slot can be dropped
@@ -237,19 +261,19 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
         # The router goes where the gate's TopK stood: after logits and bias, before any user.
         surgery.insert(b, before=gate.topk.name)
         surgery.remove(region)
-        routers.append({"layer": gate.name, "family": gate.family, "weights": w, "indices": idx,
-                        "logits": gate.logits, "bias": gate.bias, "attrs": node_attributes(a)})
     surgery.apply()
+    unfused = [i for i, g in enumerate(gates) if g.expert_form != "fused"]
+    kept = {i: "--no-group-experts" for i in unfused}
     if group_experts:
         from .experts import group_by_expert
-        kept = group_by_expert(model, routers)
-    else:
-        kept = {i: "--no-group-experts" for i in range(len(routers))}
+        grouped = group_by_expert(model, [routers[i] for i in unfused])
+        kept = {i: grouped[j] for j, i in enumerate(unfused)}
     for i, (g, r) in enumerate(zip(gates, routers)):
-        r["expert_section"] = ("grouped by expert" if kept[i] is None else
+        r["expert_section"] = ("fused com.microsoft MoE op (skips the routes of weight 0 on CPU)" if i not in kept else
+                               "grouped by expert" if kept[i] is None else
                                "per-expert loop (a dropped slot matches no expert)" if g.expert_form == "loop" else
                                f"{g.expert_form}, kept as exported: {kept[i]}")
-        if r["attrs"]["max_experts"] > r["attrs"]["k"] and g.expert_form == "batched" and kept[i] is not None:
+        if r["attrs"]["max_experts"] > r["attrs"]["k"] and g.expert_form == "batched" and kept.get(i) is not None:
             raise MoeExportError(f"max_experts={r['attrs']['max_experts']} exceeds the graph's k={r['attrs']['k']} at "
                                  f"{g.name}: its batched expert section cannot be regrouped ({kept[i]})")
     set_routers_metadata(model, routers, portable, sum(v is None for v in kept.values()))
@@ -320,9 +344,19 @@ def convert(src, dst, pol: Policy, portable=False, group_experts=True):
 
 def convert_model(src, dst, pol: Policy, portable=False, group_experts=True, protect=()):
     """convert(), also returning what the user should know about the written files.
-    `protect`: further input files no output may replace (a calibration set, ...)."""
+    `protect`: further input files no output may replace (a calibration set, ...). An ONNX Runtime
+    GenAI model folder as `src` is written as a whole folder `dst`."""
     src, dst = Path(src), Path(dst)
-    model = load_model(src)
+    if genai.is_folder(src):
+        def transform(model):
+            meta = routers_metadata(model)
+            if meta is not None:
+                raise MoeExportError(already_converted(src, meta))
+            model, gates = rewrite_model(model, pol, portable=portable, group_experts=group_experts)
+            model.producer_name = "moe-export"
+            return model, gates
+        return genai.write_folder(src, dst, transform, protect)
+    model = load_model(genai.resolve(src))
     with Output(protected=model_files(src) + [Path(p) for p in protect]) as out:
         out.check_model_path(dst)
         meta = routers_metadata(model)
@@ -382,9 +416,14 @@ def set_policy(model, pol: Policy):
 
 
 def repolicy(src, dst, pol: Policy, protect=()):
-    """Writes `src` (a converted model) to `dst` with its routers under `pol`."""
+    """Writes `src` (a converted model, or GenAI folder) to `dst` with its routers under `pol`."""
     src, dst = Path(src), Path(dst)
-    model = load_model(src)
+    if genai.is_folder(src):
+        def transform(model):
+            set_policy(model, pol)
+            return model, len(router_nodes(model))
+        return genai.write_folder(src, dst, transform, protect)
+    model = load_model(genai.resolve(src))
     with Output(protected=model_files(src) + [Path(p) for p in protect]) as out:
         out.check_model_path(dst)
         set_policy(model, pol)

@@ -91,15 +91,48 @@ def _int_bound(ix: GraphIndex, name):
     return None
 
 
-def make_feeds(model, dims=None, seed=0, tokens=16, batch=2, past=None):
+def cache_dims(model, base=None) -> dict:
+    """Sizes of the KV-cache dimensions a graph cannot run without: a sliding-window layer's cache
+    capacity (GroupQueryAttention refuses one below its local_window_size) and, from an ONNX
+    Runtime GenAI genai_config.json in `base`, the cache's head size."""
+    import json
+
+    params = {d.dim_param for i in graph_inputs(model) for d in i.type.tensor_type.shape.dim if d.dim_param}
+    out = {}
+    windows = [a.i for n in model.graph.node if n.op_type == "GroupQueryAttention"
+               for a in n.attribute if a.name == "local_window_size" and a.i > 0]
+    cfg = Path(base) / "genai_config.json" if base is not None else None
+    dec = {}
+    if cfg is not None and cfg.is_file():
+        try:
+            dec = json.loads(cfg.read_text()).get("model", {}).get("decoder", {})
+        except (OSError, ValueError, AttributeError):
+            dec = {}
+    window = (dec.get("sliding_window") or {}).get("window_size") or (max(windows) if windows else None)
+    for p in params:
+        if "sliding" in p.lower() and window:
+            out[p] = int(window)
+        elif p in ("kv_cache_dim", "head_size") and dec.get("head_size"):
+            out[p] = int(dec["head_size"])
+    return out
+
+
+def make_feeds(model, dims=None, seed=0, tokens=16, batch=2, past=None, base=None):
     """Random inputs from the graph's input specs, consistent across inputs. A symbolic dim takes
-    `dims[name]`, else `batch` when named like a batch, `past` (default tokens // 2) when named
-    like a cache length (past_sequence_length, past_sliding_length...), the value of its
-    expression when written as one ("past_sequence_length + sequence_length"), else `tokens`.
-    So a decoder graph with past_key_values runs a prefill of `tokens` after a cached prefix;
-    attention_mask is all ones and position_ids count on from the prefix."""
-    dims = dict(dims or {})
-    past = tokens // 2 if past is None else past
+    `dims[name]`, else what cache_dims() says (`base`: the model's folder), else `batch` when
+    named like a batch, `past` (default tokens // 2) when named like a cache length
+    (past_sequence_length...), the value of its expression when written as one
+    ("past_sequence_length + sequence_length"), else `tokens`. So a decoder graph with
+    past_key_values runs a prefill of `tokens` after a cached prefix (an empty one for graphs with
+    GroupQueryAttention, ONNX Runtime GenAI's); attention_mask is all ones
+    over prefix and tokens, position_ids count on from the prefix, and with no prefix (past=0)
+    the cache inputs (and recurrent states) are zeros."""
+    if past is None:
+        # GroupQueryAttention takes several tokens after a cached prefix only for a batch of one:
+        # its graphs get a prefill from an empty cache, as ONNX Runtime GenAI runs them.
+        gqa = any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+        past = 0 if gqa else tokens // 2
+    dims = cache_dims(model, base) | dict(dims or {})
     ix = GraphIndex(model.graph)
     rng = np.random.default_rng(seed)
     params = {d.dim_param for i in graph_inputs(model) for d in i.type.tensor_type.shape.dim if d.dim_param}
@@ -115,6 +148,8 @@ def make_feeds(model, dims=None, seed=0, tokens=16, batch=2, past=None):
         if names != {param}:  # an expression of other dimensions
             return int(_eval_dim(param, {n: size(n) for n in names}))
         low = param.lower()
+        if "total" in low:  # ORT GenAI's attention_mask: cached prefix and new tokens
+            return past + (size("sequence_length") if "sequence_length" in symbolic else tokens)
         return batch if "batch" in low else past if ("past" in low or "cache" in low) else tokens
 
     feeds = {}
@@ -125,11 +160,17 @@ def make_feeds(model, dims=None, seed=0, tokens=16, batch=2, past=None):
         if dt is None:
             raise MoeExportError(f"input {inp.name!r}: element type {tt.elem_type} is not supported; pass --data")
         name = inp.name.lower()
+        start = next((size(q) for q in sorted(params) if q.lower().startswith("past_sequence")
+                      and _dim_names(q) == {q}), None)
+        if start is None:
+            start = next((size(q) for q in sorted(params) if "past" in q.lower() and "sliding" not in q.lower()
+                          and _dim_names(q) == {q}), 0)
         if "attention_mask" in name:
             feeds[inp.name] = np.ones(shape, dtype=dt)
         elif "position_ids" in name and np.issubdtype(dt, np.integer) and shape:
-            start = next((size(q) for q in sorted(params) if "past" in q.lower() and _dim_names(q) == {q}), 0)
             feeds[inp.name] = np.broadcast_to(start + np.arange(shape[-1]), shape).astype(dt)
+        elif name.startswith("past") and past == 0 and not np.issubdtype(dt, np.integer):
+            feeds[inp.name] = np.zeros(shape, dtype=dt)
         elif np.issubdtype(dt, np.integer):
             hi = _int_bound(ix, inp.name) or 100
             feeds[inp.name] = rng.integers(0, hi, size=shape).astype(dt)
@@ -180,9 +221,10 @@ def graph_inputs(model):
     return [i for i in model.graph.input if i.name not in inits]
 
 
-def load_inputs(path, model):
+def load_inputs(path, model, base=None):
     """Inputs for `model` from an .npz of named arrays, or an .npy for a single-input graph
-    (token ids [batch, seq], router logits [tokens, E]); checked against the graph's inputs."""
+    (token ids [batch, seq], router logits [tokens, E]); checked against the graph's inputs.
+    `base`: the model's folder (its genai_config.json sizes a KV cache)."""
     p = Path(path)
     if not p.is_file():
         raise MoeExportError(f"{p}: no such file")
@@ -206,7 +248,7 @@ def load_inputs(path, model):
         if ids is not None and len(inputs) > 1:
             # A decoder with a KV cache: a prefill from an empty cache, the mask all ones.
             sizes = {d.dim_param: n for d, n in zip(dims, data.shape) if d.dim_param}
-            data = make_feeds(model, dims=sizes, past=0) | {"input_ids": data}
+            data = make_feeds(model, dims=sizes, past=0, base=base) | {"input_ids": data}
         else:
             data = {first.name: data}
     return check_inputs(data, model, str(p))

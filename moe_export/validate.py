@@ -25,7 +25,16 @@ def routing_indices(model):
     if meta is not None:
         return [r["indices"] for r in meta["routers"]], [r["attrs"] for r in meta["routers"]]
     gates, _ = find_gates(model)
-    return [g.indices for g in gates], [dict(g.attrs, policy="static", max_experts=g.attrs["k"]) for g in gates]
+    # A fused MoE op keeps its choice inside: its logits are exposed and the choice recomputed.
+    return ([g.logits if g.fused else g.indices for g in gates],
+            [dict(g.attrs, policy="static", max_experts=g.attrs["k"], fused=g.fused) for g in gates])
+
+
+def fused_choice(logits, k):
+    """The experts a fused com.microsoft MoE op runs: the top k of the logits (its softmax keeps
+    the order), ties to the higher expert id as its CPU kernel breaks them."""
+    x = np.asarray(logits)[..., ::-1]
+    return x.shape[-1] - 1 - np.argsort(-x, axis=-1, kind="stable")[..., :k]
 
 
 def count_pairs(index_arrays, attrs):
@@ -66,9 +75,9 @@ def validate(original, converted, feeds=None, atol=None, rtol=None, dims=None, s
     if routers_metadata(conv_m) is None:
         raise MoeExportError(f"{converted}: not written by moe-export convert (no router metadata)")
     if feeds is None:
-        feeds = make_feeds(orig_m, dims=dims, seed=seed)
+        feeds = make_feeds(orig_m, dims=dims, seed=seed, base=Path(original).parent)
     elif isinstance(feeds, (str, Path)):
-        feeds = load_inputs(feeds, orig_m)
+        feeds = load_inputs(feeds, orig_m, Path(original).parent)
     else:
         feeds = check_inputs(feeds, orig_m)
     names_o = {o.name for o in orig_m.graph.output}
@@ -112,6 +121,7 @@ def validate(original, converted, feeds=None, atol=None, rtol=None, dims=None, s
         report["tensorrt"] = stats(("original", "tensorrt"))
     outs = {runner: res[0] for runner, res in results.items()}
     o_idx = [outs["original"][f"{PAIRS_PREFIX}{i}"] for i in range(len(oi))]
+    o_idx = [fused_choice(x, a["k"]) if a.get("fused") else x for x, a in zip(o_idx, oattrs)]
     c_idx = [outs["converted"][f"{PAIRS_PREFIX}{i}"] for i in range(len(ci))]
     po, pc = count_pairs(o_idx, oattrs), count_pairs(c_idx, cattrs)
     tokens = [a.size // a.shape[-1] if a.ndim else 0 for a in c_idx]

@@ -2,7 +2,7 @@
 (DeepSeek-V3: the best topk_group of n_group expert groups, by the sum of each group's best
 keys, masked with Where), TopK, the weights gathered from the unbiased scores, optionally
 renormalized and scaled."""
-from ..patterns import Gate, Miss, NearMiss, Rule, experts_of, gathered, topk_k, weights_chain
+from ..patterns import Gate, Miss, NearMiss, Rule, experts_of, gathered, sigmoid_of, topk_k, weights_chain
 from ..schema import gate_defaults
 
 ORDER = 30
@@ -46,24 +46,24 @@ def match(ix, tk):
     else:
         choice = scores
     bias, views = None, []
-    if src is not None and src.op_type == "Add":
+    if src is not None and src.op_type == "Add" and sigmoid_of(ix, choice) is None:
         # optimum's TorchScript export views the scores as [-1, E] before adding the bias
         behind = [ix.behind_views(i) for i in src.input]
-        j = next((j for j, (t, _) in enumerate(behind) if ix.producer.get(t) is not None
-                  and ix.producer[t].op_type == "Sigmoid"), None)
+        j = next((j for j, (t, _) in enumerate(behind) if sigmoid_of(ix, t) is not None), None)
         if j is None:
             raise Miss("TopK ranks a sum that is not Sigmoid scores + bias")
-        sig, views, bias = ix.producer[behind[j][0]], behind[j][1], src.input[1 - j]
-    elif src is not None and src.op_type == "Sigmoid":
-        sig = src
+        scores, views, bias = behind[j][0], behind[j][1], src.input[1 - j]
+    elif src is not None and sigmoid_of(ix, choice) is not None:
+        scores = choice
     else:
         raise Miss("TopK does not rank Sigmoid scores (with or without a bias or group mask)")
+    logits = sigmoid_of(ix, scores)
     k = topk_k(ix, tk)
-    E = experts_of(ix, tk, sig.output[0], sig.input[0], *([bias] if bias else []))
+    E = experts_of(ix, tk, scores, logits, *([bias] if bias else []))
     a = gate_defaults(E, k) | dict(score_func="sigmoid")
     if where is not None:
         a |= group_params(ix, choice, E)
-    ge = gathered(ix, tk, sig.output[0])
+    ge = gathered(ix, tk, scores)
     if ge is not None:
         w0, w0_cast = ge.output[0], ix.source(ge.input[0])[1]
     elif bias is None and where is None:
@@ -72,9 +72,9 @@ def match(ix, tk):
         raise NearMiss(f"sigmoid gate {tk.name!r}: weights are not gathered from the sigmoid scores")
     w, normalize, scale, cast = weights_chain(ix, w0)
     a |= dict(normalize=normalize, scale=scale)
-    return Gate("sigmoid_topk", tk, sig.input[0], bias, w, tk.output[1], a, cast_to=cast or w0_cast,
+    return Gate("sigmoid_topk", tk, logits, bias, w, tk.output[1], a, cast_to=cast or w0_cast,
                 logits_views=tuple(views))
 
 
-RULE = Rule("sigmoid_topk", "Sigmoid [+ bias] [-> group mask] -> TopK -> GatherElements(Sigmoid) [-> x / sum] [-> x * scale]",
-            "DeepSeek-V3", match)
+RULE = Rule("sigmoid_topk", "Sigmoid (or 1/(1+exp(-x))) [+ bias] [-> group mask] -> TopK -> GatherElements(Sigmoid) [-> x / sum] [-> x * scale]",
+            "DeepSeek-V3, LFM2-MoE (ORT GenAI builder)", match)

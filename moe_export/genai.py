@@ -1,0 +1,79 @@
+"""ONNX Runtime GenAI model folders: a decoder graph beside genai_config.json, tokenizer files
+and, once converted, the DynamicRouter library. onnxruntime-genai loads a custom-op library
+only from inside the model folder (a path with no `..`), named in
+model.decoder.session_options.custom_ops_library."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import MoeExportError, custom_op_library
+from .files import Output, model_files, same_file
+from .graph import load_model
+from .schema import DOMAIN
+
+CONFIG = "genai_config.json"
+
+
+def is_folder(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / CONFIG).is_file()
+
+
+def _config(folder: Path) -> dict:
+    try:
+        cfg = json.loads((folder / CONFIG).read_text())
+        cfg["model"]["decoder"]
+        return cfg
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MoeExportError(f"{folder / CONFIG}: not an ONNX Runtime GenAI config ({type(e).__name__}: {e})") from None
+
+
+def decoder_file(folder) -> Path:
+    folder = Path(folder)
+    name = _config(folder)["model"]["decoder"].get("filename", "model.onnx")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise MoeExportError(f"{folder / CONFIG}: decoder filename {name!r} is not inside the folder")
+    return folder / name
+
+
+def resolve(path) -> Path:
+    """The graph a model argument names: the decoder of a GenAI folder, else the path itself."""
+    path = Path(path)
+    if is_folder(path):
+        return decoder_file(path)
+    if path.is_dir():
+        raise MoeExportError(f"{path} is a directory without {CONFIG}; give an .onnx file or a GenAI model folder")
+    return path
+
+
+def write_folder(src, dst, transform, protect=()):
+    """Writes the GenAI folder `src` to the new folder `dst` with its decoder graph passed through
+    `transform` (ModelProto -> ModelProto, in memory); every other file is copied, the
+    DynamicRouter library put inside unless the graph needs none (--portable). Returns what
+    transform returned with the model, and notes for the user."""
+    src, dst = Path(src), Path(dst)
+    dec = decoder_file(src)
+    if dst.resolve().is_relative_to(src.resolve()):
+        raise MoeExportError(f"output {dst} is inside the input folder {src}; moe-export never modifies its inputs")
+    model = load_model(dec)
+    ours = model_files(dec)
+    with Output(protected=ours + [Path(p) for p in protect]) as out:
+        stage = out.directory(dst)
+        model, result = transform(model)
+        rel = dec.relative_to(src)
+        out.model(model, out.mkdir((stage / rel).parent) / rel.name, dec.parent)
+        cfg = _config(src)
+        options = cfg["model"]["decoder"].setdefault("session_options", {})
+        old_lib = options.pop("custom_ops_library", None)
+        lib = Path(custom_op_library()) if any(o.domain == DOMAIN for o in model.opset_import) else None
+        if lib is not None:
+            out.copy(lib, stage / lib.name)
+            options["custom_ops_library"] = lib.name
+        skip = {CONFIG, old_lib, lib and lib.name}
+        for f in sorted(src.rglob("*")):  # tokenizer, processor configs, other graphs of the model
+            r = f.relative_to(src)
+            if f.is_file() and str(r) not in skip and not any(same_file(f, o) for o in ours):
+                out.copy(f, out.mkdir((stage / r).parent) / r.name)
+        out.file(stage / CONFIG, (json.dumps(cfg, indent=4) + "\n").encode())
+    notes = [n for n in out.notes if not n.startswith("external data copied")]
+    return result, notes + [f"GenAI model folder: og.Model({str(dst)!r}) loads it"]
