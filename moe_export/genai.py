@@ -77,3 +77,22 @@ def write_folder(src, dst, transform, protect=()):
         out.file(stage / CONFIG, (json.dumps(cfg, indent=4) + "\n").encode())
     notes = [n for n in out.notes if not n.startswith("external data copied")]
     return result, notes + [f"GenAI model folder: og.Model({str(dst)!r}) loads it"]
+
+
+def generate(folder, prompt, max_length=48, threads=None):
+    """Greedy token ids onnxruntime-genai generates from the folder for `prompt` (token ids [1, n]).
+    threads: intra-op threads of the decoder session (genai's default otherwise)."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    if threads is not None:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray(prompt, dtype=np.int32).reshape(1, -1))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return np.asarray(gen.get_sequence(0)).tolist()

@@ -39,7 +39,8 @@ def profile(model_path, data_path, flops_per_pair_override=None, batch=16):
         bias = got[r["bias"]][0].astype(np.float32) if r.get("bias") else None
         static_attrs = dict(a, policy="static", threshold=0.0, max_experts=k, min_experts=1)
         _, sidx = dynamic_router(logits, bias, **static_attrs)
-        fpp = flops_per_pair_override or flops_per_pair(model, E, by_e[E])
+        # a fused op's experts were measured at conversion (quantized weights unpacked)
+        fpp = flops_per_pair_override or r.get("flops_per_pair") or flops_per_pair(model, E, by_e[E])
         load = np.bincount(idx[idx < E], minlength=E)
         sload = np.bincount(sidx[sidx < E], minlength=E)
         pairs, spairs = int(load.sum()), int(sload.sum())

@@ -83,9 +83,13 @@ def topk_softmax(scale=None, cast=False, extra_consumer=False):
 
 
 def sigmoid_topk(bias=False, groups=False, gather=True, norm=False, eps=None, scale=None, both_vary=False,
-                 view=False):
+                 view=False, spelled=None):
     g = G()
-    s = g.op("Sigmoid", ["logits"])
+    if spelled:  # ORT GenAI's builder: Reciprocal(1 + Exp(-x)), or 1 / (1 + Exp(-x))
+        den = g.op("Add", [g.op("Exp", [g.op("Neg", ["logits"])]), g.const(1.0, np.float32)])
+        s = g.op("Reciprocal", [den]) if spelled == "Reciprocal" else g.op("Div", [g.const(1.0, np.float32), den])
+    else:
+        s = g.op("Sigmoid", ["logits"])
     b = np.linspace(-0.1, 0.1, E)
     if view:  # optimum (TorchScript): scores.view(-1, E) + bias.unsqueeze(0)
         choice = g.op("Add", [g.op("Reshape", [s, g.const([-1, E])]), g.const(b[None], np.float32)])
@@ -184,6 +188,8 @@ def test_topk_softmax_declines_values_used_elsewhere():
     ({"bias": True, "norm": True, "eps": 1e-20, "scale": 2.5}, dict(normalize=1, scale=2.5)),
     ({"bias": True, "groups": True, "norm": True}, dict(n_group=4, topk_group=2, group_score_topk=2, normalize=1)),
     ({"bias": True, "view": True, "groups": True, "norm": True, "scale": 2.5}, dict(n_group=4, normalize=1, scale=2.5)),
+    ({"bias": True, "spelled": "Reciprocal"}, dict(normalize=0)),
+    ({"gather": False, "spelled": "Div", "norm": True}, dict(normalize=1)),
 ])
 def test_sigmoid_topk_branches(kw, attrs, tmp_path):
     m = sigmoid_topk(**kw)
@@ -193,6 +199,14 @@ def test_sigmoid_topk_branches(kw, attrs, tmp_path):
     assert [v.op_type for v in row["gate"].logits_views] == (["Reshape"] if kw.get("view") else [])
     assert {k: row["gate"].attrs[k] for k in attrs} == pytest.approx(attrs)
     check_parity(m, tmp_path)
+
+
+def test_a_sigmoid_spelled_otherwise_is_not_one():
+    g = G()  # 1 / (2 + exp(-x)) is no sigmoid
+    den = g.op("Add", [g.op("Exp", [g.op("Neg", ["logits"])]), g.const(2.0, np.float32)])
+    w, i = g.topk(g.op("Reciprocal", [den]))
+    row = only_row(g.model(w, i))
+    assert row["gate"] is None and "Sigmoid" in row["why_not"]["sigmoid_topk"]
 
 
 def test_sigmoid_topk_declines_and_near_misses():
@@ -207,7 +221,7 @@ def test_every_rule_says_why_not():
     g = G()
     w, i = g.topk(g.op("Relu", ["logits"]))
     row = only_row(g.model(w, i))
-    assert row["gate"] is None and set(row["why_not"]) == {r.family for r in rules()}
+    assert row["gate"] is None and set(row["why_not"]) == {r.family for r in rules() if "TopK" in r.anchors}
     assert all(row["why_not"].values())
 
 
