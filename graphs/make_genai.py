@@ -60,11 +60,12 @@ def tokenizer(out: Path, vocab_size: int):
                             eos_token="</s>").save_pretrained(out)
 
 
-def checkpoint(arch: str, out: Path, seed=0):
+def checkpoint(arch: str, out: Path, seed=0, **sizes):
+    """A random-weight checkpoint of `arch` in `out`; `sizes` override the tiny config's."""
     import torch
     import transformers as tf
 
-    spec = dict(ARCHS[arch])
+    spec = dict(ARCHS[arch]) | sizes
     model_type = spec.pop("model_type")
     torch.manual_seed(seed)
     if model_type == "qwen3_5_moe":  # the builder takes the vision-language model; a tiny vision tower
@@ -74,13 +75,13 @@ def checkpoint(arch: str, out: Path, seed=0):
         model = tf.Qwen3_5MoeForConditionalGeneration(cfg)
     else:
         cfg = tf.AutoConfig.for_model(model_type, **(COMMON | spec))
-        model = tf.AutoModelForCausalLM.from_config(cfg)
+        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # random routers are near uniform; trained ones spread their scores
         for name, p in model.named_parameters():
             if name.endswith(("gate.weight", "router.weight")):
                 p.normal_(0.0, 0.5)
     model.save_pretrained(out)
-    tokenizer(out, COMMON["vocab_size"])
+    tokenizer(out, (COMMON | spec)["vocab_size"])
     if arch == "gpt_oss":
         add_mxfp4(model, out)
 
@@ -116,6 +117,7 @@ def add_mxfp4(model, out: Path):
 
 
 def build(ckpt: Path, dst: Path, precision: str, ep: str):
+    """Runs the GenAI model builder on a checkpoint."""
     with tempfile.TemporaryDirectory() as cache:
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(dst),
                "-p", precision, "-e", ep, "-c", cache]

@@ -13,5 +13,5 @@ export ORT_INCLUDE_DIR="${ORT_INCLUDE_DIR:-$(bash plugins/fetch_headers.sh ort)}
 if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
   export TENSORRT_INCLUDE_DIR="${TENSORRT_INCLUDE_DIR:-$(bash plugins/fetch_headers.sh trt)}"
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check ".[export,test,triton,plot]"
+.venv/bin/python -m pip install -q --disable-pip-version-check ".[export,test,triton,plot,genai]"
 .venv/bin/python -c "import moe_export; print('moe-export ready:', moe_export.custom_op_library())"
