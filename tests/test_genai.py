@@ -157,3 +157,18 @@ def test_cache_feeds_follow_the_graph_and_its_config():
     q = GRAPHS / "genai" / "qwen3_5_moe_fp32_cpu"
     f = make_feeds(load_model(genai.decoder_file(q)), base=q, tokens=5, batch=1)
     assert f["position_ids"].shape == (3, 1, 5) and (f["position_ids"][2, 0] == np.arange(5)).all()
+
+
+def test_the_sample_script_runs_end_to_end(tmp_path):
+    import subprocess
+    import sys
+    import sysconfig
+
+    from conftest import ROOT
+
+    text = f"{sysconfig.get_paths()['stdlib']}/LICENSE.txt"
+    r = subprocess.run([sys.executable, ROOT / "samples" / "genai_dynamic.py", GRAPHS / "genai" / "lfm2_moe_int4_cpu",
+                        text, tmp_path], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "reproduces the original: True" in r.stdout and "calibrated 2 layers" in r.stdout
+    assert genai.is_folder(tmp_path / "model.dynamic") and genai.is_folder(tmp_path / "model.static")
