@@ -172,3 +172,15 @@ def test_the_sample_script_runs_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "reproduces the original: True" in r.stdout and "calibrated 2 layers" in r.stdout
     assert genai.is_folder(tmp_path / "model.dynamic") and genai.is_folder(tmp_path / "model.static")
+
+
+def test_a_portable_folder_needs_no_library(tmp_path):
+    folder = GRAPHS / "genai" / "gpt_oss_int4_cpu"
+    out = tmp_path / "portable"
+    assert run_cli("convert", folder, "-o", out, "--portable", "--policy", "top-p", "--threshold", "0.5").returncode == 0
+    cfg = json.loads((out / "genai_config.json").read_text())
+    assert "custom_ops_library" not in cfg["model"]["decoder"]["session_options"]
+    assert not list(out.glob("*.so"))
+    rep = json.loads(run_cli("validate", folder, out, "--json").stdout)
+    assert rep["routed_pairs"]["reduction"] > 0.2
+    assert len(generate(out, PROMPT, LENGTH)) == LENGTH
