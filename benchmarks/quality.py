@@ -1,12 +1,15 @@
 """The quality/compute curve of dynamic routing on trained MoE models, measured entirely through
 the exported and converted ONNX graphs in ONNX Runtime.
 
-    .venv/bin/python samples/train_moe.py mixtral8 && .venv/bin/python samples/train_moe.py qwen3moe32
-    .venv/bin/python benchmarks/quality.py [--models mixtral8 qwen3moe32] [--eval-seqs 128]
+    .venv/bin/python samples/train_moe.py mixtral8     # and qwen3moe32, deepseek16
+    .venv/bin/python benchmarks/quality.py [--models mixtral8 qwen3moe32 deepseek16] [--eval-seqs 128]
 
 For each model: held-out byte-level perplexity and routed (token, expert) pairs for every policy
 over a sweep of thresholds, then per-layer calibration against one global threshold at equal
-compute (calibrated on a separate slice of the held-out text). Writes
+compute (calibrated on a separate slice of the held-out text), and `calibrate --max-ppl-increase`
+at +0.5% and +1% for each policy and `auto` (searched on the calibration slice, measured on the
+evaluation slice): `at_budget` in each model's result compares its pair cut with the best
+target-calibrated and global-threshold points within the same evaluation budget. Writes
 benchmarks/results/quality.json and benchmarks/results/quality.png.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_export.budget import budget_policy, calibrate_budget
 from moe_export.calibrate import calibrate
 from moe_export.export import export_checkpoint
 from moe_export.graph import load_model
@@ -30,6 +34,7 @@ from moe_export.validate import routing_indices, with_routing_outputs
 HERE = Path(__file__).resolve().parent
 CACHE = Path.home() / ".cache" / "moe-export"
 SEQ = 128
+BUDGETS = (0.005, 0.01)
 SWEEP = {
     "top-p": [0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98],
     "ratio": [0.9, 0.7, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.02],
@@ -119,15 +124,47 @@ def run_model(name, eval_seqs, calib_seqs, work: Path):
                                               per_layer={x["layer"]: x["threshold"] for x in layers}))
                 point(f"{policy} calibrated per-layer, max {wide}", round(target, 3), out,
                       {"thresholds": [x["threshold"] for x in layers], "max_experts": wide})
+    # Quality budgets: calibrate --max-ppl-increase on the calibration slice, measured on the
+    # evaluation slice (held out from the search entirely).
+    model = load_model(original)
+    for policy in ("top-p", "ratio", "entropy", "auto"):
+        for b in BUDGETS:
+            rep = calibrate_budget(model, work, {"input_ids": calib}, b, policy)
+            out = work / f"{name}.budget.{policy}.{b}.onnx"
+            convert(original, out, budget_policy(rep))
+            point(f"{policy} budget", b, out, {"budget_fit": rep["fit"], "budget_heldout": rep["heldout"],
+                                               "routing": [[x["policy"], x["threshold"]] for x in rep["layers"]]})
     ok = [c for c in curve if c["ppl_increase"] <= 0.01]
     best = max(ok, key=lambda c: c["pair_reduction"]) if ok else None
     return {"model": name, "corpus": log["corpus"], "train_steps": log["steps"], "k": gates_k,
+            "at_budget": at_budget(curve),
             "static_ppl": base["ppl"], "eval_tokens": base["tokens"],
             "static_ppl_on_torch_slice": {"onnx": onnx_on_torch_slice, "torch": log["torch_heldout_ppl"]},
             "calib_tokens": int(calib.size),
             "curve": curve,
             "best_at_1pct": None if best is None else {k_: best[k_] for k_ in
                                                         ("policy", "threshold", "pair_reduction", "ppl_increase", "mean_experts")}}
+
+
+def at_budget(curve):
+    """Per policy and budget: the pair cut of the budget-calibrated model (and its evaluation
+    perplexity increase), against the best target-calibrated (per layer) and global-threshold
+    points whose evaluation increase is within that budget."""
+    def best(label, b):
+        ok = [c for c in curve if c["policy"] == label and c["ppl_increase"] <= b]
+        return max((c["pair_reduction"] for c in ok), default=0.0)
+    out = {}
+    for policy in ("top-p", "ratio", "entropy", "auto"):
+        for b in BUDGETS:
+            row = next(c for c in curve if c["policy"] == f"{policy} budget" and c["threshold"] == b)
+            out[f"{policy} @ +{100 * b:g}%"] = {
+                "budget_calibrated": {"pair_reduction": row["pair_reduction"], "ppl_increase": row["ppl_increase"],
+                                      "over_budget_points": max(0.0, 100 * (row["ppl_increase"] - b))},
+                "target_calibrated": None if policy in ("entropy", "auto") else best(f"{policy} calibrated per-layer", b),
+                "global_threshold": None if policy == "auto" else max(
+                    best(policy, b), best(f"{policy} calibrated global", b)),
+            }
+    return out
 
 
 def plot(results, path):
@@ -156,9 +193,9 @@ def plot(results, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["mixtral8", "qwen3moe32"])
+    ap.add_argument("--models", nargs="+", default=["mixtral8", "qwen3moe32", "deepseek16"])
     ap.add_argument("--eval-seqs", type=int, default=128)
-    ap.add_argument("--calib-seqs", type=int, default=32)
+    ap.add_argument("--calib-seqs", type=int, default=48)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:

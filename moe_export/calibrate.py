@@ -108,9 +108,17 @@ def unreachable(layers, target, mode, tolerance=0.05):
     return out
 
 
-def calibrate_and_convert(model_path, data_path, out, target, policy="top-p", mode="per-layer",
-                          min_experts=1, max_experts=None, portable=False):
-    """Calibrates and writes the model. Returns (layers, warnings, notes about the written files)."""
+def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p", mode="per-layer",
+                          min_experts=1, max_experts=None, portable=False, max_ppl_increase=None, holdout=0.25):
+    """Calibrates and writes the model: to `target` experts per token, or (max_ppl_increase) to
+    the cheapest routing within that perplexity budget (budget.py). Returns (layers, warnings,
+    notes about the written files, the budget search's report or None)."""
+    from .budget import budget_policy, calibrate_budget
+
+    if (target is None) == (max_ppl_increase is None):
+        raise MoeExportError("give one of --target-experts (a compute budget) or --max-ppl-increase (a quality budget)")
+    if policy == "auto" and max_ppl_increase is None:
+        raise MoeExportError("--policy auto picks each layer's policy by perplexity: it needs --max-ppl-increase")
     model_path, out = Path(model_path), Path(out)
     graph = genai.resolve(model_path)
     model = load_model(graph)
@@ -124,11 +132,21 @@ def calibrate_and_convert(model_path, data_path, out, target, policy="top-p", mo
     if converted and portable:
         raise MoeExportError("--portable applies to converting an original model; this one is converted")
     feeds = load_inputs(data_path, model, graph.parent)
-    layers = calibrate(graph, feeds, target, policy, mode, min_experts, max_experts)
-    pol = Policy(policy, layers[0]["threshold"], min_experts, max_experts,
-                 per_layer={r["layer"]: r["threshold"] for r in layers})
+    report, warnings = None, []
+    if max_ppl_increase is not None:
+        report = calibrate_budget(model, graph.parent, feeds, max_ppl_increase, policy, min_experts, max_experts,
+                                  holdout)
+        layers, pol = report["layers"], budget_policy(report, min_experts, max_experts)
+        if not report["routing"]:
+            warnings.append(f"no layer's routing could change within +{100 * max_ppl_increase:g}% perplexity on "
+                            "this data: the output routes statically")
+    else:
+        layers = calibrate(graph, feeds, target, policy, mode, min_experts, max_experts)
+        pol = Policy(policy, layers[0]["threshold"], min_experts, max_experts,
+                     per_layer={r["layer"]: r["threshold"] for r in layers})
+        warnings = unreachable(layers, target, mode)
     if converted:
         _, notes = repolicy(model_path, out, pol, protect=[data_path])
     else:
         _, notes = convert_model(model_path, out, pol, portable=portable, protect=[data_path])
-    return layers, unreachable(layers, target, mode), notes
+    return layers, warnings, notes, report

@@ -184,18 +184,32 @@ def cmd_export(args):
 def cmd_calibrate(args):
     from .calibrate import calibrate_and_convert
 
-    layers, warnings, notes = calibrate_and_convert(
+    layers, warnings, notes, report = calibrate_and_convert(
         args.model, args.data, args.output, args.target_experts, policy=args.policy, mode=args.mode,
-        min_experts=args.min_experts, max_experts=args.max_experts, portable=args.portable)
+        min_experts=args.min_experts, max_experts=args.max_experts, portable=args.portable,
+        max_ppl_increase=args.max_ppl_increase, holdout=args.holdout)
     for w in warnings:
         _warn(w)
     if args.json:
-        print(json.dumps({"output": str(args.output), "policy": args.policy, "mode": args.mode,
-                          "target_experts": args.target_experts, "layers": layers, "warnings": warnings,
-                          "notes": notes}, indent=2))
+        summary = {"output": str(args.output), "policy": args.policy, "mode": args.mode,
+                   "target_experts": args.target_experts, "layers": layers, "warnings": warnings, "notes": notes}
+        if report is not None:
+            summary |= {k: report[k] for k in ("max_ppl_increase", "fit", "heldout", "evaluations")}
+            summary["mode"] = "quality budget"
+        print(json.dumps(summary, indent=2))
         return
     for r in layers:
-        print(f"{r['layer']}: threshold {r['threshold']:.4f} -> {r['mean_experts']:.3f} experts/token (k={r['k']})")
+        if report is None:
+            print(f"{r['layer']}: threshold {r['threshold']:.4f} -> {r['mean_experts']:.3f} experts/token (k={r['k']})")
+        else:
+            print(f"{r['layer']}: {r['policy']} threshold {r['threshold']:.4f} -> {r['mean_experts']:.3f} "
+                  f"experts/token (k={r['k']}), est. perplexity cost {100 * r['est_ppl_cost']:+.2f}%")
+    if report is not None:
+        for part in ("fit", "heldout"):
+            x = report[part]
+            print(f"{'calibration' if part == 'fit' else 'held out'} ({x['sequences']} sequences): perplexity "
+                  f"{100 * x['ppl_increase']:+.2f}% (static {x['static_ppl']:.4f}), routed pairs "
+                  f"{-100 * x['pair_reduction']:+.1f}%")
     print(f"wrote {args.output}{_data_line(notes)}")
 
 
@@ -292,10 +306,17 @@ def build_parser():
     cal.add_argument("model", type=Path, help="the original model, or one already converted (retuned); a GenAI "
                      "model folder gives a folder")
     cal.add_argument("--data", type=Path, required=True, help=".npy token ids [batch, seq] (or .npz of inputs)")
-    cal.add_argument("--target-experts", type=float, required=True, help="mean experts per token to aim for")
+    budget = cal.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--target-experts", type=float, help="a compute budget: mean experts per token to aim for")
+    budget.add_argument("--max-ppl-increase", type=float, metavar="FRACTION",
+                        help="a quality budget: the cheapest routing whose next-token perplexity on the data rises "
+                             "at most this much (0.01 = +1%%); a causal LM graph (input_ids -> logits) is needed")
+    cal.add_argument("--holdout", type=float, default=0.25, metavar="FRACTION",
+                     help="with --max-ppl-increase: the part of --data held out to check the budget (default 0.25)")
     cal.add_argument("-o", "--output", type=Path, required=True, help="the calibrated, converted model")
-    cal.add_argument("--policy", choices=[p for p in POLICIES if p != "static"], default="top-p",
-                     help="dynamic policy whose threshold is calibrated (default top-p)")
+    cal.add_argument("--policy", choices=[p for p in POLICIES if p != "static"] + ["auto"], default="top-p",
+                     help="dynamic policy whose threshold is calibrated (default top-p); with --max-ppl-increase, "
+                          "auto picks each layer's policy too")
     cal.add_argument("--mode", choices=("per-layer", "global"), default="per-layer",
                      help="a threshold per layer hitting the target in each, or one threshold for all")
     cal.add_argument("--min-experts", type=int, default=1, help="fewest experts per token (default 1)")

@@ -89,13 +89,18 @@ class Policy:
     threshold: float = 0.0
     min_experts: int = 1
     max_experts: int | None = None  # None: the gate's own k
-    # per-gate overrides written by calibrate: {gate name: threshold}
+    # per-gate overrides written by calibrate: {gate name: threshold, or (policy, threshold)}
     per_layer: dict | None = None
+
+    def of(self, layer) -> tuple:
+        """(policy, threshold) of one layer."""
+        v = (self.per_layer or {}).get(layer, self.threshold)
+        return (v[0], float(v[1])) if isinstance(v, (tuple, list)) else (self.policy, float(v))
 
 
 def router_attrs(gate: Gate, pol: Policy, group_experts=True) -> RouterAttrs:
-    t = pol.threshold if not pol.per_layer else pol.per_layer.get(gate.name, pol.threshold)
-    a = RouterAttrs(**gate.attrs, policy=pol.policy, threshold=float(t), min_experts=pol.min_experts,
+    policy, t = pol.of(gate.name)
+    a = RouterAttrs(**gate.attrs, policy=policy, threshold=t, min_experts=pol.min_experts,
                     max_experts=pol.max_experts or gate.attrs["k"])
     # More than k slots per token: a per-expert loop takes any number (each expert gathers its
     # own rows), a fused op once its k is raised; a batched section only once regrouped, whose
@@ -398,9 +403,9 @@ def set_policy(model, pol: Policy):
         if node is None:
             raise MoeExportError(f"router {r['layer']}: its DynamicRouter node is missing from the graph")
         old = RouterAttrs(**r["attrs"])
-        t = pol.per_layer.get(r["layer"], pol.threshold) if pol.per_layer else pol.threshold
+        policy, t = pol.of(r["layer"])
         try:
-            a = RouterAttrs(**dict(r["attrs"], policy=pol.policy, threshold=float(t), min_experts=pol.min_experts,
+            a = RouterAttrs(**dict(r["attrs"], policy=policy, threshold=t, min_experts=pol.min_experts,
                                    max_experts=pol.max_experts or old.max_experts)).resolved()
         except SpecError as e:
             raise MoeExportError(f"invalid policy arguments: {e}") from None

@@ -71,16 +71,30 @@ def run_exposed(model, base_dir, tensors, feeds, batch=16, custom_ops=True, prog
     prefix = "moe_export.exposed."
     names = [f"{prefix}{i}" for i in range(len(tensors))]
     sess = session_from_proto(expose(model, tensors, prefix), base_dir, custom_ops=custom_ops)
-    n = next(iter(feeds.values())).shape[0]
+    n = len(feeds["input_ids"]) if "input_ids" in feeds else next(iter(feeds.values())).shape[0]
     got = [[] for _ in tensors]
     if progress is not None:
         progress.total = -(-n // batch)
     for j, s in enumerate(range(0, n, batch)):
-        for g, r in zip(got, sess.run(names, {k: v[s:s + batch] for k, v in feeds.items()})):
+        for g, r in zip(got, sess.run(names, take_rows(model, feeds, slice(s, s + batch)))):
             g.append(r)
         if progress is not None:
             progress.update(j + 1)
     return got
+
+
+def take_rows(model, feeds, rows):
+    """The sequences `rows` (indices, or a slice) of every input: along each input's batch
+    dimension (named like a batch; else the first), so [3, batch, seq] position ids split too."""
+    axes = {}
+    for i in graph_inputs(model):
+        dims = i.type.tensor_type.shape.dim
+        axes[i.name] = next((j for j, d in enumerate(dims) if "batch" in d.dim_param.lower()), 0)
+    out = {}
+    for k, v in feeds.items():
+        ax = axes.get(k, 0)
+        out[k] = v[(slice(None),) * ax + (rows,)]
+    return out
 
 
 def _int_bound(ix: GraphIndex, name):

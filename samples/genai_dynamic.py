@@ -44,7 +44,7 @@ report = validate(args.model / "model.onnx", static / "model.onnx")
 print("static conversion reproduces the original:", report["static_reproduces"])
 
 k = routers_metadata(load_model(static / "model.onnx"))["routers"][0]["attrs"]["k"]
-layers, warnings, _ = calibrate_and_convert(args.model, calib, dynamic, target=k * (1 - args.cut))
+layers, warnings, _, _ = calibrate_and_convert(args.model, calib, dynamic, target=k * (1 - args.cut))
 print(f"calibrated {len(layers)} layers to {k * (1 - args.cut):.2f} experts/token (static: {k})")
 for w in warnings:
     print("warning:", w)

@@ -3,8 +3,12 @@ sources installed with this Python (byte-level, vocab 256), with a held-out spli
 
     python samples/train_moe.py mixtral8   [--minutes 25]   # 8 experts, top-2 (Mixtral-style)
     python samples/train_moe.py qwen3moe32 [--minutes 25]   # 32 experts, top-4, renormalized (Qwen3-MoE-style)
+    python samples/train_moe.py deepseek16 [--minutes 25]   # 16 experts in 4 groups, top-4 of the best 2 groups,
+                                                            # sigmoid + correction bias, scaled 2.5 (DeepSeek-V3-style)
 
-Seeded; uses the usual load-balancing auxiliary loss; saves with save_pretrained under
+Seeded; uses the usual load-balancing auxiliary loss (deepseek16: DeepSeek-V3's auxiliary-loss-free
+balancing instead, each step moving every expert's correction bias by 1e-3 against its load's
+deviation from the mean, which is what the bias is for); saves with save_pretrained under
 ~/.cache/moe-export/models/NAME (outside the repo), plus held-out token arrays for evaluation.
 """
 from __future__ import annotations
@@ -54,7 +58,37 @@ def config(name):
     if name == "qwen3moe32":
         return tf.Qwen3MoeConfig(moe_intermediate_size=64, intermediate_size=256, num_experts=32,
                                  num_experts_per_tok=4, norm_topk_prob=True, head_dim=32, **common)
+    if name == "deepseek16":
+        common = {k: v for k, v in common.items() if k not in ("router_aux_loss_coef", "output_router_logits")}
+        return tf.DeepseekV3Config(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                                   routed_scaling_factor=2.5, norm_topk_prob=True, moe_intermediate_size=64,
+                                   intermediate_size=256, n_shared_experts=1, first_k_dense_replace=0,
+                                   kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16,
+                                   v_head_dim=32, **common)
     raise SystemExit(f"unknown model {name}")
+
+
+def bias_balancer(model, rate=1e-3):
+    """DeepSeek-V3's auxiliary-loss-free balancing: after each step, every router's correction
+    bias moves by `rate` toward the experts chosen less than average. Returns the step function."""
+    import torch
+
+    routers = [m for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+    counts = {}
+
+    def hook(mod, _inp, out):
+        idx = out[2]  # (logits, weights, indices)
+        counts[mod] = counts.get(mod, 0) + torch.bincount(idx.detach().reshape(-1),
+                                                           minlength=mod.e_score_correction_bias.numel())
+    for r in routers:
+        r.register_forward_hook(hook)
+
+    def step():
+        with torch.no_grad():
+            for r, c in counts.items():
+                r.e_score_correction_bias += rate * torch.sign(c.float().mean() - c.float())
+        counts.clear()
+    return step
 
 
 def main():
@@ -62,7 +96,7 @@ def main():
     import transformers as tf
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("name", choices=["mixtral8", "qwen3moe32"])
+    ap.add_argument("name", choices=["mixtral8", "qwen3moe32", "deepseek16"])
     ap.add_argument("--minutes", type=float, default=25)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=16)
@@ -75,6 +109,7 @@ def main():
     out = CACHE / "models" / args.name
     out.mkdir(parents=True, exist_ok=True)
     model = tf.AutoModelForCausalLM.from_config(config(args.name))
+    balance = bias_balancer(model) if args.name == "deepseek16" else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     rng = np.random.default_rng(0)
     t0, step, log = time.time(), 0, []
@@ -93,6 +128,8 @@ def main():
         outp.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if balance is not None:
+            balance()
         if step % 50 == 0:
             aux = float(outp.aux_loss) if getattr(outp, "aux_loss", None) is not None else float("nan")
             log.append({"step": step, "loss": float(outp.loss), "aux": aux, "s": time.time() - t0})

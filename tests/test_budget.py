@@ -1,0 +1,112 @@
+"""calibrate --max-ppl-increase: the budget search (budget.py) on exported causal LM graphs."""
+import itertools
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+
+import moe_export
+from conftest import GRAPHS, run_cli
+from moe_export.budget import allocate
+from moe_export.rewrite import routers_metadata
+
+
+def brute_force(curves, budget):
+    layers = list(curves)
+    best = 0.0
+    for pick in itertools.product(*[[(0.0, 0.0)] + [(s, c) for s, c, _ in curves[l]] for l in layers]):
+        if sum(c for _, c in pick) <= budget:
+            best = max(best, sum(s for s, _ in pick))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_is_feasible_and_optimal_on_concave_curves(seed):
+    """Savings concave in cost (diminishing returns, what dropping experts gives): the Lagrangian
+    sweep finds the knapsack optimum whenever the budget falls on a hull vertex, and is never
+    infeasible."""
+    rng = np.random.default_rng(seed)
+    curves = {}
+    for layer in "abcd":
+        cost = np.cumsum(rng.uniform(0.001, 0.01, 5) * np.arange(1, 6))  # rising marginal cost
+        save = np.cumsum(rng.uniform(0.02, 0.05, 5))
+        curves[layer] = [(float(s), float(c), (layer, j)) for j, (s, c) in enumerate(zip(save, cost))]
+    for budget in (0.0, 0.01, 0.03, 0.08, 1.0):
+        pick, saving, cost = allocate(curves, budget)
+        assert cost <= budget + 1e-12
+        assert saving == pytest.approx(sum(next((s for s, _, ch in curves[l] if ch == c), 0.0)
+                                           for l, c in pick.items()))
+        assert saving <= brute_force(curves, budget) + 1e-12
+        if budget in (0.0, 1.0):
+            assert saving == pytest.approx(brute_force(curves, budget))
+        assert saving >= 0.9 * brute_force(curves, budget)
+
+
+def test_allocation_fills_what_the_hull_leaves():
+    """A non-concave curve: the hull skips its middle point; the fill takes it when it fits."""
+    curves = {"a": [(0.1, 0.01, 1), (0.12, 0.05, 2), (0.3, 0.1, 3)], "b": [(0.05, 0.02, 1)]}
+    pick, saving, cost = allocate(curves, 0.07)
+    assert saving == pytest.approx(brute_force(curves, 0.07)) and cost <= 0.07
+
+
+def nll_and_pairs(path, ids):
+    """Next-token NLL and routed pairs of a converted graph, computed here independently."""
+    meta = routers_metadata(onnx.load(str(path), load_external_data=False))
+    from moe_export.validate import with_routing_outputs
+    m = with_routing_outputs(onnx.load(str(path)), [r["indices"] for r in meta["routers"]])
+    outs = moe_export.session(m).run(None, {"input_ids": ids})
+    lg = outs[0].astype(np.float64)
+    lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+    tgt = np.take_along_axis(lg[:, :-1], ids[:, 1:, None], -1)[..., 0]
+    pairs = sum(int((x < r["attrs"]["num_experts"]).sum()) for x, r in zip(outs[-len(meta["routers"]):], meta["routers"]))
+    return float((lse[:, :-1] - tgt).mean()), pairs
+
+
+@pytest.mark.parametrize("graph, policy", [("qwen3_moe.onnx", "top-p"), ("mixtral.onnx", "auto"),
+                                           ("deepseek_v3.onnx", "ratio")])
+def test_budget_holds_on_both_parts_and_the_report_is_what_the_output_does(graph, policy, tmp_path):
+    ids = np.random.default_rng(0).integers(0, 128, (16, 24))
+    data, out = tmp_path / "ids.npy", tmp_path / "out.onnx"
+    np.save(data, ids)
+    r = run_cli("calibrate", GRAPHS / graph, "--data", data, "--max-ppl-increase", "0.002", "--policy", policy,
+                "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["mode"] == "quality budget"
+    assert rep["fit"]["ppl_increase"] <= 0.002 + 1e-9 and rep["heldout"]["ppl_increase"] <= 0.002 + 1e-9
+    assert rep["fit"]["sequences"] == 12 and rep["heldout"]["sequences"] == 4
+    # the written model routes as reported: the whole data's perplexity and pairs, measured anew
+    static = tmp_path / "static.onnx"
+    assert run_cli("convert", GRAPHS / graph, "-o", static).returncode == 0
+    (n0, p0), (n1, p1) = nll_and_pairs(static, ids), nll_and_pairs(out, ids)
+    fit, held = rep["fit"], rep["heldout"]
+    want = (fit["pair_reduction"] * 12 + held["pair_reduction"] * 4) / 16
+    assert 1 - p1 / p0 == pytest.approx(want, abs=1e-9)
+    assert math.exp(n1 - n0) - 1 <= 0.002 + 1e-6
+    meta = routers_metadata(onnx.load(str(out), load_external_data=False))
+    got = {x["layer"]: (x["attrs"]["policy"], x["attrs"]["threshold"]) for x in meta["routers"]}
+    assert got == {x["layer"]: (x["policy"], pytest.approx(x["threshold"])) for x in rep["layers"]}
+    if policy != "auto":
+        assert {p for p, _ in got.values()} <= {policy, "static"}
+
+
+def test_budget_errors_are_one_line(tmp_path):
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 100, (8, 16)))
+    logits = tmp_path / "logits.npy"
+    np.save(logits, np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32))
+    cases = [
+        (["calibrate", GRAPHS / "gate_softmax_topk_e64k8.onnx", "--data", logits, "--max-ppl-increase", "0.01"],
+         "needs a causal LM graph"),
+        (["calibrate", GRAPHS / "mixtral.onnx", "--data", ids, "--target-experts", "1.5", "--policy", "auto"],
+         "--policy auto"),
+        (["calibrate", GRAPHS / "mixtral.onnx", "--data", ids, "--target-experts", "1.5", "--max-ppl-increase", "0.01"],
+         "not allowed with"),
+        (["calibrate", GRAPHS / "mixtral.onnx", "--data", ids, "--max-ppl-increase", "5"], "a fraction"),
+    ]
+    for args, msg in cases:
+        r = run_cli(*args, "-o", tmp_path / "o.onnx")
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "o.onnx").exists()
