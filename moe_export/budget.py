@@ -37,7 +37,7 @@ class Evaluator:
     def __init__(self, model, base_dir, feeds, batch=16):
         meta = routers_metadata(model)
         self.model, self.base_dir, self.batch = model, base_dir, batch
-        self.routers, self.nodes = meta["routers"], router_nodes(model)
+        self.routers = meta["routers"]
         self.ids = feeds["input_ids"]
         self.feeds = feeds
         out0 = model.graph.output[0].name
@@ -101,7 +101,7 @@ def _thresholds(router, policy, logits, bias, min_experts, max_experts):
         if target < a.min_experts:
             break
         t, got = _solve(mean, target, policy == "top-p", hi=hi)
-        if abs(got - target) <= 0.25 * k * 0.1 + 0.05 and all(abs(t - u) > 1e-6 for u in out):
+        if abs(got - target) <= 0.05 * k and all(abs(t - u) > 1e-6 for u in out):  # within half a step
             out.append(t)
     return out
 
@@ -111,18 +111,11 @@ def allocate(curves, budget):
     always allowed) maximizing the summed saving with summed cost <= budget. Returns (choices,
     saving, cost)."""
     best = ({}, 0.0, 0.0)
-    points = [c for pts in curves.values() for c in pts if c[1] > 0]
-    lambdas = sorted({s / c for s, c, _ in points} | {0.0, math.inf}, reverse=True)
-    for lam in lambdas:  # every slope at which some layer's choice changes
+    slopes = {s / c for pts in curves.values() for s, c, _ in pts if c > 0 and s > 0}
+    for lam in sorted(slopes | {0.0}, reverse=True):  # every price at which some layer's choice changes
         pick, tot_s, tot_c = {}, 0.0, 0.0
         for layer, pts in curves.items():
-            cands = [(0.0, 0.0, None)] + pts
-            if lam == math.inf:
-                s, c, ch = max(cands, key=lambda p: (-p[1], p[0]))  # free points only
-                if c > 0:
-                    s, c, ch = 0.0, 0.0, None
-            else:
-                s, c, ch = max(cands, key=lambda p: (p[0] - lam * p[1], -p[1]))
+            s, c, ch = max([(0.0, 0.0, None)] + pts, key=lambda p: (p[0] - lam * p[1], -p[1]))
             pick[layer] = ch
             tot_s, tot_c = tot_s + s, tot_c + c
         if tot_c <= budget and tot_s > best[1]:
@@ -153,6 +146,8 @@ def calibrate_budget(model, base_dir, feeds, max_ppl_increase, policy="top-p", m
     check_causal_lm(model, feeds)
     if not 0 < max_ppl_increase < 1:
         raise MoeExportError(f"--max-ppl-increase {max_ppl_increase}: a fraction, e.g. 0.01 for +1% perplexity")
+    if not 0 < holdout < 1:
+        raise MoeExportError(f"--holdout {holdout}: the fraction of the sequences held out, between 0 and 1")
     n = len(feeds["input_ids"])
     n_hold = max(1, int(round(n * holdout))) if n > 1 else 0
     if n_hold == 0:

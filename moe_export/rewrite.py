@@ -176,7 +176,7 @@ def _portable(b: NodeBuilder, a: RouterAttrs, logits: str, bias: str | None, flo
         hi = min(a.max_experts, n_valid)
         cnt = b.op("Cast", [b.op("Clip", [cnt, f32(min(a.min_experts, hi)), f32(hi)])], to=TensorProto.INT64)
         keep = b.op("Less", [slot, cnt])
-    if a.select == "before_score":
+    if a.select == "before_score" and a.score_func == "softmax":
         w = b.op("Softmax", [b.op("Where", [keep, vals, f32(-np.inf)])], axis=-1)
     else:
         w = b.op("Where", [keep, b.op("GatherElements", [s, idx], axis=1), f32(0.0)])

@@ -50,7 +50,8 @@ ATTRIBUTES = (
               zero_means="k", routing=True),
     Attribute("score_func", "string", "softmax", "`softmax` or `sigmoid`", choices=("softmax", "sigmoid")),
     Attribute("select", "string", "after_score", "`after_score`: rank the scores (Mixtral...); `before_score`: "
-              "rank the logits and softmax over the kept ones (GPT-OSS)", choices=("after_score", "before_score")),
+              "rank the logits and score the kept ones: softmax over them (GPT-OSS), or sigmoid (Kolibri)",
+              choices=("after_score", "before_score")),
     Attribute("normalize", "int", 0, "renormalize the kept weights to sum to 1"),
     Attribute("scale", "float", 1.0, "multiply the weights (DeepSeek-V3 `routed_scaling_factor`)"),
     Attribute("n_group", "int", 1, "expert groups (DeepSeek-V3 `n_group`); must divide E"),

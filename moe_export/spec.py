@@ -78,8 +78,6 @@ class _Rules:
             bad(f"topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
         if self.n_group > 1 and not (1 <= self.group_score_topk <= E // self.n_group):
             bad(f"group_score_topk must be in [1, experts per group={E // self.n_group}]")
-        if self.select == "before_score" and self.score_func != "softmax":
-            bad("select=before_score is defined for score_func=softmax only")
 
 
 _PY = {"int": int, "float": float, "string": str}
@@ -187,7 +185,7 @@ def _rank(a, x, b):
         key = x.copy() if a.select == "before_score" else s.copy()
     else:
         s = _sigmoid(x)
-        key = s.copy()
+        key = x.copy() if a.select == "before_score" else s.copy()
     if b is not None:
         key = _sanitize((key + b).astype(_F))
     # group-limited selection (DeepSeek-V3): keep the best topk_group groups.
@@ -276,7 +274,7 @@ def _route(a, logits, bias, return_counts):
 
     # 4. weights of the kept experts; dropped slots are (index=E, weight=0).
     keep = np.arange(K)[None, :] < counts[:, None]
-    if a.select == "before_score":
+    if a.select == "before_score" and a.score_func == "softmax":
         sel = np.take_along_axis(x, order, axis=1)
         w = _softmax_rows(sel, keep)
     else:

@@ -59,7 +59,10 @@ def config(name):
         return tf.Qwen3MoeConfig(moe_intermediate_size=64, intermediate_size=256, num_experts=32,
                                  num_experts_per_tok=4, norm_topk_prob=True, head_dim=32, **common)
     if name == "deepseek16":
+        # MLA keeps one key/value head per query head (DeepSeek-V3 does; and torch.export fails
+        # on its attention with fewer)
         common = {k: v for k, v in common.items() if k not in ("router_aux_loss_coef", "output_router_logits")}
+        common["num_key_value_heads"] = common["num_attention_heads"]
         return tf.DeepseekV3Config(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
                                    routed_scaling_factor=2.5, norm_topk_prob=True, moe_intermediate_size=64,
                                    intermediate_size=256, n_shared_experts=1, first_k_dense_replace=0,

@@ -20,6 +20,7 @@ FORMS = {
     "softmax_norm": dict(score_func="softmax", select="after_score", normalize=1),
     "before_score": dict(score_func="softmax", select="before_score"),
     "sigmoid_grouped": dict(score_func="sigmoid", select="after_score", normalize=1, scale=2.5),
+    "sigmoid_before": dict(score_func="sigmoid", select="before_score", normalize=1),  # Kolibri: rank logits + bias
 }
 DTYPES = {"float32": (np.float32, TensorProto.FLOAT, 1e-6), "float16": (np.float16, TensorProto.FLOAT16, 1e-3)}
 if bfloat16 is not None:

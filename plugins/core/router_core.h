@@ -57,7 +57,6 @@ inline const char* validate(const Params& p) {
   if (p.topk_group < 1 || p.topk_group > p.n_group) return "topk_group must be in [1, n_group]";
   if (p.n_group > 1 && (p.group_score_topk < 1 || p.group_score_topk > E / p.n_group))
     return "group_score_topk must be in [1, experts per group]";
-  if (p.select == kBeforeScore && p.score_func != kSoftmax) return "select=before_score needs softmax";
   return nullptr;
 }
 
@@ -259,12 +258,12 @@ MOE_HD void store_slots(const Params& p, int count, const float* w, const int32_
   }
 }
 
-// Writes a token's width(p) output slots. w[0..count) holds the kept experts' logits
-// (select=before_score) or scores, in selection order, and is overwritten.
+// Writes a token's width(p) output slots. w[0..count) holds the kept experts' logits (softmax
+// gates with select=before_score) or scores, in selection order, and is overwritten.
 template <typename OutT, typename Store>
 MOE_HD void write_slots(const Params& p, int count, float* w, const int32_t* order, OutT* w_out, int64_t* i_out,
                         Store store) {
-  if (p.select == kBeforeScore) {
+  if (p.select == kBeforeScore && p.score_func == kSoftmax) {
     softmax(w, nullptr, count, w);
   } else if (p.normalize) {
     float tot = lane_sum(w, count);
@@ -369,7 +368,7 @@ MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, floa
   int32_t* isel = order + E;
 
   for (int i = 0; i < E; ++i) x[i] = sanitize(x_in[i]);
-  const bool before = p.score_func == kSoftmax && p.select == kBeforeScore;
+  const bool before = p.select == kBeforeScore;  // ranking the logits (+ bias), scoring the kept
   const bool grouped = p.n_group > 1;
   if (logit_gate(p, bias)) {
     select_top(x, E, p.k, order, okey, sel, isel);
@@ -431,8 +430,8 @@ MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, floa
     count = policy_count(p, qs, p.policy == kEntropy ? entropy(qv, E) : 0.f, n_valid);
   }
 
-  float* w = okey;  // holds the chosen values already unless the key was biased or masked
-  const float* chosen = before ? x : s;
+  float* w = okey;  // holds the chosen values already unless the key was biased, masked or not them
+  const float* chosen = before && p.score_func == kSoftmax ? x : s;
   if (rkey != chosen)
     for (int j = 0; j < count; ++j) w[j] = chosen[order[j]];
   write_slots(p, count, w, order, w_out, i_out, store);

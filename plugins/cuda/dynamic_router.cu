@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(128) route_warp_kernel(moe::Params p, const T*
   const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   const int E = p.num_experts, W = moe::width(p);
   float* qs = smem + (threadIdx.x >> 5) * 3 * W;  // policy distribution at each selected expert
-  float* chosen = qs + W;                          // its logit (before_score) or score
+  float* chosen = qs + W;                          // its logit (softmax before_score) or score
   int32_t* order = reinterpret_cast<int32_t*>(chosen + W);
   const bool before_score = p.select == moe::kBeforeScore;
   float b[PL];
@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(128) route_warp_kernel(moe::Params p, const T*
           if (j == (bi >> 5)) {
             live[j] = false;
             qs[slot] = q[j];
-            chosen[slot] = before_score ? x[j] : s[j];
+            chosen[slot] = before_score && p.score_func == moe::kSoftmax ? x[j] : s[j];
           }
         order[slot] = bi;
       }
