@@ -177,7 +177,7 @@ def cmd_export(args):
     from .export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.output, opset=args.opset, exporter=args.exporter,
-                            external_data=not args.embed_weights)
+                            external_data=not args.embed_weights, with_past=args.with_past)
     print(f"exported {args.checkpoint} -> {out}")
 
 
@@ -301,6 +301,9 @@ def build_parser():
     e.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                    help="torch.onnx exporter (default dynamo; torchscript only works with transformers 4.x)")
     e.add_argument("--embed-weights", action="store_true", help="keep weights inside the .onnx file")
+    e.add_argument("--with-past", action="store_true",
+                   help="a decoder graph with a KV cache for generation (input_ids, attention_mask, position_ids, "
+                        "past_key_values.N.key/value -> logits, present.N.key/value)")
 
     cal = cmd("calibrate", "choose per-layer thresholds for a compute budget and convert", cmd_calibrate)
     cal.add_argument("model", type=Path, help="the original model, or one already converted (retuned); a GenAI "

@@ -33,6 +33,53 @@ def _transformers():
     return transformers
 
 
+def _with_past(model):
+    """(wrapper, example inputs, input names, output names, dynamic shapes) for a decoder graph
+    with a KV cache: input_ids, attention_mask, position_ids and past_key_values.N.key/value in;
+    logits and present.N.key/value out. The cache layout (per-layer key / value shapes) is read
+    off one forward pass, so MLA's differing key and value head sizes come out right."""
+    import torch
+    from torch.export import Dim
+    from transformers import DynamicCache
+
+    cfg = model.config
+    probe = torch.zeros((1, 2), dtype=torch.long)
+    with torch.no_grad():
+        cache = model(input_ids=probe, use_cache=True).past_key_values
+    layers = getattr(cache, "layers", None)
+    if not layers or any(not (hasattr(c, "keys") and hasattr(c, "values")) or c.keys is None for c in layers):
+        raise MoeExportError(f"export --with-past: {cfg.model_type}'s cache is not one key/value pair per layer "
+                             "(recurrent or convolution state); export it without --with-past")
+    L = len(layers)
+
+    class WithPast(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, position_ids, past):
+            cache = DynamicCache(config=self.m.config)
+            for i in range(L):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+            present = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    B, S, P = 2, 5, 3
+    past = tuple(torch.zeros((B, *t.shape[1:2], P, *t.shape[3:]), dtype=t.dtype)
+                 for c in layers for t in (c.keys, c.values))
+    ids = torch.randint(0, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(0))
+    args = (ids, torch.ones((B, P + S), dtype=torch.long), torch.arange(P, P + S).repeat(B, 1), past)
+    b, s, pl = Dim("batch_size"), Dim("sequence_length"), Dim("past_sequence_length")
+    shapes = ({0: b, 1: s}, {0: b, 1: Dim("total_sequence_length")}, {0: b, 1: s}, tuple({0: b, 2: pl} for _ in past))
+    kv = [f"{i}.{n}" for i in range(L) for n in ("key", "value")]
+    return (WithPast(model), args, ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{x}" for x in kv],
+            ["logits"] + [f"present.{x}" for x in kv], shapes)
+
+
 class _LogitsOnly:
     """Wraps a causal LM so the exported graph takes input_ids and returns logits only."""
 
@@ -87,14 +134,18 @@ def load_checkpoint(ckpt_dir):
     return model.eval()
 
 
-def export_model(model, out, *, opset=18, exporter="dynamo", external_data=True, example_tokens=8, protect=()):
+def export_model(model, out, *, opset=18, exporter="dynamo", external_data=True, example_tokens=8, protect=(),
+                 with_past=False):
     """Exports `model` (a transformers causal LM) to `out` with dynamic batch and sequence axes.
-    `protect`: files no output may replace (the checkpoint's)."""
+    `protect`: files no output may replace (the checkpoint's). with_past: a decoder graph with a
+    KV cache (see _with_past), for generation token by token."""
     import torch
 
     out = Path(out)
     if exporter not in ("dynamo", "torchscript"):
         raise MoeExportError(f"unknown exporter {exporter!r} (dynamo or torchscript)")
+    if with_past and exporter != "dynamo":
+        raise MoeExportError("export --with-past uses the dynamo exporter")
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (2, example_tokens), generator=torch.Generator().manual_seed(0))
     wrapper = _LogitsOnly(model)
@@ -106,7 +157,12 @@ def export_model(model, out, *, opset=18, exporter="dynamo", external_data=True,
         try:
             with torch.no_grad(), Spinner(f"exporting with torch.onnx ({exporter})"), _real_rotary(model), \
                     _stdout_to_stderr_log() as log:
-                if exporter == "dynamo":
+                if with_past:
+                    wrapped, args, names, outs, shapes = _with_past(model)
+                    torch.onnx.export(wrapped, args, str(staged), dynamo=True, opset_version=opset,
+                                      input_names=names, output_names=outs, dynamic_shapes=shapes,
+                                      external_data=external_data, verbose=False)
+                elif exporter == "dynamo":
                     from torch.export import Dim
                     torch.onnx.export(wrapper, (ids,), str(staged), dynamo=True, opset_version=opset,
                                       input_names=["input_ids"], output_names=["logits"],

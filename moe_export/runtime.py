@@ -310,3 +310,26 @@ def expose(model, tensors, prefix):
     return m
 
 
+
+
+def greedy(sess, prompt, new_tokens):
+    """Greedy decoding through a decoder graph with a KV cache (`export --with-past`'s inputs and
+    outputs): a prefill of `prompt` ([batch, n] token ids) from an empty cache, then one token at
+    a time, each step's present.* fed back as past_key_values.*. Returns [batch, n + new_tokens]."""
+    ids = np.asarray(prompt, dtype=np.int64)
+    B = ids.shape[0]
+    specs = {i.name: i for i in sess.get_inputs()}
+    past = {n: np.zeros([B if j == 0 else 0 if j == 2 else d for j, d in enumerate(i.shape)], np.float32)
+            for n, i in specs.items() if n.startswith("past_key_values.")}
+    outs = [o.name for o in sess.get_outputs()]
+    seq, step, total = ids, ids, 0
+    for _ in range(new_tokens):
+        total += step.shape[1]
+        feeds = {"input_ids": step, "attention_mask": np.ones((B, total), np.int64), **past}
+        if "position_ids" in specs:
+            feeds["position_ids"] = np.broadcast_to(np.arange(total - step.shape[1], total), step.shape).astype(np.int64)
+        got = dict(zip(outs, sess.run(outs, feeds)))
+        step = got["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+        seq = np.concatenate([seq, step], axis=1)
+        past = {n: got["present." + n[len("past_key_values."):]] for n in past}
+    return seq
