@@ -1,8 +1,6 @@
 """export --with-past: decoder graphs with a KV cache that generate token by token in ONNX
 Runtime as the PyTorch model does, before and after conversion."""
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
