@@ -35,6 +35,12 @@ HERE = Path(__file__).resolve().parent
 CACHE = Path.home() / ".cache" / "moe-export"
 SEQ = 128
 BUDGETS = (0.005, 0.01)
+# (policy, whether hard tokens may take k + 1 experts) of the budget-calibrated rows
+BUDGET_RUNS = (("top-p", False), ("ratio", False), ("entropy", False), ("auto", False), ("auto", True))
+
+
+def budget_label(policy, wide, k):
+    return f"{policy} budget" + (f", max {wide}" if wide and wide != k else "")
 SWEEP = {
     "top-p": [0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98],
     "ratio": [0.9, 0.7, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.02],
@@ -127,13 +133,15 @@ def run_model(name, eval_seqs, calib_seqs, work: Path):
     # Quality budgets: calibrate --max-ppl-increase on the calibration slice, measured on the
     # evaluation slice (held out from the search entirely).
     model = load_model(original)
-    for policy in ("top-p", "ratio", "entropy", "auto"):
+    for policy, wide in BUDGET_RUNS:
+        wide = wide and gates_k + 1  # hard tokens may take one expert more than the model's k
         for b in BUDGETS:
-            rep = calibrate_budget(model, work, {"input_ids": calib}, b, policy)
-            out = work / f"{name}.budget.{policy}.{b}.onnx"
-            convert(original, out, budget_policy(rep))
-            point(f"{policy} budget", b, out, {"budget_fit": rep["fit"], "budget_heldout": rep["heldout"],
-                                               "routing": [[x["policy"], x["threshold"]] for x in rep["layers"]]})
+            rep = calibrate_budget(model, work, {"input_ids": calib}, b, policy, max_experts=wide)
+            out = work / f"{name}.budget.{policy}.{wide}.{b}.onnx"
+            convert(original, out, budget_policy(rep, max_experts=wide))
+            point(budget_label(policy, wide, gates_k), b, out,
+                  {"budget_fit": rep["fit"], "budget_heldout": rep["heldout"], "max_experts": wide or gates_k,
+                   "routing": [[x["policy"], x["threshold"]] for x in rep["layers"]]})
     ok = [c for c in curve if c["ppl_increase"] <= 0.01]
     best = max(ok, key=lambda c: c["pair_reduction"]) if ok else None
     return {"model": name, "corpus": log["corpus"], "train_steps": log["steps"], "k": gates_k,
@@ -154,15 +162,20 @@ def at_budget(curve):
         ok = [c for c in curve if c["policy"] == label and c["ppl_increase"] <= b]
         return max((c["pair_reduction"] for c in ok), default=0.0)
     out = {}
-    for policy in ("top-p", "ratio", "entropy", "auto"):
+    k = next(c["max_experts"] for c in curve if "budget" in c["policy"] and "max " not in c["policy"])
+    for policy, wide in BUDGET_RUNS:
+        label = budget_label(policy, wide and k + 1, k)
         for b in BUDGETS:
-            row = next(c for c in curve if c["policy"] == f"{policy} budget" and c["threshold"] == b)
-            out[f"{policy} @ +{100 * b:g}%"] = {
+            row = next(c for c in curve if c["policy"] == label and c["threshold"] == b)
+            out[f"{label} @ +{100 * b:g}%"] = {
                 "budget_calibrated": {"pair_reduction": row["pair_reduction"], "ppl_increase": row["ppl_increase"],
                                       "over_budget_points": max(0.0, 100 * (row["ppl_increase"] - b))},
-                "target_calibrated": None if policy in ("entropy", "auto") else best(f"{policy} calibrated per-layer", b),
-                "global_threshold": None if policy == "auto" else max(
-                    best(policy, b), best(f"{policy} calibrated global", b)),
+                # auto against the better of top-p and ratio; entropy has no target-calibrated rows
+                "target_calibrated": None if policy == "entropy" else max(
+                    best(f"{q} calibrated per-layer" + (f", max {k + 1}" if wide else ""), b)
+                    for q in (("top-p", "ratio") if policy == "auto" else (policy,))),
+                "global_threshold": max(max(best(q, b), best(f"{q} calibrated global", b))
+                                        for q in (SWEEP if policy == "auto" else (policy,))) if not wide else None,
             }
     return out
 

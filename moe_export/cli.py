@@ -90,8 +90,11 @@ def cmd_convert(args):
         n, notes = repolicy(args.model, args.output, pol)
         families = []
     else:
+        if args.per_expert_weights and args.no_group_experts:
+            raise MoeExportError("--per-expert-weights applies to regrouped expert sections; drop --no-group-experts")
         gates, notes = convert_model(args.model, args.output, pol, portable=args.portable,
-                                     group_experts=not args.no_group_experts)
+                                     group_experts=not args.no_group_experts,
+                                     per_expert_weights=args.per_expert_weights)
         n, families = len(gates), sorted({g.family for g in gates})
     summary = {"output": str(args.output), "layers": n, "policy": args.policy,
                "threshold": pol.threshold if args.policy != "static" else None, "portable": args.portable,
@@ -272,6 +275,10 @@ def build_parser():
     c.add_argument("--no-group-experts", action="store_true",
                    help="keep batched expert sections as exported (by default they are regrouped by "
                         "expert so that dropped slots cost nothing)")
+    c.add_argument("--per-expert-weights", action="store_true",
+                   help="give each regrouped expert's MatMuls their own weight initializers (written to "
+                        "OUTPUT.experts.data), so weight-only quantizers such as ONNX Runtime's "
+                        "MatMulNBitsQuantizer can quantize the experts")
     c.add_argument("--repolicy", action="store_true",
                    help="MODEL is already converted: re-set the policy of its DynamicRouter nodes")
     json_flag(c)

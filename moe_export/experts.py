@@ -66,9 +66,38 @@ def _section(ix, ids_flat, w_flat):
     return nodes, wmul
 
 
-def group_by_expert(model: onnx.ModelProto, routers) -> dict:
+# The external-data location of an expert's own weight matrix that files.Output writes when the
+# model is saved (from the [E, a, b] table it is sliced from, one matrix at a time).
+EXPERT_SLICE = "moe_export:expert-slice"
+
+
+def expert_weight(table: onnx.TensorProto, e: int, transpose: bool) -> onnx.TensorProto:
+    """Expert e's matrix of an [E, a, b] weight table as an initializer of its own ([b, a] when
+    transposed), the form weight-only quantizers look for (a MatMul whose B is an initializer).
+    An in-memory table is sliced here; an external one is written when the model is saved."""
+    from onnx import numpy_helper
+
+    name = f"{table.name}/expert_{e}" + ("_T" if transpose else "")
+    a, b = table.dims[1], table.dims[2]
+    if table.data_location != onnx.TensorProto.EXTERNAL:
+        w = numpy_helper.to_array(table)[e]
+        return numpy_helper.from_array(np.ascontiguousarray(w.T if transpose else w), name)
+    t = onnx.TensorProto(name=name, data_type=table.data_type, dims=[b, a] if transpose else [a, b])
+    t.data_location = onnx.TensorProto.EXTERNAL
+    info = {x.key: x.value for x in table.external_data}
+    size = onnx.helper.tensor_dtype_to_np_dtype(table.data_type).itemsize
+    for k, v in (("location", EXPERT_SLICE), ("source", info["location"]),
+                 ("offset", int(info.get("offset", 0)) + e * a * b * size), ("rows", a), ("cols", b),
+                 ("transpose", int(transpose))):
+        t.external_data.add(key=k, value=str(v))
+    return t
+
+
+def group_by_expert(model: onnx.ModelProto, routers, per_expert_weights=False) -> dict:
     """Rewrites, in place, the batched expert sections fed by `routers` (the rewriter's metadata).
-    Returns, per router index, None where its section was grouped, else why it was kept."""
+    Returns, per router index, None where its section was grouped, else why it was kept.
+    per_expert_weights: each expert's MatMuls take their own initializer (expert_weight)
+    instead of a slice gathered from the table at run time."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 15:
         return {i: f"opset {opset} < 15" for i in range(len(routers))}
@@ -76,7 +105,7 @@ def group_by_expert(model: onnx.ModelProto, routers) -> dict:
     for i, r in enumerate(routers):
         ix = GraphIndex(model.graph)
         try:
-            _group(model, ix, r, f"moe_export/experts_{i}")
+            _group(model, ix, r, f"moe_export/experts_{i}", per_expert_weights)
             out[i] = None
         except _Skip as e:
             out[i] = str(e)
@@ -116,7 +145,7 @@ def _is_slot_repeat(ix, t, k):
     return False
 
 
-def _group(model, ix, router, prefix):
+def _group(model, ix, router, prefix, per_expert_weights=False):
     E = router["attrs"]["num_experts"]
     ids_flat, w_flat = _flat(ix, router["indices"]), _flat(ix, router["weights"])
     if ids_flat is None or w_flat is None:
@@ -147,6 +176,17 @@ def _group(model, ix, router, prefix):
     op, const = b.op, b.const
     i64 = lambda v: b.const(v, np.int64)
     contribs, positions = [], []
+
+    def own(gathered_t):  # a table slice only expert MatMuls read: their own initializers replace it
+        return all(c.op_type == "MatMul" and gathered_t in c.input[:2] for c in ix.consumers_of(gathered_t))
+
+    def weight(gathered_t, e, transpose):
+        table = ix.initializers[tables[gathered_t]]
+        if len(table.dims) != 3:
+            raise _Skip("an expert weight table that is not [E, a, b]")
+        t = expert_weight(table, e, transpose)
+        b.inits.append(t)
+        return t.name
     for e in range(E):
         pos = op("Reshape", [op("NonZero", [op("Equal", [ids_flat, i64(e)])]), i64([-1])])
         # With more slots than the graph's k, pair p is (token p // width, slot p % width), while
@@ -171,16 +211,19 @@ def _group(model, ix, router, prefix):
             if n.op_type == "Unsqueeze" and n.input[0] == ids_flat:
                 continue
             if n.op_type == "GatherND":
-                m[n.output[0]] = op("Gather", [tables[n.output[0]], i64(e)], axis=0)
+                if not (per_expert_weights and own(n.output[0])):
+                    m[n.output[0]] = op("Gather", [tables[n.output[0]], i64(e)], axis=0)
                 continue
             if n.op_type == "MatMul" and (n.input[0] in tables or n.input[1] in tables):
                 if n.input[1] in tables:  # act [P, 1, b] x W [P, b, a]: a 3-D x 2-D matmul is one GEMM
-                    m[n.output[0]] = op("MatMul", [rows(n.input[0]), m[n.input[1]]])
+                    w = weight(n.input[1], e, False) if per_expert_weights else m[n.input[1]]
+                    m[n.output[0]] = op("MatMul", [rows(n.input[0]), w])
                 else:  # W [P, a, b] x Unsqueeze(x [P, b], -1): x @ W^T, then the unsqueeze back
                     u = ix.producer.get(n.input[1])
                     if u is None or u.op_type != "Unsqueeze" or node_axes(ix, u) not in ([-1], [2]):
                         raise _Skip("batched matmul operand of another form")
-                    wt = op("Transpose", [m[n.input[0]]], perm=[1, 0])
+                    wt = (weight(n.input[0], e, True) if per_expert_weights
+                          else op("Transpose", [m[n.input[0]]], perm=[1, 0]))
                     m[n.output[0]] = op("Unsqueeze", [op("MatMul", [rows(u.input[0]), wt]), i64([-1])])
                 continue
             if n.op_type == "MatMul":

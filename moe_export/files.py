@@ -24,6 +24,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from . import MoeExportError
@@ -311,9 +312,12 @@ class Output:
     def model(self, model: onnx.ModelProto, out: Path, src_dir: Path, owned=False) -> None:
         """Stages `model` at `out` with its external data valid beside it. `src_dir`: where the
         data files are now. owned=True: they are this command's own scratch files (moved)."""
+        from .experts import EXPERT_SLICE
+
         out, src_dir = Path(out), Path(src_dir)
         out_dir = out.parent if str(out.parent) else Path(".")
-        locs = data_locations(model)  # relative, inside src_dir: load_model checked them
+        # relative, inside src_dir (load_model checked them); expert slices are written below
+        locs = [loc for loc in data_locations(model) if loc != EXPERT_SLICE]
         self.check_model_path(out)
         in_place = not owned and same_file(out_dir, src_dir)
         if owned:
@@ -327,7 +331,38 @@ class Output:
         elif locs:
             name = self._gather_data(model, locs, src_dir, out)
             self.notes.append(f"external data copied to {name}")
+        slices = [t for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL
+                  and any(e.key == "location" and e.value == EXPERT_SLICE for e in t.external_data)]
+        if slices:
+            self.notes.append(f"each expert's weights written to {self._expert_slices(slices, src_dir, out)}")
         self.file(out, model.SerializeToString())
+
+    def _expert_slices(self, tensors, src_dir: Path, out: Path) -> str:
+        """Writes each expert matrix (experts.expert_weight) into OUT.experts.data, read from its
+        table in the input's data one matrix at a time, transposed where asked."""
+        name = out.name + ".experts.data"
+        dst = out.parent / name
+        self.check_replaceable(dst, out)
+        at = 0
+        with open(self.temp(dst), "r+b") as fo, Progress(f"writing expert weights to {name}", len(tensors)) as bar:
+            for j, t in enumerate(tensors):
+                info = {e.key: e.value for e in t.external_data}
+                rows, cols = int(info["rows"]), int(info["cols"])
+                size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                with open(src_dir / info["source"], "rb") as fi:
+                    raw = os.pread(fi.fileno(), rows * cols * size, int(info["offset"]))
+                if len(raw) != rows * cols * size:
+                    raise MoeExportError(f"{src_dir / info['source']}: shorter than its tensors say")
+                w = np.frombuffer(raw, dtype=f"u{size}").reshape(rows, cols)  # bytes, whatever the type
+                data = np.ascontiguousarray(w.T if info["transpose"] == "1" else w).tobytes()
+                fo.seek(at)
+                fo.write(data)
+                del t.external_data[:]
+                for k, v in (("location", name), ("offset", str(at)), ("length", str(len(data)))):
+                    t.external_data.add(key=k, value=v)
+                at = -(-(at + len(data)) // 4096) * 4096
+                bar.update(j + 1)
+        return name
 
     def _gather_data(self, model, locs, src_dir: Path, out: Path) -> str:
         """Copies the data files into one file named after the output and points the tensors at
@@ -347,6 +382,8 @@ class Output:
             if t.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             info = {e.key: e.value for e in t.external_data}
+            if info["location"] not in base:  # an expert slice, written after
+                continue
             info["offset"] = str(base[info["location"]] + int(info.get("offset", 0)))
             info["location"] = name
             del t.external_data[:]

@@ -197,9 +197,10 @@ def _float_type(ix: GraphIndex, gate: Gate):
     return t or TensorProto.FLOAT
 
 
-def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_experts=True):
+def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_experts=True, per_expert_weights=False):
     """Rewrites `model` in memory; returns (model, gates). Raises MoeExportError if nothing matches.
-    group_experts: also regroup batched expert sections so dropped slots cost nothing."""
+    group_experts: also regroup batched expert sections so dropped slots cost nothing;
+    per_expert_weights: with each expert's matrices as initializers of their own (experts.py)."""
     for j, n in enumerate(model.graph.node):  # the passes below track nodes by name
         if not n.name:
             n.name = f"moe_export/node_{j}"
@@ -271,7 +272,7 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
     kept = {i: "--no-group-experts" for i in unfused}
     if group_experts:
         from .experts import group_by_expert
-        grouped = group_by_expert(model, [routers[i] for i in unfused])
+        grouped = group_by_expert(model, [routers[i] for i in unfused], per_expert_weights)
         kept = {i: grouped[j] for j, i in enumerate(unfused)}
     for i, (g, r) in enumerate(zip(gates, routers)):
         r["expert_section"] = ("fused com.microsoft MoE op (skips the routes of weight 0 on CPU)" if i not in kept else
@@ -342,12 +343,12 @@ def _gate_region(ix: GraphIndex, gate: Gate) -> set:
     return region
 
 
-def convert(src, dst, pol: Policy, portable=False, group_experts=True):
+def convert(src, dst, pol: Policy, portable=False, group_experts=True, per_expert_weights=False):
     """Converts the model at `src` into `dst` (never modifying `src`). Returns the gates."""
-    return convert_model(src, dst, pol, portable, group_experts)[0]
+    return convert_model(src, dst, pol, portable, group_experts, per_expert_weights=per_expert_weights)[0]
 
 
-def convert_model(src, dst, pol: Policy, portable=False, group_experts=True, protect=()):
+def convert_model(src, dst, pol: Policy, portable=False, group_experts=True, protect=(), per_expert_weights=False):
     """convert(), also returning what the user should know about the written files.
     `protect`: further input files no output may replace (a calibration set, ...). An ONNX Runtime
     GenAI model folder as `src` is written as a whole folder `dst`."""
@@ -357,7 +358,8 @@ def convert_model(src, dst, pol: Policy, portable=False, group_experts=True, pro
             meta = routers_metadata(model)
             if meta is not None:
                 raise MoeExportError(already_converted(src, meta))
-            model, gates = rewrite_model(model, pol, portable=portable, group_experts=group_experts)
+            model, gates = rewrite_model(model, pol, portable=portable, group_experts=group_experts,
+                                         per_expert_weights=per_expert_weights)
             model.producer_name = "moe-export"
             return model, gates
         return genai.write_folder(src, dst, transform, protect)
@@ -367,7 +369,8 @@ def convert_model(src, dst, pol: Policy, portable=False, group_experts=True, pro
         meta = routers_metadata(model)
         if meta is not None:
             raise MoeExportError(already_converted(src, meta))
-        model, gates = rewrite_model(model, pol, portable=portable, group_experts=group_experts)
+        model, gates = rewrite_model(model, pol, portable=portable, group_experts=group_experts,
+                                         per_expert_weights=per_expert_weights)
         model.producer_name = "moe-export"
         out.model(model, dst, src.parent)
     return gates, out.notes
