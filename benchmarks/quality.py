@@ -208,7 +208,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mixtral8", "qwen3moe32", "deepseek16"])
     ap.add_argument("--eval-seqs", type=int, default=128)
-    ap.add_argument("--calib-seqs", type=int, default=48)
+    ap.add_argument("--calib-seqs", type=int, default=96)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:

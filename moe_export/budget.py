@@ -3,7 +3,7 @@ the calibration tokens stays within `max_ppl_increase` of the static model's.
 
 1. Split the calibration sequences: a fitting part and a held-out part (`holdout`).
 2. Per layer and policy, a curve: each threshold that brings that layer (alone dynamic, every
-   other static) to a mean of k x 0.9, 0.8, ... experts per token, and what it costs in
+   other static) to a mean of k x 0.95, 0.9, ... 0.3 experts per token, and what it costs in
    log-perplexity and saves in routed pairs on the fitting part.
 3. Allocation: pick one point per layer (or static) to save the most pairs for a summed cost
    within a budget, by a Lagrangian sweep over the curves (a multiple-choice knapsack: each layer
@@ -28,7 +28,7 @@ from .runtime import expose, session_from_proto, take_rows
 from .spec import RouterAttrs, policy_counts, policy_view
 
 DYNAMIC = ("top-p", "ratio", "entropy")
-FRACTIONS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # of k: the mean experts per token each curve visits
+FRACTIONS = tuple(round(1 - 0.05 * i, 2) for i in range(1, 15))  # 0.95 .. 0.3 of k: each curve's points
 
 
 class Evaluator:
@@ -101,7 +101,7 @@ def _thresholds(router, policy, logits, bias, min_experts, max_experts):
         if target < a.min_experts:
             break
         t, got = _solve(mean, target, policy == "top-p", hi=hi)
-        if abs(got - target) <= 0.05 * k and all(abs(t - u) > 1e-6 for u in out):  # within half a step
+        if abs(got - target) <= 0.025 * k and all(abs(t - u) > 1e-6 for u in out):  # within half a step
             out.append(t)
     return out
 
