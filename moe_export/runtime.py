@@ -163,9 +163,15 @@ def make_feeds(model, dims=None, seed=0, tokens=16, batch=2, past=None, base=Non
             return int(_eval_dim(param, {n: size(n) for n in names}))
         low = param.lower()
         if "total" in low:  # ORT GenAI's attention_mask: cached prefix and new tokens
-            return past + (size("sequence_length") if "sequence_length" in symbolic else tokens)
+            return prefix() + (size("sequence_length") if "sequence_length" in symbolic else tokens)
         return batch if "batch" in low else past if ("past" in low or "cache" in low) else tokens
 
+    def prefix():  # the cached length (a sliding window's capacity is not one)
+        cands = [q for q in sorted(params) if "past" in q.lower() and "sliding" not in q.lower() and _dim_names(q) == {q}]
+        first = next((q for q in cands if q.lower().startswith("past_sequence")), cands[0] if cands else None)
+        return size(first) if first else 0
+
+    start = prefix()
     feeds = {}
     for inp in graph_inputs(model):
         tt = inp.type.tensor_type
@@ -174,11 +180,6 @@ def make_feeds(model, dims=None, seed=0, tokens=16, batch=2, past=None, base=Non
         if dt is None:
             raise MoeExportError(f"input {inp.name!r}: element type {tt.elem_type} is not supported; pass --data")
         name = inp.name.lower()
-        start = next((size(q) for q in sorted(params) if q.lower().startswith("past_sequence")
-                      and _dim_names(q) == {q}), None)
-        if start is None:
-            start = next((size(q) for q in sorted(params) if "past" in q.lower() and "sliding" not in q.lower()
-                          and _dim_names(q) == {q}), 0)
         if "attention_mask" in name:
             feeds[inp.name] = np.ones(shape, dtype=dt)
         elif "position_ids" in name and np.issubdtype(dt, np.integer) and shape:

@@ -154,6 +154,9 @@ def test_cache_feeds_follow_the_graph_and_its_config():
     f = make_feeds(m, base=folder, tokens=10)
     assert f["input_ids"].shape == (2, 10) and f["attention_mask"].shape == (2, 10)
     assert f["past_key_values.0.key"].shape == (2, 2, 16, 16) and not f["past_key_values.0.key"].any()
+    f = make_feeds(m, dims={"past_sequence_length": 5}, base=folder, tokens=4, batch=1)  # a cached prefix
+    assert f["attention_mask"].shape == (1, 9) and f["past_key_values.1.key"].shape == (1, 2, 5, 16)
+    assert f["past_key_values.0.key"].shape == (1, 2, 16, 16)  # the window's cache keeps its capacity
     q = GRAPHS / "genai" / "qwen3_5_moe_fp32_cpu"
     f = make_feeds(load_model(genai.decoder_file(q)), base=q, tokens=5, batch=1)
     assert f["position_ids"].shape == (3, 1, 5) and (f["position_ids"][2, 0] == np.arange(5)).all()
