@@ -67,3 +67,30 @@ def ort_ref():
     def run(path, feeds):
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
     return run
+
+
+def assert_top1_is_the_k1_model(family, tmp_path, **k1):
+    """Top-p with a tiny threshold keeps one expert per token: the converted reference graph of
+    `family` computes what the same PyTorch model (same seed, same weights) computes with the
+    config overrides `k1` that make it route to one expert, and not what the k-expert model does."""
+    import sys
+
+    import torch
+
+    from moe_export.export import load_checkpoint
+    from moe_export.rewrite import Policy, convert
+
+    sys.path.insert(0, str(GRAPHS))
+    from make_graphs import tiny_model
+
+    out = tmp_path / "top1.onnx"
+    convert(GRAPHS / f"{family}.onnx", out, Policy("top-p", 1e-6))
+    ids = np.random.default_rng(0).integers(0, 128, (2, 12))
+    got = session_of(out).run(None, {"input_ids": ids})[0]
+    tiny_model(family, **k1).save_pretrained(tmp_path / "k1")
+    model = load_checkpoint(tmp_path / "k1")  # as moe-export export loads it (batched experts)
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+        k = tiny_model(family)(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    assert np.abs(got - k).max() > 1e-3

@@ -13,7 +13,7 @@ from conftest import GRAPHS, run_cli
 from moe_export import genai
 from moe_export.genai import generate
 
-pytest.importorskip("onnxruntime_genai")
+
 
 FOLDERS = sorted(p for p in (GRAPHS / "genai").iterdir() if genai.is_folder(p))
 CPU = [p for p in FOLDERS if p.name.endswith("_cpu")]

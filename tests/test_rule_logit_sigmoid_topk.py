@@ -1,19 +1,12 @@
 """The logit_sigmoid_topk rule (Kolibri): logits + bias rank, the sigmoid of the chosen logits
 weighs (select=before_score with sigmoid scores)."""
-import sys
-import tempfile
 
 import numpy as np
 import pytest
 from onnx import TensorProto
 
-import moe_export
-from conftest import GRAPHS
-from moe_export.rewrite import Policy, convert
+from conftest import assert_top1_is_the_k1_model
 from test_rules import E, G, check_parity, normalize, only_row
-
-sys.path.insert(0, str(GRAPHS))
-from make_graphs import tiny_model  # noqa: E402
 
 
 def logit_sigmoid_topk(bias=True, norm=True, scale=None, cast=False, gather_from_sum=False):
@@ -54,20 +47,4 @@ def test_weights_from_the_biased_sum_are_not_this_form():
 def test_one_expert_routing_is_the_model_with_k_1(tmp_path):
     """Top-p with a tiny threshold keeps the expert of highest logit + bias: the converted graph
     computes what the same PyTorch model computes with num_experts_per_tok=1."""
-    import torch
-    import transformers as tf
-
-    out = tmp_path / "top1.onnx"
-    convert(GRAPHS / "kolibri1.onnx", out, Policy("top-p", 1e-6))
-    ids = np.random.default_rng(0).integers(0, 128, (2, 12))
-    got = moe_export.session(out).run(None, {"input_ids": ids})[0]
-    model = tiny_model("kolibri1", num_experts_per_tok=1)  # the same seed: the same weights
-    with tempfile.TemporaryDirectory() as d:  # as moe-export export loads it (batched experts)
-        model.save_pretrained(d)
-        model = tf.AutoModelForCausalLM.from_pretrained(d, experts_implementation="batched_mm").eval()
-    with torch.no_grad():
-        want = model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
-    with torch.no_grad():  # and it is not the k=2 model
-        k2 = tiny_model("kolibri1")(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
-    assert np.abs(got - k2).max() > 1e-3
+    assert_top1_is_the_k1_model('kolibri1', tmp_path, num_experts_per_tok=1)

@@ -1,18 +1,11 @@
 """The softmax_bias_topk rule (ERNIE-4.5-MoE): softmax + bias ranks, unbiased weights."""
-import sys
-import tempfile
 
 import numpy as np
 import pytest
 from onnx import TensorProto
 
-import moe_export
-from conftest import GRAPHS
-from moe_export.rewrite import Policy, convert
+from conftest import assert_top1_is_the_k1_model
 from test_rules import E, G, check_parity, normalize, only_row
-
-sys.path.insert(0, str(GRAPHS))
-from make_graphs import tiny_model  # noqa: E402
 
 
 def softmax_bias_topk(norm=True, guard="Clip", scale=None, gather=True, cast=False):
@@ -52,22 +45,4 @@ def test_weights_not_from_the_softmax_is_a_near_miss():
 def test_one_expert_routing_is_the_model_with_k_1(tmp_path):
     """Top-p with a tiny threshold keeps one expert per token, the one of highest softmax + bias:
     the converted graph computes what the same PyTorch model computes with moe_k=1."""
-    import torch
-
-    graph = GRAPHS / "ernie4_5_moe.onnx"
-    out = tmp_path / "top1.onnx"
-    convert(graph, out, Policy("top-p", 1e-6))
-    ids = np.random.default_rng(0).integers(0, 128, (2, 12))
-    got = moe_export.session(out).run(None, {"input_ids": ids})[0]
-    model = tiny_model("ernie4_5_moe", moe_k=1)  # the same seed: the same weights
-    with tempfile.TemporaryDirectory() as d:  # as moe-export export loads it (batched experts)
-        model.save_pretrained(d)
-        import transformers as tf
-        model = tf.AutoModelForCausalLM.from_pretrained(d, experts_implementation="batched_mm").eval()
-    with torch.no_grad():
-        want = model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
-    # and it is not the k=2 model
-    with torch.no_grad():
-        k2 = tiny_model("ernie4_5_moe")(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
-    assert np.abs(got - k2).max() > 1e-3
+    assert_top1_is_the_k1_model('ernie4_5_moe', tmp_path, moe_k=1)

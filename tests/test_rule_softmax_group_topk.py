@@ -1,18 +1,11 @@
 """The softmax_group_topk rule (Mistral 4): DeepSeek-V3's group limit over softmax scores."""
-import sys
-import tempfile
 
 import numpy as np
 import pytest
 from onnx import TensorProto
 
-import moe_export
-from conftest import GRAPHS
-from moe_export.rewrite import Policy, convert
+from conftest import assert_top1_is_the_k1_model
 from test_rules import E, G, check_parity, normalize, only_row
-
-sys.path.insert(0, str(GRAPHS))
-from make_graphs import tiny_model  # noqa: E402
 
 
 def softmax_group_topk(fill=0.0, norm=True, scale=None, gather=True):
@@ -59,16 +52,4 @@ def test_declines_and_near_misses():
 def test_one_expert_routing_is_the_model_with_k_1(tmp_path):
     """Top-p with a tiny threshold keeps the best expert of the best groups: the converted graph
     computes what the same PyTorch model computes with num_experts_per_tok=1."""
-    import torch
-    import transformers as tf
-
-    out = tmp_path / "top1.onnx"
-    convert(GRAPHS / "mistral4.onnx", out, Policy("top-p", 1e-6))
-    ids = np.random.default_rng(0).integers(0, 128, (2, 12))
-    got = moe_export.session(out).run(None, {"input_ids": ids})[0]
-    with tempfile.TemporaryDirectory() as d:  # loaded as moe-export export loads it (batched experts)
-        tiny_model("mistral4", num_experts_per_tok=1).save_pretrained(d)
-        model = tf.Mistral4ForCausalLM.from_pretrained(d, experts_implementation="batched_mm").eval()
-    with torch.no_grad():
-        want = model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    assert_top1_is_the_k1_model('mistral4', tmp_path, num_experts_per_tok=1)
