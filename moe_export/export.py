@@ -19,7 +19,7 @@ def _declares_experts(cfg: dict) -> bool:
     for k, v in cfg.items():
         if isinstance(v, dict) and _declares_experts(v):
             return True
-        if "expert" in k and not isinstance(v, bool) and isinstance(v, int) and v > 1:
+        if "expert" in str(k) and not isinstance(v, bool) and isinstance(v, int) and v > 1:
             return True
     return False
 
@@ -178,11 +178,29 @@ def export_model(model, out, *, opset=18, exporter="dynamo", external_data=True,
         except Exception as e:
             raise MoeExportError(_export_failure(e, exporter, log)) from None
         model_proto = load_model(staged)
+        fixed = _fixed_axes(model_proto)
+        if fixed:
+            raise MoeExportError(
+                f"the exporter could not keep {fixed} dynamic: {model.config.model_type}'s code specializes it "
+                "(torch.export reports constraint violations; e.g. chunked linear attention padding to a chunk "
+                "size), and a graph that only runs at the example size is not written")
         if not external_data:
             import onnx
             model_proto = onnx.load(str(staged))  # small models: embed the weights in one file
         o.model(model_proto, out, staged.parent, owned=True)
     return out
+
+
+def _fixed_axes(model_proto) -> str:
+    """The axes asked to be dynamic that came out as fixed sizes: when torch.export fails on a
+    dynamic axis, torch.onnx falls back to capturing the example shapes and says nothing."""
+    fixed = []
+    for i in model_proto.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        axes = (0, 2) if i.name.startswith("past_key_values.") else range(len(dims))
+        fixed += [f"{i.name} axis {a} (= {dims[a].dim_value})" for a in axes
+                  if a < len(dims) and dims[a].HasField("dim_value")]
+    return ", ".join(fixed)
 
 
 # Families whose rotary embedding multiplies complex numbers (torch.polar, view_as_complex), which

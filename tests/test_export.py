@@ -100,3 +100,24 @@ def test_complex_rotary_families_export(family, tmp_path):
         assert run_cli("convert", tmp_path / "m.onnx", "-o", tmp_path / "c.onnx").returncode == 0
         v = run_cli("validate", tmp_path / "m.onnx", tmp_path / "c.onnx")
         assert v.returncode == 0 and "reproduces the original: yes" in v.stdout
+
+
+def test_a_sequence_axis_the_exporter_fixes_is_an_error_not_a_graph(tmp_path):
+    """Qwen3-Next's chunked linear attention pads the sequence to 64-token chunks; torch.export
+    cannot keep that axis dynamic and torch.onnx silently captures the example length instead. A
+    graph that runs at 8 tokens only is not what `export` promises: one line, nothing written."""
+    import torch
+    import transformers as tf
+
+    from make_graphs import COMMON
+
+    cfg = tf.AutoConfig.for_model("qwen3_next", **(COMMON | dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        head_dim=8, linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8,
+        linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"])))
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "ckpt")
+    r = run_cli("export", tmp_path / "ckpt", "-o", tmp_path / "m.onnx")
+    assert r.returncode == 1
+    assert "could not keep input_ids axis 1 (= 8) dynamic" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "m.onnx").exists() and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
