@@ -53,6 +53,15 @@ def _from(ix, tensor, source):
     return True
 
 
+def _replaces_some(ix, n, t) -> bool:
+    """Where(cond, constant, ids) or Where(cond, ids, constant): ids with some slots set to a
+    constant (ZAYA's skip class back to expert 0, weighed 0); a dropped slot's id passes through
+    or becomes that constant, so the result is held to the same rules as the ids themselves."""
+    if n.op_type != "Where" or list(n.input).index(t) not in (1, 2):
+        return False
+    return ix.const(n.input[3 - list(n.input).index(t)]) is not None
+
+
 def _uses(ix, consumer, tensor, gate, region):
     """[(kind, terminal node)] for every path from `tensor` through `consumer` and view ops;
     kind is one of the above, "output" for a graph output, or the op of an unknown use."""
@@ -62,7 +71,7 @@ def _uses(ix, consumer, tensor, gate, region):
         if n.name in seen or n.name in region:
             continue
         seen.add(n.name)
-        if n.op_type in PASS_THROUGH:
+        if n.op_type in PASS_THROUGH or _replaces_some(ix, n, t):
             for o in n.output:
                 if o in ix.graph_outputs:
                     out.append(("output", n))

@@ -111,3 +111,36 @@ def test_the_shape_of_the_ids_is_any_ids_shape():
     rewrite_model(m, Policy("top-p", 0.5))
     out = moe_export.session(m).run(None, {"logits": logits_with_last_expert_on_top()})
     np.testing.assert_array_equal(out[1], [64, 2])
+
+
+def skip_class_back_to_zero(g, m, i):
+    """ZAYA: the last class is a skip expert; its ids are set back to 0 (weighed 0) before the
+    experts' one-hot masks: OneHot(Where(ids == E-1, 0, ids), E)."""
+    skip = g.op("Equal", [i, g.const(E - 1)])
+    ids = g.op("Where", [skip, g.const(0), i])
+    mask = g.op("OneHot", [ids, g.const(E), g.const(np.array([0, 1]))], axis=-1)
+    m.graph.node.extend(g.nodes[-3:])
+    m.graph.initializer.extend(g.inits[-4:])
+    m.graph.output.append(helper.make_tensor_value_info(mask, TensorProto.INT64, None))
+
+
+def test_ids_with_some_slots_set_to_a_constant_are_ids():
+    m = dense_router(skip_class_back_to_zero)
+    x = logits_with_last_expert_on_top()
+    rewrite_model(m, Policy("top-p", 1e-6))
+    _, mask = moe_export.session(m).run(None, {"logits": x})
+    _, idx = moe_export.dynamic_router(x, num_experts=E, k=2, policy="top-p", threshold=1e-6)
+    assert (idx[:, 1] == E).all()  # every second slot dropped
+    np.testing.assert_array_equal(mask[:, 1], 0)  # a dropped slot's id passes the Where and matches no expert
+    want = np.eye(E, dtype=np.int64)[np.where(idx[:, 0] == E - 1, 0, idx[:, 0])]
+    np.testing.assert_array_equal(mask[:, 0], want)
+
+
+def test_a_where_between_ids_and_a_computed_tensor_is_refused():
+    def mixed(g, m, i):
+        ids = g.op("Where", [g.op("Equal", [i, g.const(E - 1)]), g.op("Add", [i, g.const(1)]), i])
+        m.graph.node.extend(g.nodes[-3:])
+        m.graph.initializer.extend(g.inits[-2:])
+        m.graph.output.append(helper.make_tensor_value_info(ids, TensorProto.INT64, None))
+    with pytest.raises(MoeExportError, match=r"the expert ids feed (Where|Add)"):
+        rewrite_model(dense_router(mixed), Policy("top-p", 0.5))
