@@ -35,6 +35,8 @@ FAMILIES = {
                          moe_num_shared_experts=0),
     "kolibri1": dict(num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                      shared_expert_intermediate_size=32, norm_topk_prob=True, head_dim=8, sliding_window=16),
+    "llama4_text": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, intermediate_size_mlp=64,
+                        head_dim=8, interleave_moe_layer_step=1),
     "mistral4": dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, moe_intermediate_size=32,
                      first_k_dense_replace=0, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16,
                      qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, qk_head_dim=16, head_dim=16,

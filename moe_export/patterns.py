@@ -68,6 +68,7 @@ class Gate:
     expert_form: str = "unknown"  # how indices are consumed: "batched" (gather), "loop" (one-hot), "fused"
     cast_to: int | None = None   # a Cast between scores and TopK: the weights' element type
     logits_views: tuple = ()     # view ops between the scores and the ranking, re-applied to the logits
+    dense: bool = False          # weights is a [tokens, experts] table, 0 at the experts not chosen
 
     @property
     def name(self):

@@ -238,6 +238,8 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
                                             domain=DOMAIN, **node_attributes(a)))
         if gate.cast_to is not None and gate.cast_to != ftype:
             w = b.op("Cast", [w], to=gate.cast_to)
+        if gate.dense:
+            w = _dense(b, logits, w, idx, a.num_experts, gate.cast_to or ftype)
         record = {"layer": gate.name, "family": gate.family, "weights": w, "indices": idx,
                   "logits": gate.logits, "bias": gate.bias, "attrs": node_attributes(a)}
         routers.append(record)
@@ -334,6 +336,17 @@ def _widen_scatter(surgery, prefix, n, E):
     surgery.rewire(n.output[0], sliced)
     surgery.insert(pre, before=n.name)
     surgery.insert(post, after=n.name)
+
+
+def _dense(b: NodeBuilder, logits, w, idx, E, dtype):
+    """The router's weights as a dense [tokens, E] table, zero where no kept slot points: scattered
+    into a table one column wider (a dropped slot's id E lands there) that is then sliced off."""
+    shape = b.op("Concat", [b.op("Slice", [b.op("Shape", [logits]), b.const([0], np.int64), b.const([-1], np.int64)]),
+                            b.const([E + 1], np.int64)], axis=0)
+    zeros = b.op("ConstantOfShape", [shape], value=helper.make_tensor("zero", dtype, [1], [0]))
+    table = b.op("ScatterElements", [zeros, idx, w], axis=-1)
+    return b.op("Slice", [table, b.const([0], np.int64), b.const([E], np.int64), b.const([-1], np.int64)],
+                hint="dense_weights")
 
 
 def _gate_region(ix: GraphIndex, gate: Gate) -> set:
