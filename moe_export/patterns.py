@@ -69,6 +69,10 @@ class Gate:
     cast_to: int | None = None   # a Cast between scores and TopK: the weights' element type
     logits_views: tuple = ()     # view ops between the scores and the ranking, re-applied to the logits
     dense: bool = False          # weights is a [tokens, experts] table, 0 at the experts not chosen
+    # The router only selects; the graph weighs the chosen experts itself from the tensors it
+    # gathers at the ids: {tensor: what a dropped slot gathers} (0 for scores summed, -inf for
+    # logits that go through a sigmoid or an exp). weights is then the TopK's unused values.
+    gathers: dict | None = None
 
     @property
     def name(self):

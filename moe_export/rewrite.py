@@ -30,6 +30,9 @@ from .spec import RouterAttrs, SpecError
 #             dense router weights; ORT GenAI's log-weights for a fused MoE op): the raw ids into
 #             the data widened by a scratch column that is sliced off, so a dropped slot's value
 #             never overwrites a kept expert E-1's;
+#   widened   (GatherElements from a tensor the graph weighs the experts with, for a gate whose
+#             router only selects: Gate.gathers): the raw ids into the tensor widened by a
+#             column of what a dropped slot must read (0 or -inf), so it weighs nothing;
 #   shape     (Shape): the values do not matter.
 _USES = {("OneHot", 0): "compared", ("Equal", 0): "compared", ("Equal", 1): "compared",
          ("Gather", 1): "indexed", ("GatherND", 1): "indexed", ("GatherElements", 1): "indexed",
@@ -88,6 +91,8 @@ def _uses(ix, consumer, tensor, gate, region):
                 kind = "scattered"
             else:
                 kind = f"{n.op_type} (reduction {reduction}, overwriting by id)"
+        if n.op_type == "GatherElements" and slot == 1 and ix.source(n.input[0])[0] in (gate.gathers or {}):
+            kind = "widened"
         out.append((kind, n))
     return out
 
@@ -260,17 +265,21 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
         for c in ix.consumers_of(gate.indices):
             uses = _uses(ix, c, gate.indices, gate, region)
             kinds = {kind for kind, _ in uses}
-            unknown = kinds - {"compared", "indexed", "scattered", "shape", "output"}
-            if {"scattered", "indexed"} <= kinds:  # one id tensor cannot be both raw and clamped
-                unknown.add("a scatter of the weights and another indexing through one tensor")
+            raw_kinds = {"compared", "scattered", "widened", "shape", "output"}
+            unknown = kinds - raw_kinds - {"indexed"}
+            if "indexed" in kinds and kinds & {"scattered", "widened"}:  # one id tensor cannot be both raw and clamped
+                unknown.add("a scatter or widened gather and another indexing through one tensor")
             if unknown and drops:
                 raise MoeExportError(f"{gate.name}: the expert ids feed {sorted(unknown)[0]}, which moe-export cannot "
                                      "keep right when a slot is dropped (id = num_experts); only --policy static "
                                      "converts this graph")
-            if kinds <= {"compared", "scattered", "shape", "output"}:
+            if kinds <= raw_kinds:
                 raw[c.name] = idx
                 for j, (_, n) in enumerate(u for u in uses if u[0] == "scattered"):
                     _widen_scatter(surgery, f"moe_export/router_{gi}/scatter_{j}", n, a.num_experts)
+                for j, (_, n) in enumerate(u for u in uses if u[0] == "widened"):
+                    _widen_gather(surgery, ix, f"moe_export/router_{gi}/gather_{j}_{c.name}", n,
+                                  gate.gathers[ix.source(n.input[0])[0]])
             elif clamped is None:
                 clamped = b.op("Min", [idx, b.const(np.int64(a.num_experts - 1))], hint="clamped_indices")
         surgery.rewire(gate.weights, w)
@@ -336,6 +345,20 @@ def _widen_scatter(surgery, prefix, n, E):
     surgery.rewire(n.output[0], sliced)
     surgery.insert(pre, before=n.name)
     surgery.insert(post, after=n.name)
+
+
+def _widen_gather(surgery, ix, prefix, n, fill):
+    """GatherElements(data, ids) -> GatherElements(Concat(data, a column of `fill`), ids): a
+    dropped slot's id E reads `fill`."""
+    pre = NodeBuilder(prefix)
+    data = n.input[0]
+    shape = pre.op("Concat", [pre.op("Slice", [pre.op("Shape", [data]), pre.const([0], np.int64), pre.const([-1], np.int64)]),
+                              pre.const([1], np.int64)], axis=0)
+    dtype = ix.elem_type(data) or TensorProto.FLOAT
+    col = pre.op("ConstantOfShape", [shape], value=helper.make_tensor("fill", dtype, [1], [fill]))
+    wide = pre.op("Concat", [data, col], axis=-1, hint="widened")
+    surgery.rewire(data, data, exceptions={n.name: wide})
+    surgery.insert(pre, before=n.name)
 
 
 def _dense(b: NodeBuilder, logits, w, idx, E, dtype):
