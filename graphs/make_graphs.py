@@ -38,8 +38,8 @@ FAMILIES = {
     "llama4_text": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, intermediate_size_mlp=64,
                         head_dim=8, interleave_moe_layer_step=1),
     "deepseek_v4": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8, q_lora_rank=16,
-                        qk_rope_head_dim=8, o_lora_rank=16, o_groups=2, hc_sinkhorn_iters=3, index_n_heads=2, index_head_dim=8, sliding_window=16,
-                        index_topk=2, mlp_layer_types=["hash_moe", "moe"],
+                        qk_rope_head_dim=8, o_lora_rank=16, o_groups=2, hc_sinkhorn_iters=3, index_n_heads=2,
+                        index_head_dim=8, sliding_window=16, index_topk=2, mlp_layer_types=["hash_moe", "moe"],
                         layer_types=["heavily_compressed_attention"] * 2),
     "inkling_text": dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
                          head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
@@ -50,6 +50,9 @@ FAMILIES = {
                      qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, qk_head_dim=16, head_dim=16,
                      routed_scaling_factor=2.5, norm_topk_prob=True, num_key_value_heads=4),
 }
+# DeepSeek-V4's scores, sqrt(softplus(x)), compress the logits: a wider random gate spreads them
+# as a trained router's are.
+GATE_STD = {"deepseek_v4": 2.0}
 LEGACY = ("mixtral", "qwen2_moe", "olmoe")  # the families transformers 4.46 has
 
 
@@ -67,7 +70,7 @@ def tiny_model(family, seed=0, **overrides):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("gate.weight", "router.weight")):
-                p.normal_(0.0, 0.5)
+                p.normal_(0.0, GATE_STD.get(family, 0.5))
             if name.endswith("e_score_correction_bias"):
                 p.normal_(0.0, 0.05)
         for name, b in model.named_buffers():

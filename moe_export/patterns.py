@@ -71,7 +71,8 @@ class Gate:
     dense: bool = False          # weights is a [tokens, experts] table, 0 at the experts not chosen
     # The router only selects; the graph weighs the chosen experts itself from the tensors it
     # gathers at the ids: {tensor: what a dropped slot gathers} (0 for scores summed, -inf for
-    # logits that go through a sigmoid or an exp). weights is then the TopK's unused values.
+    # logits that go through a sigmoid or an exp). weights is then the graph's own weights (the
+    # experts' regrouping reads them) or, where they are not one tensor, the TopK's unused values.
     gathers: dict | None = None
 
     @property

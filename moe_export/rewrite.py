@@ -282,7 +282,10 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
                                   gate.gathers[ix.source(n.input[0])[0]])
             elif clamped is None:
                 clamped = b.op("Min", [idx, b.const(np.int64(a.num_experts - 1))], hint="clamped_indices")
-        surgery.rewire(gate.weights, w)
+        if gate.gathers:  # the graph weighs the experts itself: its weights stay, the router's go unused
+            record["weights"] = gate.weights
+        else:
+            surgery.rewire(gate.weights, w)
         surgery.rewire(gate.indices, clamped or idx, exceptions=raw, output=idx)
         # The router goes where the gate's TopK stood: after logits and bias, before any user.
         surgery.insert(b, before=gate.topk.name)
@@ -375,7 +378,7 @@ def _dense(b: NodeBuilder, logits, w, idx, E, dtype):
 def _gate_region(ix: GraphIndex, gate: Gate) -> set:
     """Names of nodes between the gate's inputs (logits, bias) and outputs (weights, indices)."""
     stop = {gate.logits, gate.bias}
-    region, stack = set(), [gate.weights, gate.indices]
+    region, stack = set(), [gate.topk.output[0] if gate.gathers else gate.weights, gate.indices]
     while stack:
         t = stack.pop()
         if t in stop or t in ix.initializers:

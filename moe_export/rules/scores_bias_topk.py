@@ -3,7 +3,7 @@ unbiased scores it gathers, summed or scaled (DeepSeek-V4: Sqrt(Softplus(x)), x 
 threshold taken as is). The router only selects (select=before_score on the scores and the
 bias: the same ranking; its policies read the softmax of the scores); the graph's own weighting
 stays, and a dropped slot gathers 0, so it weighs nothing and adds nothing to a sum."""
-from ..patterns import Gate, Miss, Rule, experts_of, gathered, topk_k
+from ..patterns import Gate, Miss, Rule, experts_of, gathered, topk_k, weights_chain
 from ..schema import gate_defaults
 
 ORDER = 90  # after every rule that computes the weights in the router
@@ -26,8 +26,10 @@ def match(ix, tk):
     if any(c.op_type in _NONLINEAR for c in ix.consumers_of(ix.through_casts(ge.output[0])[0])):
         raise Miss("the gathered scores go through a non-linear function (a dropped slot's 0 would weigh)")
     E = experts_of(ix, tk, bias, scores)
-    return Gate("scores_bias_topk", tk, scores, bias, tk.output[0], tk.output[1],
-                gate_defaults(E, topk_k(ix, tk)) | dict(select="before_score"), gathers={scores: 0.0})
+    w, normalize, scale, _ = weights_chain(ix, ge.output[0])
+    return Gate("scores_bias_topk", tk, scores, bias, w, tk.output[1],
+                gate_defaults(E, topk_k(ix, tk)) | dict(select="before_score", normalize=normalize, scale=scale),
+                gathers={scores: 0.0})
 
 
 RULE = Rule("scores_bias_topk", "scores + bias -> TopK; GatherElements(scores) -> the graph's sums and scaling",
