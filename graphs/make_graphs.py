@@ -45,6 +45,7 @@ FAMILIES = {
                          head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
                          sliding_window_size=16, rel_extent=16, initializer_range=0.2,
                          layer_types=["hybrid_sliding", "hybrid"], mlp_layer_types=["sparse", "sparse"]),
+    "phimoe": dict(num_local_experts=8, num_experts_per_tok=2),
     "mistral4": dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, moe_intermediate_size=32,
                      first_k_dense_replace=0, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16,
                      qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, qk_head_dim=16, head_dim=16,

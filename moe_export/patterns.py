@@ -74,6 +74,9 @@ class Gate:
     # logits that go through a sigmoid or an exp). weights is then the graph's own weights (the
     # experts' regrouping reads them) or, where they are not one tensor, the TopK's unused values.
     gathers: dict | None = None
+    # The router picks the ids; the graph's own weights (`weights`) stay, zeroed where it drops a
+    # slot (PhiMoE's sparse mixer: each pick's weight does not depend on the other's).
+    masks: bool = False
 
     @property
     def name(self):

@@ -284,6 +284,13 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
                 clamped = b.op("Min", [idx, b.const(np.int64(a.num_experts - 1))], hint="clamped_indices")
         if gate.gathers:  # the graph weighs the experts itself: its weights stay, the router's go unused
             record["weights"] = gate.weights
+        elif gate.masks:
+            post = NodeBuilder(f"moe_export/router_{gi}/mask")
+            dropped = post.op("Equal", [idx, post.const(np.int64(a.num_experts))])
+            zero = post.op("CastLike", [post.const(np.float32(0)), gate.weights])
+            record["weights"] = masked = post.op("Where", [dropped, zero, gate.weights], hint="masked_weights")
+            surgery.rewire(gate.weights, masked)
+            surgery.insert(post, after=ix.producer[gate.weights].name)
         else:
             surgery.rewire(gate.weights, w)
         surgery.rewire(gate.indices, clamped or idx, exceptions=raw, output=idx)
