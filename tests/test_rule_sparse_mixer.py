@@ -2,7 +2,6 @@
 each weighed by its own jitter-masked softmax. The router picks the ids; the graph's weights
 stay, zeroed where a slot is dropped."""
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
 from conftest import GRAPHS, session_of

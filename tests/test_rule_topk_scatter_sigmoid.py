@@ -3,7 +3,6 @@ into a table of -inf, its Sigmoid the dense routing weights (0 for experts not c
 
 import numpy as np
 import onnxruntime as ort
-import pytest
 
 import moe_export
 from conftest import assert_top1_is_the_k1_model
