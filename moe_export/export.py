@@ -156,7 +156,7 @@ def export_model(model, out, *, opset=18, exporter="dynamo", external_data=True,
         staged = o.temp_dir(out.parent, f".{out.name}.") / out.name
         try:
             with torch.no_grad(), Spinner(f"exporting with torch.onnx ({exporter})"), _real_rotary(model), \
-                    _stdout_to_stderr_log() as log:
+                    _batched_experts(model), _stdout_to_stderr_log() as log:
                 if with_past:
                     wrapped, args, names, outs, shapes = _with_past(model)
                     torch.onnx.export(wrapped, args, str(staged), dynamo=True, opset_version=opset,
@@ -246,6 +246,51 @@ def _real_rotary(model):
     finally:
         for owner, attr_name, old in patched:
             setattr(owner, attr_name, old)
+
+
+def _dbrx_experts(self, hidden_states, top_k_index, top_k_weights):
+    x = hidden_states.reshape(-1, self.hidden_size)
+    shape = (-1, self.ffn_hidden_size, self.hidden_size)
+    w1, v1, w2 = (p.view(shape)[top_k_index] for p in (self.mlp.w1, self.mlp.v1, self.mlp.w2))  # [T, k, I, H]
+    xi = x[:, None, :, None]
+    h = self.mlp.activation_fn((w1 @ xi).squeeze(-1)) * (v1 @ xi).squeeze(-1)
+    out = (h[..., None, :] @ w2).squeeze(-2)
+    return (out * top_k_weights[..., None]).sum(1).view(hidden_states.shape[0], -1, self.hidden_size)
+
+
+def _longcat_experts(self, hidden_states, top_k_index, top_k_weights):
+    import torch
+    routed = top_k_index < self.num_routed_experts  # the rest are zero-compute (identity) experts
+    idx = torch.where(routed, top_k_index, 0)
+    xi = hidden_states[:, None, :, None]
+    gate, up = (self.gate_up_proj[idx] @ xi).squeeze(-1).chunk(2, dim=-1)
+    out = (self.down_proj[idx] @ (self.act_fn(gate) * up)[..., None]).squeeze(-1)
+    out = torch.where(routed[..., None], out, hidden_states[:, None, :])
+    return (out * top_k_weights[..., None]).sum(1).to(hidden_states.dtype)
+
+
+# Families whose experts run a data-dependent loop over the experts hit (`.item()`, `nonzero`)
+# and take no `experts_implementation`: while exporting, every (token, slot) gathers its expert's
+# matrices, as transformers' batched_mm does (the same numbers).
+_LOOPED_EXPERTS = {
+    "transformers.models.dbrx.modeling_dbrx": ("DbrxExperts", _dbrx_experts),
+    "transformers.models.longcat_flash.modeling_longcat_flash": ("LongcatFlashExperts", _longcat_experts),
+}
+
+
+@contextmanager
+def _batched_experts(model):
+    patched = []
+    for m in model.modules():
+        entry = _LOOPED_EXPERTS.get(type(m).__module__)
+        if entry and type(m).__name__ == entry[0] and not any(c is type(m) for c, _ in patched):
+            patched.append((type(m), type(m).forward))
+            type(m).forward = entry[1]
+    try:
+        yield
+    finally:
+        for cls, fwd in patched:
+            cls.forward = fwd
 
 
 def _export_failure(e, exporter, log) -> str:

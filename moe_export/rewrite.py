@@ -19,8 +19,10 @@ from .spec import RouterAttrs, SpecError
 # How each use of the expert ids stays right when a slot is dropped (id = E, weight 0). Every
 # path from the ids, through view ops, ends in one of these, or the conversion is refused for
 # policies that drop slots:
-#   compared  (OneHot, Equal: per-expert loops): the raw ids; E matches no expert, so a dropped
-#             slot skips its work (clamped, expert E-1 would compute every dropped slot);
+#   compared  (OneHot, Equal: per-expert loops; Less, Greater, ...: LongCat-Flash's ids past its
+#             routed experts are identity experts): the raw ids; E matches no expert, so a
+#             dropped slot skips its work (clamped, expert E-1 would compute every dropped slot),
+#             and whichever branch an ordered comparison sends it to, its weight of 0 cancels it;
 #   indexed   (Gather*, the ids as index; a sort of the ids; a scatter that adds up): ids
 #             clamped to E-1, so a dropped slot is a pair of expert E-1 everywhere alike, and its
 #             zero weight cancels it. A scatter that overwrites is not one of these: a clamped id
@@ -36,7 +38,8 @@ from .spec import RouterAttrs, SpecError
 #   shape     (Shape): the values do not matter.
 _USES = {("OneHot", 0): "compared", ("Equal", 0): "compared", ("Equal", 1): "compared",
          ("Gather", 1): "indexed", ("GatherND", 1): "indexed", ("GatherElements", 1): "indexed",
-         ("TopK", 0): "indexed", ("Shape", 0): "shape"}
+         ("TopK", 0): "indexed", ("Shape", 0): "shape",
+         **{(op, i): "compared" for op in ("Less", "Greater", "LessOrEqual", "GreaterOrEqual") for i in (0, 1)}}
 
 
 # Elementwise functions of one tensor (the rest of their inputs constant bounds): what a slot
