@@ -6,6 +6,8 @@ graph at the <=1%-perplexity policy, and ONNX Runtime's fused com.microsoft.MoE 
     /tmp/venv4x/bin/python benchmarks/e2e_cpu.py export
     # 2. convert, calibrate and time, in the project's venv:
     .venv/bin/python benchmarks/e2e_cpu.py run
+    # int4 (weight-only MatMulNBits) too: both graphs quantized, timed beside the fp32 ones
+    .venv/bin/python benchmarks/e2e_cpu.py run --int4 --out benchmarks/results/e2e_cpu_int4.json
 
 The original is the transformers 4.x export (one MatMul chain per expert over the tokens routed
 to it): the 5.x `batched_mm` export gathers a [hidden, intermediate] weight slab per (token, slot)
@@ -152,7 +154,20 @@ def _target_from_quality(model="mixtral8"):
     return None
 
 
-def run(work: Path, out: Path, policy=None, reduction=None, tokens=TOKENS, threads=THREADS, budget_s=20.0):
+def _int4(src: Path, dst: Path) -> int:
+    """Weight-only int4 (ONNX Runtime's MatMulNBitsQuantizer, blocks of 32, symmetric): the model a
+    user deploys int4 on CPU. Returns how many MatMuls it quantized."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True)
+    q.process()
+    q.model.save_model_to_file(str(dst), use_external_data_format=True)
+    return sum(n.op_type == "MatMulNBits" for n in q.model.model.graph.node)
+
+
+def run(work: Path, out: Path, policy=None, reduction=None, tokens=TOKENS, threads=THREADS, budget_s=20.0,
+        int4=False):
     from moe_export.calibrate import calibrate
     from moe_export.graph import load_model
     from moe_export.rewrite import Policy, convert
@@ -173,8 +188,16 @@ def run(work: Path, out: Path, policy=None, reduction=None, tokens=TOKENS, threa
     rng = np.random.default_rng(0)
     calib = rng.integers(0, dims["vocab_size"], (8, 256), dtype=np.int64)
     layers = calibrate(original, {"input_ids": calib}, k * (1 - reduction), policy=policy, mode="per-layer")
-    convert(original, converted, Policy(policy, layers[0]["threshold"],
-                                        per_layer={x["layer"]: x["threshold"] for x in layers}))
+    pol = Policy(policy, layers[0]["threshold"], per_layer={x["layer"]: x["threshold"] for x in layers})
+    convert(original, converted, pol)
+    quantized = {}
+    if int4:
+        # The converted graph with each expert's matrices as initializers of their own, so the
+        # quantizer finds them (the shared-table conversion hides them behind a Gather).
+        convert(original, work / "converted_pe.onnx", pol, per_expert_weights=True)
+        quantized = {"original_int4": _int4(original, work / "original_int4.onnx"),
+                     "converted_int4": _int4(work / "converted_pe.onnx", work / "converted_int4.onnx")}
+        print(f"int4 MatMulNBits: {quantized}")
 
     # Realized reduction on fresh tokens, and parity of the ORT MoE graph with the original.
     probe = {"input_ids": rng.integers(0, dims["vocab_size"], (1, 512), dtype=np.int64)}
@@ -193,6 +216,9 @@ def run(work: Path, out: Path, policy=None, reduction=None, tokens=TOKENS, threa
     for t in threads:
         sessions = {"original": _session(original, t, False), "converted": _session(converted, t, True),
                     "ort_moe": _session(fused, t, False)}
+        if int4:
+            sessions |= {"original_int4": _session(work / "original_int4.onnx", t, False),
+                         "converted_int4": _session(work / "converted_int4.onnx", t, True)}
         for n in tokens:
             feeds = [{"input_ids": rng.integers(0, dims["vocab_size"], (1, n), dtype=np.int64)}
                      for _ in range(16 if n == 1 else 1)]
@@ -200,6 +226,11 @@ def run(work: Path, out: Path, policy=None, reduction=None, tokens=TOKENS, threa
             row = {"threads": t, "tokens": n, "runs": runs, "baseline_ms": med["original"],
                    "converted_ms": med["converted"], "ort_moe_ms": med["ort_moe"],
                    "speedup": med["original"] / med["converted"], "speedup_vs_ort_moe": med["ort_moe"] / med["converted"]}
+            if int4:
+                row |= {"original_int4_ms": med["original_int4"], "converted_int4_ms": med["converted_int4"],
+                        "speedup_int4": med["original_int4"] / med["converted_int4"]}
+                print(f"    int4: original {row['original_int4_ms']:9.2f} ms, converted {row['converted_int4_ms']:9.2f} ms "
+                      f"({row['speedup_int4']:.2f}x)")
             sweep.append(row)
             print(f"threads {t} tokens {n:5d}: original {row['baseline_ms']:9.2f} ms, converted "
                   f"{row['converted_ms']:9.2f} ms ({row['speedup']:.2f}x), ORT MoE {row['ort_moe_ms']:9.2f} ms "
@@ -212,7 +243,7 @@ def run(work: Path, out: Path, policy=None, reduction=None, tokens=TOKENS, threa
               "ort_moe_max_abs_diff": fused_err,
               "tokens": head["tokens"], "threads": head["threads"], "speedup": head["speedup"],
               "baseline_ms": head["baseline_ms"], "converted_ms": head["converted_ms"],
-              "ort_moe_ms": head["ort_moe_ms"], "sweep": sweep}
+              "ort_moe_ms": head["ort_moe_ms"], "int4_matmuls": quantized, "sweep": sweep}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
@@ -257,6 +288,7 @@ def main():
     r.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     r.add_argument("--threads", type=int, nargs="+", default=list(THREADS))
     r.add_argument("--budget-s", type=float, default=20.0, help="time per configuration, at least 3 runs")
+    r.add_argument("--int4", action="store_true", help="also time both graphs quantized to int4 (MatMulNBits)")
     r.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "e2e_cpu.json")
     a = ap.parse_args()
     if a.cmd == "export":
@@ -264,7 +296,7 @@ def main():
             if a.small else DIMS
         export(a.work, dims)
     else:
-        run(a.work, a.out, a.policy, a.reduction, a.tokens, a.threads, a.budget_s)
+        run(a.work, a.out, a.policy, a.reduction, a.tokens, a.threads, a.budget_s, a.int4)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,10 @@ from .spec import RouterAttrs, SpecError
 #   indexed   (Gather*, the ids as index; a sort of the ids; a scatter that adds up): ids
 #             clamped to E-1, so a dropped slot is a pair of expert E-1 everywhere alike, and its
 #             zero weight cancels it. A scatter that overwrites is not one of these: a clamped id
-#             can repeat a kept E-1 within a token, and the two writes collapse into one (JetMoE's
-#             per-expert counts would then not add up to the pairs it splits);
+#             can repeat a kept E-1 within a token, and the two writes collapse into one. Into
+#             zeros, though, it is a scatter that adds (a token's top-k ids are distinct), and
+#             becomes one ("counted": JetMoE's per-expert counts then add up to the pairs its
+#             sorted rows are split into, dropped ones as zero-weight pairs of E-1);
 #   scattered (ScatterElements by id of the routing weights, or of a per-slot function of them:
 #             dense router weights; ORT GenAI's log-weights for a fused MoE op): the raw ids into
 #             the data widened by a scratch column that is sliced off, so a dropped slot's value
@@ -68,6 +70,18 @@ def _replaces_some(ix, n, t) -> bool:
     return ix.const(n.input[3 - list(n.input).index(t)]) is not None
 
 
+def _zeros(ix, t) -> bool:
+    """Whether `t` is a tensor of zeros: ConstantOfShape(0) or Expand(0, shape)."""
+    p = ix.producer.get(t)
+    if p is not None and p.op_type == "ConstantOfShape":
+        v = next((helper.get_attribute_value(a) for a in p.attribute if a.name == "value"), None)
+        return v is None or not np.any(onnx.numpy_helper.to_array(v))
+    if p is not None and p.op_type == "Expand":
+        v = ix.const(p.input[0])
+        return v is not None and v.size == 1 and not np.any(v)
+    return False
+
+
 def _uses(ix, consumer, tensor, gate, region):
     """[(kind, terminal node)] for every path from `tensor` through `consumer` and view ops;
     kind is one of the above, "output" for a graph output, or the op of an unknown use."""
@@ -90,6 +104,8 @@ def _uses(ix, consumer, tensor, gate, region):
             reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
             if reduction == "add":
                 kind = "indexed"
+            elif reduction == "none" and n.op_type == "ScatterElements" and _zeros(ix, n.input[0]):
+                kind = "counted"
             elif reduction == "none" and n.op_type == "ScatterElements" and _from(ix, n.input[2], gate.weights):
                 kind = "scattered"
             else:
@@ -269,6 +285,7 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
             uses = _uses(ix, c, gate.indices, gate, region)
             kinds = {kind for kind, _ in uses}
             raw_kinds = {"compared", "scattered", "widened", "shape", "output"}
+            kinds = {"indexed" if k == "counted" else k for k in kinds}
             unknown = kinds - raw_kinds - {"indexed"}
             if "indexed" in kinds and kinds & {"scattered", "widened"}:  # one id tensor cannot be both raw and clamped
                 unknown.add("a scatter or widened gather and another indexing through one tensor")
@@ -276,6 +293,10 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
                 raise MoeExportError(f"{gate.name}: the expert ids feed {sorted(unknown)[0]}, which moe-export cannot "
                                      "keep right when a slot is dropped (id = num_experts); only --policy static "
                                      "converts this graph")
+            for n in (n for kind, n in uses if kind == "counted" and drops):
+                axis = attr(n, "axis", 0)  # ScatterElements has only axis and reduction
+                del n.attribute[:]
+                n.attribute.extend([helper.make_attribute("axis", axis), helper.make_attribute("reduction", "add")])
             if kinds <= raw_kinds:
                 raw[c.name] = idx
                 for j, (_, n) in enumerate(u for u in uses if u[0] == "scattered"):

@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import families as F  # noqa: E402
 
 FAMILIES = {f[0]: f for f in F.families()}
-CONVERT = ["zaya", "dbrx", "longcat_flash", "phimoe", "llama4_text", "deepseek_v4", "inkling_text", "doge"]
+CONVERT = ["zaya", "dbrx", "longcat_flash", "phimoe", "llama4_text", "deepseek_v4", "inkling_text", "doge", "jetmoe"]
 
 
 @pytest.mark.parametrize("family", CONVERT)

@@ -75,11 +75,11 @@ def test_an_unknown_use_is_refused_when_slots_can_drop():
     assert sum(n.op_type == "DynamicRouter" for n in m.graph.node) == 1
 
 
-def histogram(reduction):
+def histogram(reduction, base=0):
     """Per-token expert counts scattered by id (JetMoE counts pairs per expert this way)."""
     def extra(g, m, i):
         ones = g.op("ConstantOfShape", [g.op("Shape", [i])], value=helper.make_tensor("one", TensorProto.INT64, [1], [1]))
-        zeros = g.op("ConstantOfShape", [g.op("Shape", ["logits"])], value=helper.make_tensor("zero", TensorProto.INT64, [1], [0]))
+        zeros = g.op("ConstantOfShape", [g.op("Shape", ["logits"])], value=helper.make_tensor("zero", TensorProto.INT64, [1], [base]))
         counts = g.op("ScatterElements", [zeros, i, ones], axis=1, reduction=reduction)
         m.graph.node.extend(g.nodes[-5:])
         m.graph.output.append(helper.make_tensor_value_info(counts, TensorProto.INT64, None))
@@ -89,11 +89,12 @@ def histogram(reduction):
 def test_a_scatter_that_overwrites_by_id_is_refused():
     """A clamped id repeating a kept E-1 would collapse into one write: refused, one line."""
     with pytest.raises(MoeExportError, match=r"ScatterElements \(reduction none, overwriting by id\)"):
-        rewrite_model(dense_router(histogram("none")), Policy("ratio", 0.5))
+        rewrite_model(dense_router(histogram("none", base=7)), Policy("ratio", 0.5))
 
 
-def test_a_scatter_that_adds_counts_a_dropped_slot_as_a_zero_weight_pair():
-    m = dense_router(histogram("add"))
+@pytest.mark.parametrize("reduction", ["add", "none"])  # into zeros, distinct ids: overwriting is adding
+def test_a_scatter_that_adds_counts_a_dropped_slot_as_a_zero_weight_pair(reduction):
+    m = dense_router(histogram(reduction))
     x = logits_with_last_expert_on_top()
     rewrite_model(m, Policy("top-p", 1e-6))
     dense, counts = moe_export.session(m).run(None, {"logits": x})
