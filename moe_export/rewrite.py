@@ -104,10 +104,10 @@ def _uses(ix, consumer, tensor, gate, region):
             reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
             if reduction == "add":
                 kind = "indexed"
-            elif reduction == "none" and n.op_type == "ScatterElements" and _zeros(ix, n.input[0]):
-                kind = "counted"
             elif reduction == "none" and n.op_type == "ScatterElements" and _from(ix, n.input[2], gate.weights):
                 kind = "scattered"
+            elif reduction == "none" and n.op_type == "ScatterElements" and _zeros(ix, n.input[0]):
+                kind = "counted"
             else:
                 kind = f"{n.op_type} (reduction {reduction}, overwriting by id)"
         if n.op_type == "GatherElements" and slot == 1 and ix.source(n.input[0])[0] in (gate.gathers or {}):
