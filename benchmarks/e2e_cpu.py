@@ -157,9 +157,12 @@ def _target_from_quality(model="mixtral8"):
 def _int4(src: Path, dst: Path) -> int:
     """Weight-only int4 (ONNX Runtime's MatMulNBitsQuantizer, blocks of 32, symmetric): the model a
     user deploys int4 on CPU. Returns how many MatMuls it quantized."""
+    import logging
+
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one line per node otherwise
     q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True)
     q.process()
     q.model.save_model_to_file(str(dst), use_external_data_format=True)

@@ -381,15 +381,19 @@ def _widen_scatter(surgery, prefix, n, E):
     surgery.insert(post, after=n.name)
 
 
+def _filled(b: NodeBuilder, like, last, value, dtype):
+    """A tensor of `value` shaped as `like` but with `last` elements on the last axis."""
+    shape = b.op("Concat", [b.op("Slice", [b.op("Shape", [like]), b.const([0], np.int64), b.const([-1], np.int64)]),
+                            b.const([last], np.int64)], axis=0)
+    return b.op("ConstantOfShape", [shape], value=helper.make_tensor("value", dtype, [1], [value]))
+
+
 def _widen_gather(surgery, ix, prefix, n, fill):
     """GatherElements(data, ids) -> GatherElements(Concat(data, a column of `fill`), ids): a
     dropped slot's id E reads `fill`."""
     pre = NodeBuilder(prefix)
     data = n.input[0]
-    shape = pre.op("Concat", [pre.op("Slice", [pre.op("Shape", [data]), pre.const([0], np.int64), pre.const([-1], np.int64)]),
-                              pre.const([1], np.int64)], axis=0)
-    dtype = ix.elem_type(data) or TensorProto.FLOAT
-    col = pre.op("ConstantOfShape", [shape], value=helper.make_tensor("fill", dtype, [1], [fill]))
+    col = _filled(pre, data, 1, fill, ix.elem_type(data) or TensorProto.FLOAT)
     wide = pre.op("Concat", [data, col], axis=-1, hint="widened")
     surgery.rewire(data, data, exceptions={n.name: wide})
     surgery.insert(pre, before=n.name)
@@ -398,10 +402,7 @@ def _widen_gather(surgery, ix, prefix, n, fill):
 def _dense(b: NodeBuilder, logits, w, idx, E, dtype):
     """The router's weights as a dense [tokens, E] table, zero where no kept slot points: scattered
     into a table one column wider (a dropped slot's id E lands there) that is then sliced off."""
-    shape = b.op("Concat", [b.op("Slice", [b.op("Shape", [logits]), b.const([0], np.int64), b.const([-1], np.int64)]),
-                            b.const([E + 1], np.int64)], axis=0)
-    zeros = b.op("ConstantOfShape", [shape], value=helper.make_tensor("zero", dtype, [1], [0]))
-    table = b.op("ScatterElements", [zeros, idx, w], axis=-1)
+    table = b.op("ScatterElements", [_filled(b, logits, E + 1, 0, dtype), idx, w], axis=-1)
     return b.op("Slice", [table, b.const([0], np.int64), b.const([E], np.int64), b.const([-1], np.int64)],
                 hint="dense_weights")
 
