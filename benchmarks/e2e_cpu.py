@@ -232,12 +232,13 @@ def run(work: Path, out: Path, policy=None, reduction=None, tokens=TOKENS, threa
             if int4:
                 row |= {"original_int4_ms": med["original_int4"], "converted_int4_ms": med["converted_int4"],
                         "speedup_int4": med["original_int4"] / med["converted_int4"]}
-                print(f"    int4: original {row['original_int4_ms']:9.2f} ms, converted {row['converted_int4_ms']:9.2f} ms "
-                      f"({row['speedup_int4']:.2f}x)")
             sweep.append(row)
             print(f"threads {t} tokens {n:5d}: original {row['baseline_ms']:9.2f} ms, converted "
                   f"{row['converted_ms']:9.2f} ms ({row['speedup']:.2f}x), ORT MoE {row['ort_moe_ms']:9.2f} ms "
                   f"(converted {row['speedup_vs_ort_moe']:.2f}x of it), {runs} runs each")
+            if int4:
+                print(f"    int4: original {row['original_int4_ms']:9.2f} ms, converted {row['converted_int4_ms']:9.2f} ms "
+                      f"({row['speedup_int4']:.2f}x)")
         del sessions
     head = next((r for r in sweep if r["tokens"] == 512 and r["threads"] == 1), sweep[0])
     result = {"date": date.today().isoformat(), "machine": f"{os.cpu_count()}-core {platform.machine()} build VM",
