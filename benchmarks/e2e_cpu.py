@@ -8,6 +8,8 @@ graph at the <=1%-perplexity policy, and ONNX Runtime's fused com.microsoft.MoE 
     .venv/bin/python benchmarks/e2e_cpu.py run
     # int4 (weight-only MatMulNBits) too: both graphs quantized, timed beside the fp32 ones
     .venv/bin/python benchmarks/e2e_cpu.py run --int4 --out benchmarks/results/e2e_cpu_int4.json
+    # decode through the KV cache (a transformers 5.x --with-past export of the same model shape)
+    .venv/bin/python benchmarks/e2e_cpu.py decode
 
 The original is the transformers 4.x export (one MatMul chain per expert over the tokens routed
 to it): the 5.x `batched_mm` export gathers a [hidden, intermediate] weight slab per (token, slot)
@@ -254,6 +256,59 @@ def run(work: Path, out: Path, policy=None, reduction=None, tokens=TOKENS, threa
     print(f"512 tokens, 1 thread: {head['speedup']:.2f}x over the original; wrote {out}")
 
 
+def decode(work: Path, out: Path, past_len=64, steps=16, budget_s=20.0):
+    """Decode with the KV cache: the same Mixtral-shaped model exported by `moe-export export
+    --with-past` (transformers 5.x, batched_mm experts: at one token per step they gather two
+    weight slabs, the natural decode form), its conversion at the quality policy (calibrated on
+    prefills), and one-token steps after a cached prefix of `past_len` tokens, timed in turns.
+    Prefills are kept short: that export gathers a 14 MB weight slab per (token, slot) and matrix."""
+    import torch
+    import transformers as tf
+
+    from moe_export.calibrate import calibrate
+    from moe_export.export import export_model
+    from moe_export.rewrite import Policy, convert
+    from moe_export.runtime import load_inputs
+
+    dims = dict(DIMS)
+    original, converted = work / "past_original.onnx", work / "past_converted.onnx"
+    if not original.is_file():
+        torch.manual_seed(0)
+        model = tf.MixtralForCausalLM._from_config(tf.MixtralConfig(**dims), experts_implementation="batched_mm")
+        export_model(model.eval(), original, with_past=True)
+    best = _target_from_quality()
+    policy, reduction = best["policy"].split()[0], best["pair_reduction"]
+    rng = np.random.default_rng(0)
+    np.save(work / "calib.npy", rng.integers(0, dims["vocab_size"], (2, 16), dtype=np.int64))
+    import onnx
+    proto = onnx.load(str(original), load_external_data=False)
+    layers = calibrate(original, load_inputs(work / "calib.npy", proto), dims["num_experts_per_tok"] *
+                       (1 - reduction), policy=policy, mode="per-layer")
+    convert(original, converted, Policy(policy, layers[0]["threshold"],
+                                        per_layer={x["layer"]: x["threshold"] for x in layers}))
+    # static: the regrouped experts alone (no slot dropped), to tell their gain from routing's
+    convert(original, work / "past_static.onnx", Policy("static"))
+    sessions = {"original": _session(original, 1, False), "converted": _session(converted, 1, True),
+                "static": _session(work / "past_static.onnx", 1, True)}
+    np.save(work / "prefix.npy", rng.integers(0, dims["vocab_size"], (1, past_len), dtype=np.int64))
+    pre = sessions["original"].run(None, load_inputs(work / "prefix.npy", proto))
+    names = [o.name for o in sessions["original"].get_outputs()]
+    past = {"past_key_values." + n[len("present."):]: v for n, v in zip(names, pre) if n.startswith("present.")}
+    feeds = [{"input_ids": rng.integers(0, dims["vocab_size"], (1, 1), dtype=np.int64),
+              "attention_mask": np.ones((1, past_len + 1), np.int64),
+              "position_ids": np.array([[past_len]], np.int64), **past} for _ in range(steps)]
+    med, runs = _time(sessions, feeds, max_runs=64, budget_s=budget_s)
+    result = {"date": date.today().isoformat(), "machine": f"{os.cpu_count()}-core {platform.machine()} build VM",
+              "dims": dims, "policy": policy, "target_pair_reduction": reduction, "past_len": past_len,
+              "threads": 1, "runs": runs, "original_ms": med["original"], "converted_ms": med["converted"],
+              "static_converted_ms": med["static"], "speedup": med["original"] / med["converted"],
+              "speedup_static": med["original"] / med["static"]}
+    out.write_text(json.dumps(result, indent=1))
+    print(f"decode after {past_len} cached tokens, 1 thread: original {med['original']:.2f} ms, converted "
+          f"{med['converted']:.2f} ms ({result['speedup']:.2f}x; converted static {med['static']:.2f} ms, "
+          f"{result['speedup_static']:.2f}x), {runs} runs each; wrote {out}")
+
+
 def plot(result, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -294,11 +349,17 @@ def main():
     r.add_argument("--budget-s", type=float, default=20.0, help="time per configuration, at least 3 runs")
     r.add_argument("--int4", action="store_true", help="also time both graphs quantized to int4 (MatMulNBits)")
     r.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "e2e_cpu.json")
+    d = sub.add_parser("decode", help="one-token steps through the KV cache (transformers 5.x --with-past export)")
+    d.add_argument("--work", type=Path, default=WORK)
+    d.add_argument("--past", type=int, default=64, help="cached tokens before each step")
+    d.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "e2e_cpu_decode.json")
     a = ap.parse_args()
     if a.cmd == "export":
         dims = dict(DIMS, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2) \
             if a.small else DIMS
         export(a.work, dims)
+    elif a.cmd == "decode":
+        decode(a.work, a.out, a.past)
     else:
         run(a.work, a.out, a.policy, a.reduction, a.tokens, a.threads, a.budget_s, a.int4)
 
