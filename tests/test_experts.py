@@ -13,8 +13,7 @@ from moe_export.rewrite import Policy, convert, routers_metadata
 from moe_export.runtime import session_from_proto
 
 # Expert sections kept as exported: routing there changes what the experts compute, not what they cost.
-KEPT = {"llama4_text": "Llama 4 runs every expert on every token, weighed 0 where not chosen",
-        "inkling_text": "Inkling weighs the experts from a concatenation with the shared ones (no one weights tensor)"}
+KEPT = {"llama4_text": "Llama 4 runs every expert on every token, weighed 0 where not chosen"}
 BATCHED = [p for p in FAMILY_GRAPHS if not p.stem.startswith("legacy_") and p.stem not in KEPT]
 LOOPS = [p for p in FAMILY_GRAPHS if p.stem.startswith("legacy_")]
 

@@ -9,6 +9,23 @@ from ..schema import gate_defaults
 ORDER = 38
 
 
+def _routed_weights(ix, t, k, depth=12):
+    """The slice [..., :k] of the graph's normalized weights, which the routed experts take (the
+    rest are the shared experts'), searched downstream of `t`; None if there is none."""
+    frontier = [t]
+    for _ in range(depth):
+        nxt = []
+        for u in frontier:
+            for c in ix.consumers_of(u):
+                starts, ends = (ix.const(c.input[i]) if len(c.input) > i else None for i in (1, 2))
+                if c.op_type == "Slice" and starts is not None and ends is not None \
+                        and starts.reshape(-1).tolist() == [0] and ends.reshape(-1).tolist() == [k]:
+                    return c.output[0]
+                nxt.extend(c.output)
+        frontier = nxt
+    return None
+
+
 def match(ix, tk):
     path = ix.path_up(tk.input[0], ["Add", "Slice"])
     if path is None:
@@ -30,9 +47,10 @@ def match(ix, tk):
         nxt = ix.only_consumer(nxt.output[0])
     if nxt is None or nxt.op_type != "Sigmoid":
         raise Miss("the gathered logits do not go to a Sigmoid (a dropped slot's -inf would weigh)")
-    E = experts_of(ix, tk, bias)
-    return Gate("lse_sigmoid_topk", tk, x, bias, tk.output[0], tk.output[1],
-                gate_defaults(E, topk_k(ix, tk)) | dict(score_func="sigmoid"), logits_views=(sl,),
+    E, k = experts_of(ix, tk, bias), topk_k(ix, tk)
+    w = _routed_weights(ix, nxt.output[0], k) or tk.output[0]  # the experts' regrouping reads them
+    return Gate("lse_sigmoid_topk", tk, x, bias, w, tk.output[1],
+                gate_defaults(E, k) | dict(score_func="sigmoid"), logits_views=(sl,),
                 gathers={ge.input[0]: float("-inf")})
 
 
