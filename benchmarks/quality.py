@@ -3,6 +3,7 @@ the exported and converted ONNX graphs in ONNX Runtime.
 
     .venv/bin/python samples/train_moe.py mixtral8     # and qwen3moe32, deepseek16
     .venv/bin/python benchmarks/quality.py [--models mixtral8 qwen3moe32 deepseek16] [--eval-seqs 128]
+    .venv/bin/python benchmarks/quality.py --models deepseek16 --budget-only --out benchmarks/results/quality_budget.json
 
 For each model: held-out byte-level perplexity and routed (token, expert) pairs for every policy
 over a sweep of thresholds, then per-layer calibration against one global threshold at equal
@@ -73,7 +74,7 @@ def evaluate(model_path, ids, batch=16):
             "per_layer_mean": (pairs / tokens).tolist(), "pair_fraction": float(pairs.sum() / (tokens * k.sum()))}
 
 
-def run_model(name, eval_seqs, calib_seqs, work: Path):
+def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False):
     ckpt = CACHE / "models" / name
     if not (ckpt / "config.json").is_file():
         raise SystemExit(f"{ckpt} missing: run samples/train_moe.py {name} first")
@@ -101,13 +102,13 @@ def run_model(name, eval_seqs, calib_seqs, work: Path):
         print(f"  {policy:>22s} {str(threshold):>8s}: experts/token {row['mean_experts']:.3f}, "
               f"pairs -{100 * row['pair_reduction']:.1f}%, ppl {row['ppl']:.4f} (+{100 * row['ppl_increase']:.2f}%)")
 
-    for policy, ts in SWEEP.items():
+    for policy, ts in ({} if budget_only else SWEEP).items():
         for t in ts:
             out = work / f"{name}.{policy}.{t}.onnx"
             convert(original, out, Policy(policy, t))
             point(policy, t, out)
     gates_k = routing_indices(load_model(original))[1][0]["k"]
-    for policy in ("top-p", "ratio"):
+    for policy in () if budget_only else ("top-p", "ratio"):
         for frac in (0.5, 0.55, 0.6, 0.65, 0.7, 0.8):
             target = frac * gates_k
             for mode in ("per-layer", "global"):
@@ -119,7 +120,7 @@ def run_model(name, eval_seqs, calib_seqs, work: Path):
                       {"thresholds": [x["threshold"] for x in layers]})
     # More than k experts for hard tokens: the same per-layer compute targets with max_experts
     # above k, against the k-capped rows above at equal mean experts per token.
-    for policy in ("top-p", "ratio"):
+    for policy in () if budget_only else ("top-p", "ratio"):
         for wide in (gates_k + 1, 2 * gates_k):
             for frac in (0.55, 0.6, 0.65, 0.7, 0.8):
                 target = frac * gates_k
@@ -145,7 +146,7 @@ def run_model(name, eval_seqs, calib_seqs, work: Path):
     ok = [c for c in curve if c["ppl_increase"] <= 0.01]
     best = max(ok, key=lambda c: c["pair_reduction"]) if ok else None
     return {"model": name, "corpus": log["corpus"], "train_steps": log["steps"], "k": gates_k,
-            "at_budget": at_budget(curve),
+            "at_budget": None if budget_only else at_budget(curve),
             "static_ppl": base["ppl"], "eval_tokens": base["tokens"],
             "static_ppl_on_torch_slice": {"onnx": onnx_on_torch_slice, "torch": log["torch_heldout_ppl"]},
             "calib_tokens": int(calib.size),
@@ -210,9 +211,11 @@ def main():
     ap.add_argument("--eval-seqs", type=int, default=128)
     ap.add_argument("--calib-seqs", type=int, default=96)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
+    ap.add_argument("--budget-only", action="store_true",
+                    help="only the calibrate --max-ppl-increase rows (write them to another --out)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        results = [run_model(m, args.eval_seqs, args.calib_seqs, Path(d)) for m in args.models]
+        results = [run_model(m, args.eval_seqs, args.calib_seqs, Path(d), args.budget_only) for m in args.models]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # Top level: every model's curve in one list, and the weaker of the models' best points.
     curve = [dict(c, model=r["model"]) for r in results for c in r["curve"]]
