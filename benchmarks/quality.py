@@ -74,7 +74,7 @@ def evaluate(model_path, ids, batch=16):
             "per_layer_mean": (pairs / tokens).tolist(), "pair_fraction": float(pairs.sum() / (tokens * k.sum()))}
 
 
-def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False):
+def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget_se=1.0):
     ckpt = CACHE / "models" / name
     if not (ckpt / "config.json").is_file():
         raise SystemExit(f"{ckpt} missing: run samples/train_moe.py {name} first")
@@ -137,7 +137,7 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False):
     for policy, wide in BUDGET_RUNS:
         wide = wide and gates_k + 1  # hard tokens may take one expert more than the model's k
         for b in BUDGETS:
-            rep = calibrate_budget(model, work, {"input_ids": calib}, b, policy, max_experts=wide)
+            rep = calibrate_budget(model, work, {"input_ids": calib}, b, policy, max_experts=wide, se=budget_se)
             out = work / f"{name}.budget.{policy}.{wide}.{b}.onnx"
             convert(original, out, budget_policy(rep, max_experts=wide))
             point(budget_label(policy, wide, gates_k), b, out,
@@ -213,15 +213,19 @@ def main():
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
     ap.add_argument("--budget-only", action="store_true",
                     help="only the calibrate --max-ppl-increase rows (write them to another --out)")
+    ap.add_argument("--budget-se", type=float, default=1.0,
+                    help="standard errors above its mean the held-out increase must stay within the budget")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        results = [run_model(m, args.eval_seqs, args.calib_seqs, Path(d), args.budget_only) for m in args.models]
+        results = [run_model(m, args.eval_seqs, args.calib_seqs, Path(d), args.budget_only, args.budget_se)
+                   for m in args.models]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # Top level: every model's curve in one list, and the weaker of the models' best points.
     curve = [dict(c, model=r["model"]) for r in results for c in r["curve"]]
     bests = [dict(r["best_at_1pct"], model=r["model"]) for r in results if r["best_at_1pct"]]
     best = min(bests, key=lambda b: b["pair_reduction"]) if len(bests) == len(results) else None
     args.out.write_text(json.dumps({"date": date.today().isoformat(), "machine": "2-core x86-64 build VM",
+                                    "budget_se": args.budget_se,
                                     "best_at_1pct": best, "curve": curve, "models": results}, indent=1))
     plot(results, args.out.with_suffix(".png"))
     for r in results:

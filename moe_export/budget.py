@@ -72,9 +72,9 @@ class Evaluator:
         return nll / count, pairs, np.array(per_seq)
 
 
-def _upper(d):
-    """Mean of per-sequence increases plus one standard error."""
-    return float(d.mean() + (d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0))
+def _upper(d, se=1.0):
+    """Mean of per-sequence increases plus `se` standard errors."""
+    return float(d.mean() + se * (d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0))
 
 
 def check_causal_lm(model, feeds):
@@ -147,10 +147,11 @@ def _fill(curves, budget, pick, saving, cost):
 
 
 def calibrate_budget(model, base_dir, feeds, max_ppl_increase, policy="top-p", min_experts=1, max_experts=None,
-                     holdout=0.25, batch=16):
+                     holdout=0.25, batch=16, se=1.0):
     """Per-layer routing within the perplexity budget (see the module docstring). `model`: an
     original or converted ModelProto (kept as is). Returns the report (its "routing": {layer:
-    (policy, threshold)}, layers absent staying static)."""
+    (policy, threshold)}, layers absent staying static). `se`: standard errors above its mean the
+    held-out increase must stay within the budget (0: the mean alone)."""
     check_causal_lm(model, feeds)
     if not 0 < max_ppl_increase < 1:
         raise MoeExportError(f"--max-ppl-increase {max_ppl_increase}: a fraction, e.g. 0.01 for +1% perplexity")
@@ -189,7 +190,7 @@ def calibrate_budget(model, base_dir, feeds, max_ppl_increase, policy="top-p", m
         key = tuple(sorted(routing.items()))
         if key not in runs:
             (f_nll, f_pairs, _), (h_nll, h_pairs, h_rows) = ev.run(routing, fit), ev.run(routing, hold)
-            runs[key] = (f_nll - base_fit, h_nll - base_hold, f_pairs, h_pairs, _upper(h_rows - hold_rows))
+            runs[key] = (f_nll - base_fit, h_nll - base_hold, f_pairs, h_pairs, _upper(h_rows - hold_rows, se))
         if runs[key][0] <= budget and runs[key][4] <= budget:
             if chosen is None or runs[key][2].sum() < chosen[1][2].sum():
                 chosen = (routing, runs[key])
