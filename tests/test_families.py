@@ -24,4 +24,3 @@ def test_family_converts_right(family):
     assert row["routers"] >= 1
     if family != "zaya":  # ZAYA routes one expert per token (its only configuration)
         assert row["top1_vs_k_model"] > 100 * row["top1_vs_k1_model"]
-

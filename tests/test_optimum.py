@@ -27,6 +27,10 @@ def prefill(graph, tmp_path):
 FAITHFUL = [p for p in OPTIMUM if p.stem != "deepseek_v3"]
 
 
+def test_the_fixtures_are_there():  # the tests below are parametrized over them
+    assert {p.stem for p in OPTIMUM} == {"gpt_oss", "qwen3_moe", "deepseek_v3"}
+
+
 @pytest.mark.parametrize("graph", OPTIMUM, ids=[p.stem for p in OPTIMUM])
 def test_static_reproduces_the_export(graph, tmp_path):
     import onnxruntime as ort
