@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_export.budget import budget_policy, calibrate_budget
+from moe_export.budget import BudgetSearch, budget_policy
 from moe_export.calibrate import calibrate
 from moe_export.export import export_checkpoint
 from moe_export.graph import load_model
@@ -36,12 +36,18 @@ HERE = Path(__file__).resolve().parent
 CACHE = Path.home() / ".cache" / "moe-export"
 SEQ = 128
 BUDGETS = (0.005, 0.01)
-# (policy, whether hard tokens may take k + 1 experts) of the budget-calibrated rows
-BUDGET_RUNS = (("top-p", False), ("ratio", False), ("entropy", False), ("auto", False), ("auto", True))
+# (policy, whether hard tokens may take k + 1 experts, renormalize: None searched per layer,
+# check) of the budget-calibrated rows; the last two are the search as it was before renormalize
+# and the pooled check, side by side
+BUDGET_RUNS = (("top-p", False, None, "pooled"), ("ratio", False, None, "pooled"), ("entropy", False, None, "pooled"),
+               ("auto", False, None, "pooled"), ("auto", True, None, "pooled"), ("auto", False, 1.0, "pooled"),
+               ("auto", False, None, "heldout"))
 
 
-def budget_label(policy, wide, k):
-    return f"{policy} budget" + (f", max {wide}" if wide and wide != k else "")
+def budget_label(policy, wide, k, renormalize=None, check="pooled"):
+    return (f"{policy} budget" + (f", max {wide}" if wide and wide != k else "")
+            + ("" if renormalize is None else f", renormalize {renormalize:g}")
+            + ("" if check == "pooled" else f", {check} check"))
 SWEEP = {
     "top-p": [0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98],
     "ratio": [0.9, 0.7, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.02],
@@ -134,15 +140,20 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
     # Quality budgets: calibrate --max-ppl-increase on the calibration slice, measured on the
     # evaluation slice (held out from the search entirely).
     model = load_model(original)
-    for policy, wide in BUDGET_RUNS:
+    searches = {}  # the measured curves do not depend on the budget or the check
+    for policy, wide, rn, check in BUDGET_RUNS:
         wide = wide and gates_k + 1  # hard tokens may take one expert more than the model's k
+        if (policy, wide, rn) not in searches:
+            searches[policy, wide, rn] = BudgetSearch(model, work, {"input_ids": calib}, policy, max_experts=wide,
+                                                      renormalize=rn)
         for b in BUDGETS:
-            rep = calibrate_budget(model, work, {"input_ids": calib}, b, policy, max_experts=wide, se=budget_se)
-            out = work / f"{name}.budget.{policy}.{wide}.{b}.onnx"
+            rep = searches[policy, wide, rn].run(b, se=budget_se, check=check)
+            out = work / f"{name}.budget.{policy}.{wide}.{rn}.{check}.{b}.onnx"
             convert(original, out, budget_policy(rep, max_experts=wide))
-            point(budget_label(policy, wide, gates_k), b, out,
-                  {"budget_fit": rep["fit"], "budget_heldout": rep["heldout"], "max_experts": wide or gates_k,
-                   "routing": [[x["policy"], x["threshold"]] for x in rep["layers"]]})
+            point(budget_label(policy, wide, gates_k, rn, check), b, out,
+                  {"budget_fit": rep["fit"], "budget_heldout": rep["heldout"], "budget_all": rep["all"],
+                   "max_experts": wide or gates_k,
+                   "routing": [[x["policy"], x["threshold"], x["renormalize"]] for x in rep["layers"]]})
     ok = [c for c in curve if c["ppl_increase"] <= 0.01]
     best = max(ok, key=lambda c: c["pair_reduction"]) if ok else None
     return {"model": name, "corpus": log["corpus"], "train_steps": log["steps"], "k": gates_k,
@@ -164,8 +175,8 @@ def at_budget(curve):
         return max((c["pair_reduction"] for c in ok), default=0.0)
     out = {}
     k = next(c["max_experts"] for c in curve if "budget" in c["policy"] and "max " not in c["policy"])
-    for policy, wide in BUDGET_RUNS:
-        label = budget_label(policy, wide and k + 1, k)
+    for policy, wide, rn, check in BUDGET_RUNS:
+        label = budget_label(policy, wide and k + 1, k, rn, check)
         for b in BUDGETS:
             row = next(c for c in curve if c["policy"] == label and c["threshold"] == b)
             out[f"{label} @ +{100 * b:g}%"] = {

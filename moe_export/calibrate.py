@@ -11,6 +11,7 @@ from .files import Output, Progress, model_files
 from .graph import load_model
 from .patterns import find_gates
 from .rewrite import Policy, convert_model, repolicy, routers_metadata, set_policy
+from .schema import ATTRIBUTES
 from .spec import RouterAttrs, SpecError, policy_counts, policy_view
 from .runtime import load_inputs, run_exposed
 
@@ -59,7 +60,7 @@ def _solve(mean_count, target, increasing, lo=0.0, hi=1.0, iters=40):
     return best
 
 
-_ROUTING = ("policy", "threshold", "min_experts", "max_experts")
+_ROUTING = tuple(a.name for a in ATTRIBUTES if a.routing)
 
 
 def calibrate(model_path, feeds, target, policy="top-p", mode="per-layer", min_experts=1, max_experts=None):
@@ -109,9 +110,11 @@ def unreachable(layers, target, mode, tolerance=0.05):
 
 
 def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p", mode="per-layer",
-                          min_experts=1, max_experts=None, portable=False, max_ppl_increase=None, holdout=0.25):
+                          min_experts=1, max_experts=None, portable=False, max_ppl_increase=None, holdout=0.25,
+                          renormalize=None):
     """Calibrates and writes the model: to `target` experts per token, or (max_ppl_increase) to
-    the cheapest routing within that perplexity budget (budget.py). Returns (layers, warnings,
+    the cheapest routing within that perplexity budget (budget.py; `renormalize` None: searched
+    per layer, else fixed). Returns (layers, warnings,
     notes about the written files, the budget search's report or None)."""
     from .budget import budget_policy, calibrate_budget
 
@@ -135,7 +138,7 @@ def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p
     report, warnings = None, []
     if max_ppl_increase is not None:
         report = calibrate_budget(model, graph.parent, feeds, max_ppl_increase, policy, min_experts, max_experts,
-                                  holdout)
+                                  holdout, renormalize=renormalize)
         layers, pol = report["layers"], budget_policy(report, min_experts, max_experts)
         if not report["routing"]:
             warnings.append(f"no layer's routing could change within +{100 * max_ppl_increase:g}% perplexity on "
@@ -143,7 +146,8 @@ def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p
     else:
         layers = calibrate(graph, feeds, target, policy, mode, min_experts, max_experts)
         pol = Policy(policy, layers[0]["threshold"], min_experts, max_experts,
-                     per_layer={r["layer"]: r["threshold"] for r in layers})
+                     per_layer={r["layer"]: r["threshold"] for r in layers},
+                     renormalize=1.0 if renormalize is None else renormalize)
         warnings = unreachable(layers, target, mode)
     if converted:
         _, notes = repolicy(model_path, out, pol, protect=[data_path])

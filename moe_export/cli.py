@@ -38,6 +38,20 @@ def _add_policy_args(p):
                         "normalized entropy below which tokens get min experts")
     p.add_argument("--min-experts", type=int, default=None, help="fewest experts per token (default 1)")
     p.add_argument("--max-experts", type=int, default=None, help="most experts per token (default: the graph's k)")
+    _renormalize_arg(p, "1: over the kept, the model run with fewer experts")
+
+
+def _renormalize_arg(p, default):
+    p.add_argument("--renormalize", type=_fraction, default=None, metavar="R",
+                   help="for gates whose weights sum to 1: how much of the dropped experts' weight the kept ones "
+                        f"take, 0 (none: their static weights) to 1 (all) (default {default})")
+
+
+def _fraction(v):
+    x = _threshold(v)
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {v}")
+    return x
 
 
 def _policy(args):
@@ -47,7 +61,8 @@ def _policy(args):
         raise MoeExportError(f"--policy {args.policy} needs --threshold")
     if args.policy == "static":
         given = [f for f, v in (("--threshold", args.threshold), ("--min-experts", args.min_experts),
-                                ("--max-experts", args.max_experts)) if v is not None]
+                                ("--max-experts", args.max_experts), ("--renormalize", args.renormalize))
+                 if v is not None]
         if given:
             _warn(f"--policy static routes every token to the graph's k experts; {', '.join(given)} ignored")
         return Policy("static")
@@ -58,7 +73,8 @@ def _policy(args):
         raise MoeExportError(f"--min-experts must be >= 1, got {args.min_experts}")
     if args.max_experts is not None and args.min_experts > args.max_experts:
         raise MoeExportError(f"--min-experts ({args.min_experts}) exceeds --max-experts ({args.max_experts})")
-    return Policy(args.policy, args.threshold or 0.0, args.min_experts, args.max_experts)
+    return Policy(args.policy, args.threshold or 0.0, args.min_experts, args.max_experts,
+                  renormalize=1.0 if args.renormalize is None else args.renormalize)
 
 
 def _warn(msg):
@@ -124,8 +140,9 @@ def cmd_inspect(args):
             return
         for r in meta["routers"]:
             a = r["attrs"]
+            rn = f" renormalize={a['renormalize']:g}" if a.get("renormalize", 1.0) != 1.0 else ""
             print(f"{r['layer']}: DynamicRouter E={a['num_experts']} k={a['k']} policy={a['policy']} "
-                  f"threshold={a['threshold']} experts={a['min_experts']}..{a['max_experts']}")
+                  f"threshold={a['threshold']}{rn} experts={a['min_experts']}..{a['max_experts']}")
         return
     topks = explain(model)
     gates = [t["gate"] for t in topks if t["gate"] is not None]
@@ -190,14 +207,14 @@ def cmd_calibrate(args):
     layers, warnings, notes, report = calibrate_and_convert(
         args.model, args.data, args.output, args.target_experts, policy=args.policy, mode=args.mode,
         min_experts=args.min_experts, max_experts=args.max_experts, portable=args.portable,
-        max_ppl_increase=args.max_ppl_increase, holdout=args.holdout)
+        max_ppl_increase=args.max_ppl_increase, holdout=args.holdout, renormalize=args.renormalize)
     for w in warnings:
         _warn(w)
     if args.json:
         summary = {"output": str(args.output), "policy": args.policy, "mode": args.mode,
                    "target_experts": args.target_experts, "layers": layers, "warnings": warnings, "notes": notes}
         if report is not None:
-            summary |= {k: report[k] for k in ("max_ppl_increase", "fit", "heldout", "evaluations")}
+            summary |= {k: report[k] for k in ("max_ppl_increase", "fit", "heldout", "all", "evaluations")}
             summary["mode"] = "quality budget"
         print(json.dumps(summary, indent=2))
         return
@@ -205,15 +222,18 @@ def cmd_calibrate(args):
         if report is None:
             print(f"{r['layer']}: threshold {r['threshold']:.4f} -> {r['mean_experts']:.3f} experts/token (k={r['k']})")
         else:
-            print(f"{r['layer']}: {r['policy']} threshold {r['threshold']:.4f} -> {r['mean_experts']:.3f} "
+            rn = f", renormalize {r['renormalize']:g}" if r["policy"] != "static" and r["renormalize"] != 1 else ""
+            print(f"{r['layer']}: {r['policy']} threshold {r['threshold']:.4f}{rn} -> {r['mean_experts']:.3f} "
                   f"experts/token (k={r['k']}), est. perplexity cost {100 * r['est_ppl_cost']:+.2f}%")
     if report is not None:
         for part in ("fit", "heldout"):
             x = report[part]
-            upper = f", {100 * x['ppl_increase_upper']:+.2f}% one standard error up" if "ppl_increase_upper" in x else ""
-            print(f"{'calibration' if part == 'fit' else 'held out'} ({x['sequences']} sequences): perplexity "
-                  f"{100 * x['ppl_increase']:+.2f}%{upper} (static {x['static_ppl']:.4f}), routed pairs "
+            print(f"{'fitting part' if part == 'fit' else 'held out'} ({x['sequences']} sequences): perplexity "
+                  f"{100 * x['ppl_increase']:+.2f}% (static {x['static_ppl']:.4f}), routed pairs "
                   f"{-100 * x['pair_reduction']:+.1f}%")
+        x = report["all"]
+        print(f"all {x['sequences']} sequences: perplexity {100 * x['ppl_increase']:+.2f}%, "
+              f"{100 * x['ppl_increase_upper']:+.2f}% one standard error up (within the budget)")
     print(f"wrote {args.output}{_data_line(notes)}")
 
 
@@ -332,6 +352,7 @@ def build_parser():
                      help="a threshold per layer hitting the target in each, or one threshold for all")
     cal.add_argument("--min-experts", type=int, default=1, help="fewest experts per token (default 1)")
     cal.add_argument("--max-experts", type=int, default=None, help="most experts per token (default: the graph's k)")
+    _renormalize_arg(cal, "1; with --max-ppl-increase chosen per layer among 1, 0.5 and 0")
     cal.add_argument("--portable", action="store_true", help="write the routers in standard ONNX ops")
     json_flag(cal)
 

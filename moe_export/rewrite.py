@@ -122,18 +122,22 @@ class Policy:
     threshold: float = 0.0
     min_experts: int = 1
     max_experts: int | None = None  # None: the gate's own k
-    # per-gate overrides written by calibrate: {gate name: threshold, or (policy, threshold)}
+    # per-gate overrides written by calibrate: {gate name: threshold, or (policy, threshold[,
+    # renormalize])}
     per_layer: dict | None = None
+    renormalize: float = 1.0
 
     def of(self, layer) -> tuple:
-        """(policy, threshold) of one layer."""
+        """(policy, threshold, renormalize) of one layer."""
         v = (self.per_layer or {}).get(layer, self.threshold)
-        return (v[0], float(v[1])) if isinstance(v, (tuple, list)) else (self.policy, float(v))
+        if not isinstance(v, (tuple, list)):
+            return self.policy, float(v), self.renormalize
+        return v[0], float(v[1]), float(v[2]) if len(v) > 2 else self.renormalize
 
 
 def router_attrs(gate: Gate, pol: Policy, group_experts=True) -> RouterAttrs:
-    policy, t = pol.of(gate.name)
-    a = RouterAttrs(**gate.attrs, policy=policy, threshold=t, min_experts=pol.min_experts,
+    policy, t, r = pol.of(gate.name)
+    a = RouterAttrs(**gate.attrs, policy=policy, threshold=t, renormalize=r, min_experts=pol.min_experts,
                     max_experts=pol.max_experts or gate.attrs["k"])
     # More than k slots per token: a per-expert loop takes any number (each expert gathers its
     # own rows), a fused op once its k is raised; a batched section only once regrouped, whose
@@ -209,13 +213,26 @@ def _portable(b: NodeBuilder, a: RouterAttrs, logits: str, bias: str | None, flo
         hi = min(a.max_experts, n_valid)
         cnt = b.op("Cast", [b.op("Clip", [cnt, f32(min(a.min_experts, hi)), f32(hi)])], to=TensorProto.INT64)
         keep = b.op("Less", [slot, cnt])
-    if a.select == "before_score" and a.score_func == "softmax":
-        w = b.op("Softmax", [b.op("Where", [keep, vals, f32(-np.inf)])], axis=-1)
+    softmax_kept = a.select == "before_score" and a.score_func == "softmax"
+    # With renormalize < 1 the values are normalized over the static k (or the kept, where more
+    # are kept) and the kept take (sk / sc)^renormalize of it (spec._part_factor); rows keeping
+    # k are the same either way.
+    part = a.policy != "static" and a.renormalize != 1.0 and (softmax_kept or bool(a.normalize))
+    over = b.op("Less", [slot, b.op("Max", [cnt, i64(a.k)])]) if part else keep
+    if softmax_kept:
+        w = b.op("Softmax", [b.op("Where", [over, vals, f32(-np.inf)])], axis=-1)
     else:
-        w = b.op("Where", [keep, b.op("GatherElements", [s, idx], axis=1), f32(0.0)])
-        if a.normalize:
+        w = b.op("Where", [over, b.op("GatherElements", [s, idx], axis=1), f32(0.0)])
+        if a.normalize and not part:
             tot = b.op("ReduceSum", [w, i64([-1])], keepdims=1)
             w = b.op("Div", [w, b.op("Where", [b.op("Greater", [tot, f32(0.0)]), tot, f32(1.0)])])
+    if part:
+        total = lambda m: b.op("ReduceSum", [b.op("Where", [m, w, f32(0.0)]), i64([-1])], keepdims=1)
+        sk, sc = total(b.op("Less", [slot, i64(a.k)])), total(keep)
+        ok = b.op("And", [b.op("Greater", [sk, f32(0.0)]), b.op("Greater", [sc, f32(0.0)])])
+        one = lambda v: b.op("Where", [ok, v, f32(1.0)])
+        f = b.op("Div", [b.op("Pow", [b.op("Div", [sk, one(sc)]), f32(a.renormalize)]), one(sk)])
+        w = b.op("Mul", [w, b.op("Where", [ok, f, f32(0.0)])])
     w = b.op("Where", [keep, b.op("Mul", [w, f32(a.scale)]), f32(0.0)])
     idx = b.op("Where", [keep, idx, i64(E)])
     out_shape = b.op("Concat", [lead, i64([W])], axis=0)
@@ -486,9 +503,9 @@ def set_policy(model, pol: Policy):
         if node is None:
             raise MoeExportError(f"router {r['layer']}: its DynamicRouter node is missing from the graph")
         old = RouterAttrs(**r["attrs"])
-        policy, t = pol.of(r["layer"])
+        policy, t, rn = pol.of(r["layer"])
         try:
-            a = RouterAttrs(**dict(r["attrs"], policy=policy, threshold=t, min_experts=pol.min_experts,
+            a = RouterAttrs(**dict(r["attrs"], policy=policy, threshold=t, renormalize=rn, min_experts=pol.min_experts,
                                    max_experts=pol.max_experts or old.max_experts)).resolved()
         except SpecError as e:
             raise MoeExportError(f"invalid policy arguments: {e}") from None

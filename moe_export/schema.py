@@ -53,6 +53,9 @@ ATTRIBUTES = (
               "rank the logits and score the kept ones: softmax over them (GPT-OSS), or sigmoid (Kolibri)",
               choices=("after_score", "before_score")),
     Attribute("normalize", "int", 0, "renormalize the kept weights to sum to 1"),
+    Attribute("renormalize", "float", 1.0, "for gates whose weights sum to 1 (`normalize`, softmax "
+              "`before_score`), how much of the dropped experts' weight the kept take: 1 all (the model run with "
+              "fewer experts), 0 none (their static weights), between: in proportion (below)", routing=True),
     Attribute("scale", "float", 1.0, "multiply the weights (DeepSeek-V3 `routed_scaling_factor`)"),
     Attribute("n_group", "int", 1, "expert groups (DeepSeek-V3 `n_group`); must divide E"),
     Attribute("topk_group", "int", 0, "groups kept per token", zero_means="n_group"),

@@ -70,6 +70,8 @@ class _Rules:
             bad(f"max_experts must be in [1, num_experts={E}], got {self.max_experts}")
         if not (1 <= self.min_experts <= self.max_experts):
             bad(f"min_experts must be in [1, max_experts={self.max_experts}], got {self.min_experts}")
+        if not (0.0 <= float(self.renormalize) <= 1.0):
+            bad(f"renormalize must be in [0, 1], got {self.renormalize}")
         if not math.isfinite(float(self.scale)):
             bad("scale must be finite")
         if self.n_group < 1 or E % self.n_group:
@@ -242,6 +244,17 @@ def policy_counts(a: RouterAttrs, v: PolicyView):
     return np.minimum(counts, np.maximum(v.n_valid, 1)).astype(np.int64), ambiguous
 
 
+def _part_factor(a, w, keep):
+    """With the static k's total sk and the kept experts' total sc of the values w, the factor
+    (sk / sc)^renormalize / sk: the kept get their static weights times (sk / sc)^renormalize."""
+    sk = _lane_sum(np.where(np.arange(w.shape[1]) < a.k, w, _F(0.0)))
+    sc = _lane_sum(np.where(keep, w, _F(0.0)))
+    ok = (sk > 0) & (sc > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = (np.power(sk / np.where(ok, sc, 1), _F(a.renormalize)).astype(_F) / np.where(ok, sk, 1)).astype(_F)
+    return np.where(ok, f, _F(0.0))
+
+
 def _prepare(a, logits, bias):
     x0 = np.asarray(logits)
     E = a.num_experts
@@ -273,15 +286,22 @@ def _route(a, logits, bias, return_counts):
         counts, ambiguous = policy_counts(a, _policy_view(a, x, s, valid, order))
 
     # 4. weights of the kept experts; dropped slots are (index=E, weight=0).
-    keep = np.arange(K)[None, :] < counts[:, None]
-    if a.select == "before_score" and a.score_func == "softmax":
-        sel = np.take_along_axis(x, order, axis=1)
-        w = _softmax_rows(sel, keep)
+    slot = np.arange(K)[None, :]
+    keep = slot < counts[:, None]
+    softmax_kept = a.select == "before_score" and a.score_func == "softmax"
+    # rows whose kept experts take only part of the dropped ones' weight: their values are
+    # normalized over the static k first (and over the kept where more are kept)
+    part = ((counts != a.k) & (_F(a.renormalize) != _F(1.0)) & (softmax_kept or bool(a.normalize)))[:, None]
+    over = np.where(part, slot < np.maximum(counts, a.k)[:, None], keep)
+    if softmax_kept:
+        w = _softmax_rows(np.take_along_axis(x, order, axis=1), over)
     else:
-        w = np.where(keep, np.take_along_axis(s, order, axis=1), _F(0.0)).astype(_F)
+        w = np.where(over, np.take_along_axis(s, order, axis=1), _F(0.0)).astype(_F)
         if a.normalize:
-            tot = _lane_sum(w)
-            w = np.where(tot[:, None] > 0, w * (_F(1.0) / np.where(tot > 0, tot, 1))[:, None], _F(0.0))
+            tot = _lane_sum(np.where(part, _F(0.0), w))
+            w = np.where(tot[:, None] > 0, w * (_F(1.0) / np.where(tot > 0, tot, 1))[:, None], w)
+    if part.any():
+        w = np.where(part, w * _part_factor(a, w, keep)[:, None], w).astype(_F)
     w = np.where(keep, (w * _F(a.scale)).astype(_F), _F(0.0))
     idx = np.where(keep, order, E).astype(np.int64)
     w = w.astype(out_dtype).reshape(*lead, K)

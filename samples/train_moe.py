@@ -1,7 +1,7 @@
 """Train a small MoE causal LM on real text that exists offline: the CPython standard library
 sources installed with this Python (byte-level, vocab 256), with a held-out split by file.
 
-    python samples/train_moe.py mixtral8   [--minutes 25]   # 8 experts, top-2 (Mixtral-style)
+    python samples/train_moe.py mixtral8   [--minutes 25 | --steps N]   # 8 experts, top-2 (Mixtral-style)
     python samples/train_moe.py qwen3moe32 [--minutes 25]   # 32 experts, top-4, renormalized (Qwen3-MoE-style)
     python samples/train_moe.py deepseek16 [--minutes 25]   # 16 experts in 4 groups, top-4 of the best 2 groups,
                                                             # sigmoid + correction bias, scaled 2.5 (DeepSeek-V3-style)
@@ -101,6 +101,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name", choices=["mixtral8", "qwen3moe32", "deepseek16"])
     ap.add_argument("--minutes", type=float, default=25)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="train this many steps instead of --minutes (the same model on any machine)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -117,13 +119,14 @@ def main():
     rng = np.random.default_rng(0)
     t0, step, log = time.time(), 0, []
     budget = args.minutes * 60
-    est_steps = None
     model.train()
-    while time.time() - t0 < budget:
+
+    def progress():  # the fraction of training done: by steps when given, else by the clock
+        return step / args.steps if args.steps else (time.time() - t0) / budget
+    while progress() < 1:
         starts = rng.integers(0, len(train) - SEQ - 1, args.batch)
         ids = torch.from_numpy(np.stack([train[s:s + SEQ] for s in starts]))
-        frac = (time.time() - t0) / budget
-        lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress())))
         for g in opt.param_groups:
             g["lr"] = lr
         outp = model(input_ids=ids, labels=ids)

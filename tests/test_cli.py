@@ -51,7 +51,7 @@ def test_debug_anywhere(where, tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
-@pytest.mark.parametrize("extra, named", [(["--threshold", "0.5"], "--threshold"),
+@pytest.mark.parametrize("extra, named", [(["--threshold", "0.5"], "--threshold"), (["--renormalize", "0"], "--renormalize"),
                                           (["--max-experts", "1", "--min-experts", "1"], "--min-experts, --max-experts")])
 def test_static_policy_warns_about_ignored_arguments(extra, named, tmp_path):
     r = run_cli("convert", MIXTRAL, "-o", tmp_path / "m.onnx", "--policy", "static", *extra)
@@ -65,14 +65,19 @@ def test_converted_model_is_retuned_not_reconverted(tokens, tmp_path):
     line = one_line_error(run_cli("convert", conv, "-o", tmp_path / "x.onnx"), "already converted")
     assert "--repolicy" in line and not (tmp_path / "x.onnx").exists()
     # --repolicy re-sets the policy of the DynamicRouter nodes
-    r = run_cli("convert", conv, "-o", tmp_path / "ratio.onnx", "--repolicy", "--policy", "ratio", "--threshold", "0.4")
+    r = run_cli("convert", conv, "-o", tmp_path / "ratio.onnx", "--repolicy", "--policy", "ratio", "--threshold", "0.4",
+                "--renormalize", "0.25")
     assert r.returncode == 0, r.stderr
     m = onnx.load(str(tmp_path / "ratio.onnx"))
     routers = [n for n in m.graph.node if n.op_type == "DynamicRouter"]
     assert len(routers) == 2
     for n in routers:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        assert attrs["policy"] == b"ratio" and attrs["threshold"] == pytest.approx(0.4)
+        assert attrs["policy"] == b"ratio" and attrs["threshold"] == pytest.approx(0.4) and attrs["renormalize"] == 0.25
+    assert "renormalize=0.25" in run_cli("inspect", tmp_path / "ratio.onnx").stdout
+    one_line_error(run_cli("convert", MIXTRAL, "-o", tmp_path / "y.onnx", "--policy", "ratio", "--threshold", "0.4",
+                           "--renormalize", "-1"), "must be in [0, 1]")
+    assert not (tmp_path / "y.onnx").exists()
     assert {r["attrs"]["policy"] for r in routers_metadata(m)["routers"]} == {"ratio"}
     # static reproduces the original again, through validate
     assert run_cli("convert", conv, "-o", tmp_path / "static.onnx", "--repolicy").returncode == 0

@@ -76,17 +76,18 @@ def test_portable_runs_in_stock_onnxruntime(graph, tmp_path, ort_ref):
         np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("policy, threshold", [("top-p", 0.1), ("ratio", 0.95), ("entropy", 0.5)])
+@pytest.mark.parametrize("policy, threshold, renormalize", [("top-p", 0.1, 1.0), ("ratio", 0.95, 0.5),
+                                                           ("entropy", 0.5, 0.0)])
 @pytest.mark.parametrize("graph", ALL_GRAPHS, ids=ids(ALL_GRAPHS))
-def test_dynamic_policies_route_fewer_pairs(graph, policy, threshold, tmp_path):
+def test_dynamic_policies_route_fewer_pairs(graph, policy, threshold, renormalize, tmp_path):
     out = tmp_path / "dyn.onnx"
-    convert(graph, out, Policy(policy, threshold))
+    convert(graph, out, Policy(policy, threshold, renormalize=renormalize))
     rep = validate(graph, out)
     assert all(np.isfinite([s["max_abs"] for s in rep["outputs"].values()]))
     assert rep["routed_pairs"]["converted"] < rep["routed_pairs"]["original"]
     # The compiled op and its standard-ONNX expansion make the same routing decisions.
     port = tmp_path / "dyn_portable.onnx"
-    convert(graph, port, Policy(policy, threshold), portable=True)
+    convert(graph, port, Policy(policy, threshold, renormalize=renormalize), portable=True)
     feeds = input_feeds(graph)
     a = moe_export.session(out).run(None, feeds)
     b = stock_session(port).run(None, feeds)

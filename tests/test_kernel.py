@@ -92,8 +92,9 @@ def router_case(draw):
     max_e = draw(st.integers(1, min(E, 20)))
     min_e = draw(st.integers(1, max_e))
     thr = draw(st.floats(0.0, 0.99)) if policy != "static" else 0.0
+    renorm = draw(st.sampled_from([1.0, 1.0, 0.5, 0.0, float(np.float32(0.3))]))
     attrs = dict(num_experts=E, k=k, policy=policy, threshold=float(np.float32(thr)), min_experts=min_e,
-                 max_experts=max_e, **FORMS[form], **extra)
+                 max_experts=max_e, renormalize=renorm, **FORMS[form], **extra)
     tokens = draw(st.sampled_from([0, 1, 2, 7, 33, 300]))
     kind = draw(st.sampled_from(["normal", "wide", "ties", "ulps", "adversarial"]))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -143,7 +144,11 @@ def test_builds_agree(E, k, kind):
     for attrs in (dict(num_experts=E, k=k, normalize=1), dict(num_experts=E, k=k, select="before_score"),
                   dict(num_experts=E, k=k), dict(num_experts=E, k=k, policy="ratio", threshold=0.3, max_experts=min(E, 8)),
                   dict(num_experts=E, k=k, policy="top-p", threshold=0.6, max_experts=min(E, 2 * k)),
-                  dict(num_experts=E, k=k, policy="top-p", threshold=0.6, max_experts=min(E, 8), select="before_score")):
+                  dict(num_experts=E, k=k, policy="top-p", threshold=0.6, max_experts=min(E, 8), select="before_score"),
+                  dict(num_experts=E, k=k, policy="ratio", threshold=0.3, max_experts=min(E, 8), select="before_score",
+                       renormalize=0.5),
+                  dict(num_experts=E, k=k, policy="top-p", threshold=0.6, max_experts=min(E, 2 * k), normalize=1,
+                       renormalize=0.0)):
         outs = [isa_session(router_model(attrs), isa).run(None, {"logits": x}) for isa in ISAS]
         assert np.array_equal(outs[0][1], outs[1][1])
         assert np.array_equal(outs[0][0], outs[1][0])
@@ -165,6 +170,28 @@ def test_score_ties_between_different_logits(E, k, isa):
         _, ri = dynamic_router(x, **attrs)
         assert (ri[:, 1] == second).mean() > 0.5  # the case this test is about
         check(attrs, x, None, "float32", isa)
+
+
+@pytest.mark.parametrize("form", ["before_score", "softmax_norm", "sigmoid_grouped"])
+def test_renormalize_gives_the_kept_their_share(form):
+    """renormalize r: a kept expert's weight is its static weight (over the k) times
+    (static total / kept total)^r, computed here from the static routing itself; r = 1 is the
+    router configured with fewer experts (the default), and an unnormalized gate ignores r."""
+    E, k = 16, 4
+    extra = dict(n_group=4, topk_group=2) if form == "sigmoid_grouped" else {}
+    base = dict(num_experts=E, k=k, **FORMS[form], **extra)
+    x = (np.random.default_rng(3).standard_normal((400, E)) * 3).astype(np.float32)
+    sw, si = dynamic_router(x, **base)
+    for r in (1.0, 0.5, 0.0):
+        attrs = dict(base, policy="ratio", threshold=0.4, max_experts=k, renormalize=r)
+        w, i = dynamic_router(x, **attrs)
+        kept = i < E
+        assert 0 < kept.sum() < kept.size and np.array_equal(i[kept], si[kept])
+        sk, sc = sw.sum(1), np.where(kept, sw, 0).sum(1)
+        np.testing.assert_allclose(w[kept], (sw * ((sk / sc) ** r)[:, None])[kept], rtol=2e-6)
+        check(attrs, x, None, "float32")
+    loose = dict(num_experts=E, k=k, policy="ratio", threshold=0.4)  # weights the raw softmax
+    assert np.array_equal(dynamic_router(x, **loose, renormalize=0.0)[0], dynamic_router(x, **loose)[0])
 
 
 def test_avx2_build_is_in_the_library():

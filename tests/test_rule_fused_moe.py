@@ -67,15 +67,19 @@ def test_matched_as_one_gate():
 
 
 @pytest.mark.parametrize("normalize", [1, 0])
-@pytest.mark.parametrize("policy, threshold, max_experts", [
-    ("static", 0.0, None), ("top-p", 0.5, None), ("ratio", 0.6, None), ("entropy", 0.5, None), ("top-p", 0.8, 4)])
-def test_the_op_computes_what_the_router_chose(normalize, policy, threshold, max_experts, x, tmp_path):
+@pytest.mark.parametrize("policy, threshold, max_experts, renormalize", [
+    ("static", 0.0, None, 1.0), ("top-p", 0.5, None, 1.0), ("ratio", 0.6, None, 1.0), ("entropy", 0.5, None, 1.0),
+    ("top-p", 0.8, 4, 1.0), ("ratio", 0.6, None, 0.0), ("top-p", 0.8, 4, 0.5)])
+def test_the_op_computes_what_the_router_chose(normalize, policy, threshold, max_experts, renormalize, x, tmp_path):
+    """The weights too: the op renormalizes over what it is given, and the rescale by the
+    router's weights' sum restores the router's (renormalize < 1 included)."""
     src, dst = tmp_path / "m.onnx", tmp_path / "d.onnx"
     onnx.save(fused_graph(normalize), src)
-    convert(src, dst, Policy(policy, threshold, max_experts=max_experts))
+    convert(src, dst, Policy(policy, threshold, max_experts=max_experts, renormalize=renormalize))
     w = weights()
     logits = x @ w["router"]
-    a = dict(num_experts=E, k=K, policy=policy, threshold=threshold, max_experts=max_experts or K, normalize=normalize)
+    a = dict(num_experts=E, k=K, policy=policy, threshold=threshold, max_experts=max_experts or K, normalize=normalize,
+             renormalize=renormalize)
     wts, ids = dynamic_router(logits, None, **a)
     got = run(dst, x)
     np.testing.assert_allclose(got, experts(x, w, ids, wts), atol=2e-5, rtol=1e-4)

@@ -8,8 +8,10 @@ The router decides instead (``feed``): the op receives, per token, the original 
 experts the router kept and the lowest value of the type elsewhere. Its softmax then weighs
 every dropped expert exactly 0 (the exponential underflows), so they are skipped, and the kept
 experts get the original probabilities renormalized over the kept set, which with nothing
-dropped are the original's. An op that does not renormalize has its output multiplied by the
-kept probabilities' sum (the router's weights are those probabilities), which restores them.
+dropped are the original's. The op's output is then multiplied by the sum of the router's
+weights: for an op that does not renormalize they are the kept probabilities, which that sum
+restores; for one that does, it is the share of the static weight the router gives the kept
+(`renormalize` < 1; 1 where nothing was dropped, or all of it is given back).
 When the router keeps more than k, the op's k is raised to the router's width.
 """
 import numpy as np
@@ -82,17 +84,16 @@ def feed(surgery, b, ix, gate, a, weights, indices):
     surgery.rewire(logits, logits, exceptions={node.name: probs})
     if a.width > attr(node, "k", 1):
         next(x for x in node.attribute if x.name == "k").i = a.width
-    if not a.normalize:
-        post = NodeBuilder(f"{b.prefix}/rescale")
-        out = node.output[0]
-        total = post.op("ReduceSum", [weights, post.const(np.array([-1], dtype=np.int64))], keepdims=1)
-        lead = post.op("Slice", [post.op("Shape", [out]), post.const(np.array([0], dtype=np.int64)),
-                                 post.const(np.array([-1], dtype=np.int64))])
-        shape = post.op("Concat", [lead, post.const(np.array([1], dtype=np.int64))], axis=0)
-        # router_probs and the op's output share one type (the op's T), and so the weights do
-        scale = post.op("Reshape", [total, shape])
-        surgery.rewire(out, post.op("Mul", [out, scale], hint="rescaled"))
-        surgery.insert(post, after=node.name)
+    post = NodeBuilder(f"{b.prefix}/rescale")
+    out = node.output[0]
+    total = post.op("ReduceSum", [weights, post.const(np.array([-1], dtype=np.int64))], keepdims=1)
+    lead = post.op("Slice", [post.op("Shape", [out]), post.const(np.array([0], dtype=np.int64)),
+                             post.const(np.array([-1], dtype=np.int64))])
+    shape = post.op("Concat", [lead, post.const(np.array([1], dtype=np.int64))], axis=0)
+    # router_probs and the op's output share one type (the op's T), and so the weights do
+    scale = post.op("Reshape", [total, shape])
+    surgery.rewire(out, post.op("Mul", [out, scale], hint="rescaled"))
+    surgery.insert(post, after=node.name)
 
 
 RULE = Rule("fused_moe", f"{FUSED_DOMAIN} MoE/QMoE (router_probs = logits; softmax -> top-k inside)",

@@ -27,6 +27,7 @@ constexpr int kMaxExperts = 4096;
   X(score_func, int32_t, 0, ::moe::kScoreFuncNames, 2) \
   X(select, int32_t, 0, ::moe::kSelectNames, 2) \
   X(normalize, int32_t, 0, nullptr, 0) \
+  X(renormalize, float, 1.0f, nullptr, 0) \
   X(scale, float, 1.0f, nullptr, 0) \
   X(n_group, int32_t, 1, nullptr, 0) \
   X(topk_group, int32_t, 0, nullptr, 0) \

@@ -52,6 +52,7 @@ inline const char* validate(const Params& p) {
     return "threshold must be in [0, 1) for entropy";
   if (p.max_experts < 1 || p.max_experts > E) return "max_experts must be in [1, num_experts]";
   if (p.min_experts < 1 || p.min_experts > p.max_experts) return "min_experts must be in [1, max_experts]";
+  if (!(p.renormalize >= 0.f && p.renormalize <= 1.f)) return "renormalize must be in [0, 1]";
   if (!(p.scale == p.scale) || isinf(p.scale)) return "scale must be finite";
   if (p.n_group < 1 || E % p.n_group != 0) return "n_group must divide num_experts";
   if (p.topk_group < 1 || p.topk_group > p.n_group) return "topk_group must be in [1, n_group]";
@@ -258,12 +259,20 @@ MOE_HD void store_slots(const Params& p, int count, const float* w, const int32_
   }
 }
 
-// Writes a token's width(p) output slots. w[0..count) holds the kept experts' logits (softmax
-// gates with select=before_score) or scores, in selection order, and is overwritten.
+// Writes a token's width(p) output slots. w[0..width(p)) holds the chosen experts' logits
+// (softmax gates with select=before_score) or scores, in selection order, and is overwritten.
 template <typename OutT, typename Store>
 MOE_HD void write_slots(const Params& p, int count, float* w, const int32_t* order, OutT* w_out, int64_t* i_out,
                         Store store) {
-  if (p.select == kBeforeScore && p.score_func == kSoftmax) {
+  const bool softmax_kept = p.select == kBeforeScore && p.score_func == kSoftmax;
+  if (count != p.k && p.renormalize != 1.0f && (softmax_kept || p.normalize)) {
+    // The kept take part of the dropped experts' weight: their static weights (over the k)
+    // times (static total / kept total)^renormalize, as spec._part_factor.
+    if (softmax_kept) softmax(w, nullptr, count > p.k ? count : p.k, w);
+    const float sk = lane_sum(w, p.k), sc = lane_sum(w, count);
+    const float f = sk > 0.f && sc > 0.f ? powf(sk / sc, p.renormalize) / sk : 0.f;
+    for (int j = 0; j < count; ++j) w[j] *= f;
+  } else if (softmax_kept) {
     softmax(w, nullptr, count, w);
   } else if (p.normalize) {
     float tot = lane_sum(w, count);
@@ -433,7 +442,7 @@ MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, floa
   float* w = okey;  // holds the chosen values already unless the key was biased, masked or not them
   const float* chosen = before && p.score_func == kSoftmax ? x : s;
   if (rkey != chosen)
-    for (int j = 0; j < count; ++j) w[j] = chosen[order[j]];
+    for (int j = 0; j < width(p); ++j) w[j] = chosen[order[j]];
   write_slots(p, count, w, order, w_out, i_out, store);
   return count;
 }
