@@ -2,8 +2,9 @@
 the exported and converted ONNX graphs in ONNX Runtime.
 
     .venv/bin/python samples/train_moe.py mixtral8     # and qwen3moe32, deepseek16
-    .venv/bin/python benchmarks/quality.py [--models mixtral8 qwen3moe32 deepseek16] [--eval-seqs 128]
+    .venv/bin/python benchmarks/quality.py [--models mixtral8 qwen3moe32 deepseek16] [--eval-seqs 256]
     .venv/bin/python benchmarks/quality.py --models deepseek16 --budget-only --out benchmarks/results/quality_budget.json
+    .venv/bin/python benchmarks/quality.py --models mixtral8 --out a.json & ... ; .venv/bin/python benchmarks/quality.py --combine a.json b.json c.json
 
 For each model: held-out byte-level perplexity and routed (token, expert) pairs for every policy
 over a sweep of thresholds, then per-layer calibration against one global threshold at equal
@@ -80,13 +81,21 @@ def evaluate(model_path, ids, batch=16):
             "per_layer_mean": (pairs / tokens).tolist(), "pair_fraction": float(pairs.sum() / (tokens * k.sum()))}
 
 
+def slices(seqs, calib_seqs, eval_seqs):
+    """Calibration and evaluation sequences: disjoint windows drawn (seeded) from the whole held-out
+    text. Both then represent it; consecutive windows come from a few files only, and how much
+    a routing costs differs between files by a factor of two and more."""
+    order = np.random.default_rng(0).permutation(len(seqs))
+    return seqs[np.sort(order[:calib_seqs])], seqs[np.sort(order[calib_seqs:calib_seqs + eval_seqs])]
+
+
 def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget_se=1.0):
     ckpt = CACHE / "models" / name
     if not (ckpt / "config.json").is_file():
         raise SystemExit(f"{ckpt} missing: run samples/train_moe.py {name} first")
     held = np.load(ckpt / "heldout.npy")
     seqs = held[: (len(held) // SEQ) * SEQ].reshape(-1, SEQ)
-    calib, ev = seqs[:calib_seqs], seqs[calib_seqs:calib_seqs + eval_seqs]
+    calib, ev = slices(seqs, calib_seqs, eval_seqs)
     original = work / f"{name}.onnx"
     export_checkpoint(ckpt, original)
     base = evaluate(original, ev)
@@ -219,17 +228,23 @@ def plot(results, path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mixtral8", "qwen3moe32", "deepseek16"])
-    ap.add_argument("--eval-seqs", type=int, default=128)
+    ap.add_argument("--eval-seqs", type=int, default=256)
     ap.add_argument("--calib-seqs", type=int, default=96)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
     ap.add_argument("--budget-only", action="store_true",
                     help="only the calibrate --max-ppl-increase rows (write them to another --out)")
     ap.add_argument("--budget-se", type=float, default=1.0,
                     help="standard errors above its mean the held-out increase must stay within the budget")
+    ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                    help="measure nothing: write --out (and its plot) from these runs' models (runs of one model "
+                         "each can go side by side, one per core)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
-        results = [run_model(m, args.eval_seqs, args.calib_seqs, Path(d), args.budget_only, args.budget_se)
-                   for m in args.models]
+    if args.combine:
+        results = [m for f in args.combine for m in json.loads(f.read_text())["models"]]
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            results = [run_model(m, args.eval_seqs, args.calib_seqs, Path(d), args.budget_only, args.budget_se)
+                       for m in args.models]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # Top level: every model's curve in one list, and the weaker of the models' best points.
     curve = [dict(c, model=r["model"]) for r in results for c in r["curve"]]

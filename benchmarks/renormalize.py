@@ -1,7 +1,8 @@
 """How much of a dropped expert's weight the kept ones should take (`--renormalize`), measured
 through the converted ONNX graphs of the trained models (samples/train_moe.py) in ONNX Runtime:
 one ratio threshold for every layer, renormalize 1 (the model configured with fewer experts),
-0.5 and 0 (the kept keep their static weights), same routing decisions, held-out perplexity.
+0.5 and 0 (the kept keep their static weights), same routing decisions, perplexity on the
+evaluation sequences of benchmarks/quality.py.
 
     .venv/bin/python benchmarks/renormalize.py [--models mixtral8 deepseek16] [--thresholds 0.25 0.35 0.5 0.7]
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quality import CACHE, HERE, SEQ, evaluate
+from quality import CACHE, HERE, SEQ, evaluate, slices
 from moe_export.export import export_checkpoint
 from moe_export.rewrite import Policy, convert
 
@@ -28,7 +29,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mixtral8", "deepseek16"])
     ap.add_argument("--thresholds", nargs="+", type=float, default=[0.25, 0.35, 0.5, 0.7])
-    ap.add_argument("--eval-seqs", type=int, default=128)
+    ap.add_argument("--eval-seqs", type=int, default=256)
     ap.add_argument("--calib-seqs", type=int, default=96, help="skipped, as benchmarks/quality.py does")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "renormalize.json")
     args = ap.parse_args()
@@ -39,7 +40,7 @@ def main():
             if not (ckpt / "config.json").is_file():
                 raise SystemExit(f"{ckpt} missing: run samples/train_moe.py {name} first")
             held = np.load(ckpt / "heldout.npy")
-            ev = held[: (len(held) // SEQ) * SEQ].reshape(-1, SEQ)[args.calib_seqs:args.calib_seqs + args.eval_seqs]
+            _, ev = slices(held[: (len(held) // SEQ) * SEQ].reshape(-1, SEQ), args.calib_seqs, args.eval_seqs)
             original = Path(d) / f"{name}.onnx"
             export_checkpoint(ckpt, original)
             base = evaluate(original, ev)["ppl"]

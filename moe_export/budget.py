@@ -15,13 +15,12 @@ the calibration tokens stays within `max_ppl_increase` of the static model's.
    fitting and the held-out part, and the allocation budget is scaled (bisection) until the
    increase over all the calibration sequences, one standard error above its mean, is within
    the requested budget (`check="pooled"`). Sequences differ a lot in how much a routing costs
-   them (a few dominate the mean), so a quarter of the data alone is a noisy judge: on a model
-   trained here its 24 held-out sequences rose 2.4x what the 72 fitting ones did, and what the
-   128 evaluation ones did, for every routing tried (BENCHMARKS.md); the mean of all of them,
-   with its standard error, is the better estimate, while the held-out part, which the curves
-   and the allocation never saw, still enters it and is reported on its own.
-   `check="heldout"` (the rule before) asks the fitting part's mean and the held-out part's
-   mean plus `se` standard errors to be within the budget each.
+   them (a few dominate the mean), so a quarter of the data alone is a noisy judge (on the
+   models trained here it often rose twice what the rest did, for every routing tried); the
+   mean of all of them, with its standard error, is the better estimate of what other text
+   will see, and the held-out part, which the curves and the allocation never saw, still
+   enters it and is reported on its own. `check="heldout"` (the rule before) asks the fitting
+   part's mean, and the held-out part's mean plus `se` standard errors, each to be within it.
 Policy "auto" pools every policy's points, so each layer gets the policy that serves it best.
 """
 from __future__ import annotations
