@@ -38,17 +38,17 @@ CACHE = Path.home() / ".cache" / "moe-export"
 SEQ = 128
 BUDGETS = (0.005, 0.01)
 # (policy, whether hard tokens may take k + 1 experts, renormalize: None searched per layer,
-# check) of the budget-calibrated rows; the last two are the search as it was before renormalize
-# and the pooled check, side by side
-BUDGET_RUNS = (("top-p", False, None, "pooled"), ("ratio", False, None, "pooled"), ("entropy", False, None, "pooled"),
-               ("auto", False, None, "pooled"), ("auto", True, None, "pooled"), ("auto", False, 1.0, "pooled"),
-               ("auto", False, None, "heldout"))
+# check) of the budget-calibrated rows; the last two are, side by side, the search as it was
+# before renormalize and the pooled check (budget.py, step 4)
+BUDGET_RUNS = (("top-p", False, None, "heldout"), ("ratio", False, None, "heldout"),
+               ("entropy", False, None, "heldout"), ("auto", False, None, "heldout"),
+               ("auto", False, 1.0, "heldout"), ("ratio", False, None, "pooled"))
 
 
-def budget_label(policy, wide, k, renormalize=None, check="pooled"):
+def budget_label(policy, wide, k, renormalize=None, check="heldout"):
     return (f"{policy} budget" + (f", max {wide}" if wide and wide != k else "")
             + ("" if renormalize is None else f", renormalize {renormalize:g}")
-            + ("" if check == "pooled" else f", {check} check"))
+            + ("" if check == "heldout" else f", {check} check"))
 SWEEP = {
     "top-p": [0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98],
     "ratio": [0.9, 0.7, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.02],
@@ -89,7 +89,7 @@ def slices(seqs, calib_seqs, eval_seqs):
     return seqs[np.sort(order[:calib_seqs])], seqs[np.sort(order[calib_seqs:calib_seqs + eval_seqs])]
 
 
-def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget_se=1.0):
+def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget_se=0.5, reuse=None):
     ckpt = CACHE / "models" / name
     if not (ckpt / "config.json").is_file():
         raise SystemExit(f"{ckpt} missing: run samples/train_moe.py {name} first")
@@ -106,7 +106,10 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
           "on the training script's held-out slice")
     print(f"{name}: static held-out ppl {base['ppl']:.4f} over {base['tokens']} bytes "
           f"(PyTorch: {log['torch_heldout_ppl']:.4f}; chance 256)")
-    curve = []
+    # rows of an earlier run of this model (same slices) that do not depend on the budget search
+    curve = [] if reuse is None else [c for c in next(m for m in json.loads(reuse.read_text())["models"]
+                                                      if m["model"] == name)["curve"] if "budget" not in c["policy"]]
+    sweep = not budget_only and reuse is None
 
     def point(policy, threshold, path, extra=None):
         r = evaluate(path, ev)
@@ -117,13 +120,13 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
         print(f"  {policy:>22s} {str(threshold):>8s}: experts/token {row['mean_experts']:.3f}, "
               f"pairs -{100 * row['pair_reduction']:.1f}%, ppl {row['ppl']:.4f} (+{100 * row['ppl_increase']:.2f}%)")
 
-    for policy, ts in ({} if budget_only else SWEEP).items():
+    for policy, ts in (SWEEP if sweep else {}).items():
         for t in ts:
             out = work / f"{name}.{policy}.{t}.onnx"
             convert(original, out, Policy(policy, t))
             point(policy, t, out)
     gates_k = routing_indices(load_model(original))[1][0]["k"]
-    for policy in () if budget_only else ("top-p", "ratio"):
+    for policy in ("top-p", "ratio") if sweep else ():
         for frac in (0.5, 0.55, 0.6, 0.65, 0.7, 0.8):
             target = frac * gates_k
             for mode in ("per-layer", "global"):
@@ -135,7 +138,7 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
                       {"thresholds": [x["threshold"] for x in layers]})
     # More than k experts for hard tokens: the same per-layer compute targets with max_experts
     # above k, against the k-capped rows above at equal mean experts per token.
-    for policy in () if budget_only else ("top-p", "ratio"):
+    for policy in ("top-p", "ratio") if sweep else ():
         for wide in (gates_k + 1, 2 * gates_k):
             for frac in (0.55, 0.6, 0.65, 0.7, 0.8):
                 target = frac * gates_k
@@ -233,8 +236,11 @@ def main():
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
     ap.add_argument("--budget-only", action="store_true",
                     help="only the calibrate --max-ppl-increase rows (write them to another --out)")
-    ap.add_argument("--budget-se", type=float, default=1.0,
+    ap.add_argument("--budget-se", type=float, default=0.5,
                     help="standard errors above its mean the held-out increase must stay within the budget")
+    ap.add_argument("--reuse", type=Path, metavar="JSON",
+                    help="take the rows that do not depend on the budget search (sweep, target-calibrated) from "
+                         "this earlier run of the same model and slices, and measure only the budget rows")
     ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
                     help="measure nothing: write --out (and its plot) from these runs' models (runs of one model "
                          "each can go side by side, one per core)")
@@ -243,7 +249,8 @@ def main():
         results = [m for f in args.combine for m in json.loads(f.read_text())["models"]]
     else:
         with tempfile.TemporaryDirectory() as d:
-            results = [run_model(m, args.eval_seqs, args.calib_seqs, Path(d), args.budget_only, args.budget_se)
+            results = [run_model(m, args.eval_seqs, args.calib_seqs, Path(d), args.budget_only, args.budget_se,
+                                 args.reuse)
                        for m in args.models]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # Top level: every model's curve in one list, and the weaker of the models' best points.

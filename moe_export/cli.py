@@ -228,12 +228,11 @@ def cmd_calibrate(args):
     if report is not None:
         for part in ("fit", "heldout"):
             x = report[part]
+            upper = (f", {100 * x['ppl_increase_upper']:+.2f}% {report['se']:g} standard errors up"
+                     if part == "heldout" else "")
             print(f"{'fitting part' if part == 'fit' else 'held out'} ({x['sequences']} sequences): perplexity "
-                  f"{100 * x['ppl_increase']:+.2f}% (static {x['static_ppl']:.4f}), routed pairs "
+                  f"{100 * x['ppl_increase']:+.2f}%{upper} (static {x['static_ppl']:.4f}), routed pairs "
                   f"{-100 * x['pair_reduction']:+.1f}%")
-        x = report["all"]
-        print(f"all {x['sequences']} sequences: perplexity {100 * x['ppl_increase']:+.2f}%, "
-              f"{100 * x['ppl_increase_upper']:+.2f}% one standard error up (within the budget)")
     print(f"wrote {args.output}{_data_line(notes)}")
 
 
