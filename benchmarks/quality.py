@@ -83,8 +83,7 @@ def evaluate(model_path, ids, batch=16):
 
 def slices(seqs, calib_seqs, eval_seqs):
     """Calibration and evaluation sequences: disjoint windows drawn (seeded) from the whole held-out
-    text. Both then represent it; consecutive windows come from a few files only, and how much
-    a routing costs differs between files by a factor of two and more."""
+    text. Both then represent it; consecutive windows come from a few files only."""
     order = np.random.default_rng(0).permutation(len(seqs))
     return seqs[np.sort(order[:calib_seqs])], seqs[np.sort(order[calib_seqs:calib_seqs + eval_seqs])]
 
