@@ -49,6 +49,7 @@ def budget_label(policy, wide, k, renormalize=None, check="heldout"):
     return (f"{policy} budget" + (f", max {wide}" if wide and wide != k else "")
             + ("" if renormalize is None else f", renormalize {renormalize:g}")
             + ("" if check == "heldout" else f", {check} check"))
+ORACLE = "auto budget, oracle (searched on the evaluation windows)"
 SWEEP = {
     "top-p": [0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98],
     "ratio": [0.9, 0.7, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.02],
@@ -83,12 +84,18 @@ def evaluate(model_path, ids, batch=16):
 
 def slices(seqs, calib_seqs, eval_seqs):
     """Calibration and evaluation sequences: disjoint windows drawn (seeded) from the whole held-out
-    text. Both then represent it; consecutive windows come from a few files only."""
+    text. Both then represent it; consecutive windows come from a few files only. The evaluation
+    windows do not depend on --calib-seqs (the seeded order's positions from 96 on), so runs with
+    more calibration data are measured on the same text."""
     order = np.random.default_rng(0).permutation(len(seqs))
-    return seqs[np.sort(order[:calib_seqs])], seqs[np.sort(order[calib_seqs:calib_seqs + eval_seqs])]
+    first = 96
+    ev = order[first:first + eval_seqs]
+    calib = np.concatenate([order[:first], order[first + eval_seqs:]])[:calib_seqs]
+    return seqs[np.sort(calib)], seqs[np.sort(ev)]
 
 
-def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget_se=0.5, reuse=None):
+def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget_se=0.5, reuse=None,
+              budget_policies=None, oracle=False, renormalize_grid=None):
     ckpt = CACHE / "models" / name
     if not (ckpt / "config.json").is_file():
         raise SystemExit(f"{ckpt} missing: run samples/train_moe.py {name} first")
@@ -153,10 +160,12 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
     model = load_model(original)
     searches = {}  # the measured curves do not depend on the budget or the check
     for policy, wide, rn, check in BUDGET_RUNS:
+        if budget_policies and policy not in budget_policies:
+            continue
         wide = wide and gates_k + 1  # hard tokens may take one expert more than the model's k
         if (policy, wide, rn) not in searches:
             searches[policy, wide, rn] = BudgetSearch(model, work, {"input_ids": calib}, policy, max_experts=wide,
-                                                      renormalize=rn)
+                                                      renormalize=rn if rn is not None else renormalize_grid)
         for b in BUDGETS:
             rep = searches[policy, wide, rn].run(b, se=budget_se, check=check)
             out = work / f"{name}.budget.{policy}.{wide}.{rn}.{check}.{b}.onnx"
@@ -165,13 +174,28 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
                   {"budget_fit": rep["fit"], "budget_heldout": rep["heldout"], "budget_all": rep["all"],
                    "max_experts": wide or gates_k,
                    "routing": [[x["policy"], x["threshold"], x["renormalize"]] for x in rep["layers"]]})
-    ok = [c for c in curve if c["ppl_increase"] <= 0.01]
+    # The bound of the search space on this text: the same search with the evaluation windows as
+    # its data and the mean over all of them as the check. Not a deployable result (it is chosen on
+    # the text it is measured on): where even it cannot reach a cut within a budget, no per-layer
+    # choice of policy, threshold and renormalize can.
+    if oracle:
+        search = BudgetSearch(model, work, {"input_ids": ev}, "auto", renormalize=renormalize_grid)
+        for b in BUDGETS:
+            rep = search.run(b, se=0.0, check="pooled")
+            out = work / f"{name}.budget.oracle.{b}.onnx"
+            convert(original, out, budget_policy(rep))
+            point(ORACLE, b, out, {"budget_all": rep["all"], "max_experts": gates_k,
+                                   "routing": [[x["policy"], x["threshold"], x["renormalize"]] for x in rep["layers"]]})
+    ok = [c for c in curve if c["ppl_increase"] <= 0.01 and c["policy"] != ORACLE]
     best = max(ok, key=lambda c: c["pair_reduction"]) if ok else None
     return {"model": name, "corpus": log["corpus"], "train_steps": log["steps"], "k": gates_k,
             "at_budget": None if budget_only else at_budget(curve),
             "static_ppl": base["ppl"], "eval_tokens": base["tokens"],
             "static_ppl_on_torch_slice": {"onnx": onnx_on_torch_slice, "torch": log["torch_heldout_ppl"]},
             "calib_tokens": int(calib.size),
+            "oracle": {f"+{100 * c['threshold']:g}%": {"pair_reduction": c["pair_reduction"],
+                                                       "ppl_increase": c["ppl_increase"]}
+                       for c in curve if c["policy"] == ORACLE} or None,
             "curve": curve,
             "best_at_1pct": None if best is None else {k_: best[k_] for k_ in
                                                         ("policy", "threshold", "pair_reduction", "ppl_increase", "mean_experts")}}
@@ -189,7 +213,9 @@ def at_budget(curve):
     for policy, wide, rn, check in BUDGET_RUNS:
         label = budget_label(policy, wide and k + 1, k, rn, check)
         for b in BUDGETS:
-            row = next(c for c in curve if c["policy"] == label and c["threshold"] == b)
+            row = next((c for c in curve if c["policy"] == label and c["threshold"] == b), None)
+            if row is None:  # not run (--budget-policies)
+                continue
             out[f"{label} @ +{100 * b:g}%"] = {
                 "budget_calibrated": {"pair_reduction": row["pair_reduction"], "ppl_increase": row["ppl_increase"],
                                       "over_budget_points": max(0.0, 100 * (row["ppl_increase"] - b))},
@@ -240,6 +266,12 @@ def main():
     ap.add_argument("--reuse", type=Path, metavar="JSON",
                     help="take the rows that do not depend on the budget search (sweep, target-calibrated) from "
                          "this earlier run of the same model and slices, and measure only the budget rows")
+    ap.add_argument("--budget-policies", nargs="+", choices=sorted({r[0] for r in BUDGET_RUNS}),
+                    help="only the budget rows of these policies")
+    ap.add_argument("--oracle", action="store_true",
+                    help="also the bound of the search space: the search run on the evaluation windows themselves")
+    ap.add_argument("--renormalize-grid", nargs="+", type=float, metavar="R",
+                    help="the renormalize values the budget search tries per layer (default budget.RENORMALIZE)")
     ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
                     help="measure nothing: write --out (and its plot) from these runs' models (runs of one model "
                          "each can go side by side, one per core)")
@@ -249,7 +281,7 @@ def main():
     else:
         with tempfile.TemporaryDirectory() as d:
             results = [run_model(m, args.eval_seqs, args.calib_seqs, Path(d), args.budget_only, args.budget_se,
-                                 args.reuse)
+                                 args.reuse, args.budget_policies, args.oracle, args.renormalize_grid)
                        for m in args.models]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # Top level: every model's curve in one list, and the weaker of the models' best points.

@@ -155,14 +155,13 @@ def _fill(curves, budget, pick, saving, cost):
         now[layer], pick = (s, c), dict(pick, **{layer: ch})
 
 
-def _renormalizations(router, fixed=None):
-    """The renormalize values to try at a router: `fixed`, or where the gate's weights sum to 1
-    (only there has a dropped expert a share to give back) each of RENORMALIZE."""
-    a = router["attrs"]
-    if fixed is not None:
-        return (float(fixed),)
-    softmax_kept = a["select"] == "before_score" and a["score_func"] == "softmax"
-    return RENORMALIZE if softmax_kept or a["normalize"] else (1.0,)
+def _renormalizations(router, renormalize=None):
+    """The renormalize values to try at a router: `renormalize` if one value, else where the gate's
+    weights sum to 1 (only there has a dropped expert a share to give back) each of `renormalize`
+    (None: RENORMALIZE)."""
+    if renormalize is not None and np.ndim(renormalize) == 0:
+        return (float(renormalize),)
+    return tuple(renormalize or RENORMALIZE) if RouterAttrs(**router["attrs"]).sums_to_one else (1.0,)
 
 
 class BudgetSearch:
@@ -266,7 +265,7 @@ class BudgetSearch:
 def calibrate_budget(model, base_dir, feeds, max_ppl_increase, policy="top-p", min_experts=1, max_experts=None,
                      holdout=0.25, batch=16, se=0.5, renormalize=None, check="heldout"):
     """Per-layer routing within the perplexity budget (see the module docstring and BudgetSearch;
-    `renormalize` None: searched per layer, else fixed)."""
+    `renormalize`: one value, fixed; else the values searched per layer, None: RENORMALIZE)."""
     if not 0 < max_ppl_increase < 1:
         raise MoeExportError(f"--max-ppl-increase {max_ppl_increase}: a fraction, e.g. 0.01 for +1% perplexity")
     return BudgetSearch(model, base_dir, feeds, policy, min_experts, max_experts, holdout, batch,

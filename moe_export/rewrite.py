@@ -217,10 +217,12 @@ def _portable(b: NodeBuilder, a: RouterAttrs, logits: str, bias: str | None, flo
     # With renormalize < 1 the values are normalized over the static k (or the kept, where more
     # are kept) and the kept take (sk / sc)^renormalize of it (spec._part_factor); rows keeping
     # k are the same either way.
-    part = a.policy != "static" and a.renormalize != 1.0 and (softmax_kept or bool(a.normalize))
+    part = a.policy != "static" and a.renormalize != 1.0 and a.sums_to_one
     over = b.op("Less", [slot, b.op("Max", [cnt, i64(a.k)])]) if part else keep
     if softmax_kept:
-        w = b.op("Softmax", [b.op("Where", [over, vals, f32(-np.inf)])], axis=-1)
+        # the ranked values carry the bias, the weights are the unbiased logits' softmax
+        kept = b.op("GatherElements", [x, idx], axis=1) if bias else vals
+        w = b.op("Softmax", [b.op("Where", [over, kept, f32(-np.inf)])], axis=-1)
     else:
         w = b.op("Where", [over, b.op("GatherElements", [s, idx], axis=1), f32(0.0)])
         if a.normalize and not part:

@@ -41,6 +41,12 @@ class _Rules:
         return a
 
     @property
+    def sums_to_one(self) -> bool:
+        """Whether the kept weights are normalized to sum to 1 (a softmax over the kept logits, or
+        `normalize`): only then has a dropped expert a share for the kept to take (`renormalize`)."""
+        return (self.select == "before_score" and self.score_func == "softmax") or bool(self.normalize)
+
+    @property
     def width(self) -> int:
         """Output slots: max(k, max_experts), so a cap below k keeps the graph's k-wide shapes."""
         return max(self.k, self.max_experts)
@@ -291,7 +297,7 @@ def _route(a, logits, bias, return_counts):
     softmax_kept = a.select == "before_score" and a.score_func == "softmax"
     # rows whose kept experts take only part of the dropped ones' weight: their values are
     # normalized over the static k first (and over the kept where more are kept)
-    part = ((counts != a.k) & (_F(a.renormalize) != _F(1.0)) & (softmax_kept or bool(a.normalize)))[:, None]
+    part = ((counts != a.k) & (_F(a.renormalize) != _F(1.0)) & a.sums_to_one)[:, None]
     over = np.where(part, slot < np.maximum(counts, a.k)[:, None], keep)
     if softmax_kept:
         w = _softmax_rows(np.take_along_axis(x, order, axis=1), over)

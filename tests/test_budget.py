@@ -116,6 +116,10 @@ def test_a_given_renormalize_is_kept_and_the_search_tries_others(tmp_path):
     for points in search.curves.values():
         thresholds = {ch[1] for _, _, ch in points}
         assert sorted(ch[2] for _, _, ch in points) == sorted(RENORMALIZE * len(thresholds))
+    # a grid of one's own: every value at every threshold
+    grid = (1.0, 0.25)
+    for points in BudgetSearch(model, GRAPHS, {"input_ids": ids}, renormalize=grid).curves.values():
+        assert sorted(ch[2] for _, _, ch in points) == sorted(grid * len({ch[1] for _, _, ch in points}))
     # the pooled check, kept for comparison: every calibration sequence, half a standard error up
     rep = search.run(0.05, check="pooled")
     assert rep["routing"] and rep["all"]["ppl_increase_upper"] <= 0.05

@@ -74,8 +74,11 @@ def ulp_neighbours(rng, shape):
     return (base + rng.integers(0, 200, shape).astype(np.int32)).view(np.float32).astype(np.float64)
 
 
+KINDS = ("normal", "wide", "ties", "ulps", "adversarial")
+
+
 @st.composite
-def router_case(draw):
+def router_case(draw, kinds=KINDS, dtypes=tuple(sorted(DTYPES)), isas=ISAS):
     form = draw(st.sampled_from(sorted(FORMS)))
     E = draw(st.sampled_from([1, 2, 3, 8, 16, 60, 64, 128, 256, 512]))
     if form == "sigmoid_grouped":
@@ -96,7 +99,7 @@ def router_case(draw):
     attrs = dict(num_experts=E, k=k, policy=policy, threshold=float(np.float32(thr)), min_experts=min_e,
                  max_experts=max_e, renormalize=renorm, **FORMS[form], **extra)
     tokens = draw(st.sampled_from([0, 1, 2, 7, 33, 300]))
-    kind = draw(st.sampled_from(["normal", "wide", "ties", "ulps", "adversarial"]))
+    kind = draw(st.sampled_from(kinds))
     seed = draw(st.integers(0, 2**31 - 1))
     rng = np.random.default_rng(seed)
     if kind == "normal":
@@ -111,9 +114,10 @@ def router_case(draw):
         x = rng.choice([0.0, 1.0, -1.0, 1e30, -1e30, np.inf, -np.inf, np.nan, 88.5, -87.5, 1e-30,
                         1e-6, -3e-5],  # float16 subnormals
                        size=(tokens, E))
-    bias = rng.standard_normal(E) * 0.1 if form == "sigmoid_grouped" and draw(st.booleans()) else None
-    dtype = draw(st.sampled_from(sorted(DTYPES)))
-    return attrs, x, bias, dtype, draw(st.sampled_from(ISAS))
+    # a correction bias ranks with every form (DeepSeek-V3 sigmoid, ERNIE softmax, Kolibri logits)
+    bias = rng.standard_normal(E) * (0.1 if form == "sigmoid_grouped" else 1.0) if draw(st.booleans()) else None
+    dtype = draw(st.sampled_from(dtypes))
+    return attrs, x, bias, dtype, draw(st.sampled_from(isas))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
