@@ -5,6 +5,7 @@ the exported and converted ONNX graphs in ONNX Runtime.
     .venv/bin/python benchmarks/quality.py [--models mixtral8 qwen3moe32 deepseek16] [--eval-seqs 256]
     .venv/bin/python benchmarks/quality.py --models deepseek16 --budget-only --out benchmarks/results/quality_budget.json
     .venv/bin/python benchmarks/quality.py --models mixtral8 --out a.json & ... ; .venv/bin/python benchmarks/quality.py --combine a.json b.json c.json
+    .venv/bin/python benchmarks/quality.py --models mixtral8 --budget-only --budget-policies auto --oracle --out o.json
 
 For each model: held-out byte-level perplexity and routed (token, expert) pairs for every policy
 over a sweep of thresholds, then per-layer calibration against one global threshold at equal
