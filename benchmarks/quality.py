@@ -50,6 +50,8 @@ def budget_label(policy, wide, k, renormalize=None, check="heldout"):
     return (f"{policy} budget" + (f", max {wide}" if wide and wide != k else "")
             + ("" if renormalize is None else f", renormalize {renormalize:g}")
             + ("" if check == "heldout" else f", {check} check"))
+
+
 ORACLE = "auto budget, oracle (searched on the evaluation windows)"
 SWEEP = {
     "top-p": [0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98],
