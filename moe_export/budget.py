@@ -172,6 +172,9 @@ class BudgetSearch:
     def __init__(self, model, base_dir, feeds, policy="top-p", min_experts=1, max_experts=None, holdout=0.25,
                  batch=16, renormalize=None):
         check_causal_lm(model, feeds)
+        bad = [r for r in np.ravel(() if renormalize is None else renormalize) if not 0 <= r <= 1]
+        if bad:
+            raise MoeExportError(f"renormalize {bad[0]:g}: must be in [0, 1]")
         if not 0 < holdout < 1:
             raise MoeExportError(f"--holdout {holdout}: the fraction of the sequences held out, between 0 and 1")
         n = len(feeds["input_ids"])

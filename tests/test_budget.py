@@ -145,3 +145,6 @@ def test_budget_errors_are_one_line(tmp_path):
         r = run_cli(*args, "-o", tmp_path / "o.onnx")
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert not (tmp_path / "o.onnx").exists()
+    from moe_export.budget import BudgetSearch  # a grid of the Python API: the same message
+    with pytest.raises(moe_export.MoeExportError, match=r"must be in \[0, 1\]"):
+        BudgetSearch(onnx.load(str(GRAPHS / "mixtral.onnx")), GRAPHS, {"input_ids": np.load(ids)}, renormalize=(1.0, 2.0))
