@@ -9,8 +9,7 @@ import numpy as np
 from . import MoeExportError, genai
 from .files import Output, Progress, model_files
 from .graph import load_model
-from .patterns import find_gates
-from .rewrite import Policy, convert_model, repolicy, routers_metadata, set_policy
+from .rewrite import Policy, convert_model, repolicy, rewrite_model, routers_metadata, set_policy
 from .schema import ATTRIBUTES
 from .spec import RouterAttrs, SpecError, policy_counts, policy_view
 from .runtime import load_inputs, run_exposed
@@ -19,23 +18,23 @@ from .runtime import load_inputs, run_exposed
 def router_logits(model_path, feeds, batch=16):
     """Runs the model with each router's logits (and bias) exposed, routing statically, and
     returns per router: (name, its attributes as read off the graph, [tokens, E] logits, bias).
-    A converted model is run with its routers set to static, which reproduces the original."""
+    An original model is run as its static conversion, made in memory: it reproduces the
+    original's logits, and its regrouped experts take memory in proportion to the tokens, where
+    a batched export gathers a weight matrix per (token, slot) (24 GB for 32 x 128 tokens of a
+    1 GB model). A converted model is run with its routers set to static."""
     model = load_model(model_path)
     meta = routers_metadata(model)
-    if meta is not None:
-        if meta["portable"]:
-            raise MoeExportError("a --portable conversion cannot be retuned; calibrate the original model")
-        set_policy(model, Policy("static"))
-        routers = [(r["layer"], r["attrs"], r["logits"], r.get("bias")) for r in meta["routers"]]
+    if meta is None:
+        rewrite_model(model, Policy("static"))
+    elif meta["portable"]:
+        raise MoeExportError("a --portable conversion cannot be retuned; calibrate the original model")
     else:
-        gates, _ = find_gates(model)
-        if not gates:
-            raise MoeExportError("no MoE gating found to calibrate")
-        routers = [(g.name, g.attrs, g.logits, g.bias) for g in gates]
+        set_policy(model, Policy("static"))
+    routers = [(r["layer"], r["attrs"], r["logits"], r.get("bias")) for r in routers_metadata(model)["routers"]]
     tensors = [t for r in routers for t in r[2:] if t is not None]
     with Progress("running the model on the calibration data", 1) as bar:
         got = dict(zip(tensors, run_exposed(model, Path(model_path).parent, tensors, feeds, batch,
-                                            custom_ops=meta is not None, progress=bar)))
+                                            progress=bar)))
     out = []
     for name, attrs, logits, bias in routers:
         E = attrs["num_experts"]

@@ -4,10 +4,16 @@ transformers 5.x `batched_mm` graphs compute every (token, slot) pair: each pair
 expert's weight matrices (GatherND over [E, ...] tables by the flat expert ids) and runs a batched
 matmul, so a dropped slot still costs a full expert and the gathers copy weights per pair. This
 pass clones the section once per expert, fed only that expert's pairs (NonZero(ids == e)); gathered
-tables become the expert's own slice (Gather(table, e): constant-folded by ONNX Runtime at load,
-never read here), batched matmuls become one GEMM per expert, and the contributions are scattered
-back to their pair rows before the graph's own per-token sum. A dropped slot (id = E) matches no
-expert and costs nothing. Layers whose section does not have this shape are left as they are.
+tables become the expert's own slice, batched matmuls become one GEMM per expert, and the
+contributions are scattered back to their pair rows before the graph's own per-token sum. A
+dropped slot (id = E) matches no expert and costs nothing.
+
+The slice is gathered at run time by an index read from the routed ids (the id of the expert's
+first pair: [e] when it has pairs, [] when not), never by a constant e: ONNX Runtime constant-folds
+Gather(initializer, constant) at load, which copied every expert's weights into memory (8x the
+original's peak RSS and 50-100x its load time at 1 GB of weights). An expert with no pairs then
+gathers zero rows, so an unrouted expert reads none of its weights, as in the original.
+Layers whose section does not have this shape are left as they are.
 """
 from __future__ import annotations
 
@@ -145,6 +151,37 @@ def _is_slot_repeat(ix, t, k):
     return False
 
 
+def _loop_over_routed(b, ix, prefix, ids_flat, E, wmul, tables, expert):
+    """One Loop over the experts that have pairs (Unique of the ids): the graph stays the size
+    of the original whatever E, and an expert no token chose runs nothing. Each iteration's
+    contributions and pair positions go into sequences, concatenated once after the loop.
+    Iteration 0 runs expert -1 (no pairs), so the sequences are never empty."""
+    i64 = lambda v: b.const(v, np.int64)
+    uniq = b.op("Unique", [ids_flat], n_out=4, sorted=1)[0]
+    routed = b.op("Compress", [uniq, b.op("Less", [uniq, i64(E)])], axis=0)  # not the dropped id E
+    experts = b.op("Concat", [i64([-1]), routed], axis=0)
+    trips = b.op("Squeeze", [b.op("Shape", [experts])])
+    ftype = (ix.elem_type(wmul.output[0]) or ix.elem_type(wmul.input[0]) or ix.elem_type(wmul.input[1])
+             or ix.initializers[next(iter(tables.values()))].data_type)
+    body = NodeBuilder(f"{prefix}/body")
+    it, cond, seq_c, seq_p = (body.name(x) for x in ("iteration", "cond", "contributions", "positions"))
+    contrib, pos = expert(body, body.op("Gather", [experts, it], axis=0))
+    outs = [body.op("Identity", [cond]), body.op("SequenceInsert", [seq_c, contrib]),
+            body.op("SequenceInsert", [seq_p, pos])]
+    seq = lambda name, t: onnx.helper.make_tensor_sequence_value_info(name, t, None)
+    graph = onnx.helper.make_graph(
+        body.nodes, f"{prefix}/body",
+        [onnx.helper.make_tensor_value_info(it, onnx.TensorProto.INT64, []),
+         onnx.helper.make_tensor_value_info(cond, onnx.TensorProto.BOOL, []),
+         seq(seq_c, ftype), seq(seq_p, onnx.TensorProto.INT64)],
+        [onnx.helper.make_tensor_value_info(outs[0], onnx.TensorProto.BOOL, []),
+         seq(outs[1], ftype), seq(outs[2], onnx.TensorProto.INT64)])
+    empty_c = b.op("SequenceEmpty", [], dtype=ftype)
+    empty_p = b.op("SequenceEmpty", [], dtype=onnx.TensorProto.INT64)
+    all_c, all_p = b.op("Loop", [trips, "", empty_c, empty_p], n_out=2, body=graph)
+    return (b.op("ConcatFromSequence", [all_c], axis=0), b.op("ConcatFromSequence", [all_p], axis=0))
+
+
 def _group(model, ix, router, prefix, per_expert_weights=False):
     E = router["attrs"]["num_experts"]
     ids_flat, w_flat = _flat(ix, router["indices"]), _flat(ix, router["weights"])
@@ -173,22 +210,22 @@ def _group(model, ix, router, prefix, per_expert_weights=False):
         raise _Skip("no weight tables gathered by expert id")
 
     b = NodeBuilder(prefix)
-    op, const = b.op, b.const
-    i64 = lambda v: b.const(v, np.int64)
-    contribs, positions = [], []
+    i64 = lambda v: b.const(v, np.int64)  # constants live in the main graph; a loop body reads them there
 
     def own(gathered_t):  # a table slice only expert MatMuls read: their own initializers replace it
         return all(c.op_type == "MatMul" and gathered_t in c.input[:2] for c in ix.consumers_of(gathered_t))
 
     def weight(gathered_t, e, transpose):
-        table = ix.initializers[tables[gathered_t]]
-        if len(table.dims) != 3:
-            raise _Skip("an expert weight table that is not [E, a, b]")
-        t = expert_weight(table, e, transpose)
+        t = expert_weight(ix.initializers[tables[gathered_t]], e, transpose)
         b.inits.append(t)
         return t.name
-    for e in range(E):
-        pos = op("Reshape", [op("NonZero", [op("Equal", [ids_flat, i64(e)])]), i64([-1])])
+
+    def expert(nb, e, e_const=None):
+        """Emits into `nb` the section for the pairs routed to expert `e` (a tensor); returns
+        (their contributions, their pair positions). e_const: e's value, for own initializers."""
+        op = nb.op
+        pos = op("Reshape", [op("NonZero", [op("Equal", [ids_flat, e])]), i64([-1])])
+        eid = op("Gather", [ids_flat, op("Slice", [pos, i64([0]), i64([1])])], axis=0)  # [e] or []
         # With more slots than the graph's k, pair p is (token p // width, slot p % width), while
         # tensors from outside the section still hold k rows per token.
         src_pos = op("Mul", [op("Div", [pos, i64(width)]), i64(a["k"])]) if widen else pos
@@ -210,27 +247,40 @@ def _group(model, ix, router, prefix, per_expert_weights=False):
         for n in nodes:
             if n.op_type == "Unsqueeze" and n.input[0] == ids_flat:
                 continue
-            if n.op_type == "GatherND":
-                if not (per_expert_weights and own(n.output[0])):
-                    m[n.output[0]] = op("Gather", [tables[n.output[0]], i64(e)], axis=0)
+            if n.op_type == "GatherND":  # [1, ...] (or [0, ...]): broadcasts against the pairs as [P, ...] did
+                if not (e_const is not None and own(n.output[0])):
+                    m[n.output[0]] = op("Gather", [tables[n.output[0]], eid], axis=0)
                 continue
             if n.op_type == "MatMul" and (n.input[0] in tables or n.input[1] in tables):
-                if n.input[1] in tables:  # act [P, 1, b] x W [P, b, a]: a 3-D x 2-D matmul is one GEMM
-                    w = weight(n.input[1], e, False) if per_expert_weights else m[n.input[1]]
-                    m[n.output[0]] = op("MatMul", [rows(n.input[0]), w])
-                else:  # W [P, a, b] x Unsqueeze(x [P, b], -1): x @ W^T, then the unsqueeze back
-                    u = ix.producer.get(n.input[1])
-                    if u is None or u.op_type != "Unsqueeze" or node_axes(ix, u) not in ([-1], [2]):
-                        raise _Skip("batched matmul operand of another form")
-                    wt = (weight(n.input[0], e, True) if per_expert_weights
-                          else op("Transpose", [m[n.input[0]]], perm=[1, 0]))
-                    m[n.output[0]] = op("Unsqueeze", [op("MatMul", [rows(u.input[0]), wt]), i64([-1])])
+                table = ix.initializers[tables[n.input[0] if n.input[0] in tables else n.input[1]]]
+                if len(table.dims) != 3:
+                    raise _Skip("an expert weight table that is not [E, a, b]")
+                if n.input[1] in tables:  # act [P, ..., b] x W [P, b, a]: one GEMM of the rows
+                    act = rows(n.input[0])
+                    if e_const is not None:
+                        m[n.output[0]] = op("MatMul", [act, weight(n.input[1], e_const, False)])
+                        continue
+                    flat = op("Reshape", [act, i64([-1, table.dims[1]])])
+                    out = op("MatMul", [flat, m[n.input[1]]])  # [N, b] x [1 or 0, b, a]
+                    lead = op("Slice", [op("Shape", [act]), i64([0]), i64([-1])])
+                    m[n.output[0]] = op("Reshape", [out, op("Concat", [lead, i64([table.dims[2]])], axis=0)])
+                    continue
+                # W [P, a, b] x Unsqueeze(x [P, b], -1): x @ W^T, then the unsqueeze back
+                u = ix.producer.get(n.input[1])
+                if u is None or u.op_type != "Unsqueeze" or node_axes(ix, u) not in ([-1], [2]):
+                    raise _Skip("batched matmul operand of another form")
+                if e_const is not None:
+                    out = op("MatMul", [rows(u.input[0]), weight(n.input[0], e_const, True)])
+                else:  # (W @ x^T)^T: the weights are read in place as the left operand, only x is packed
+                    wx = op("MatMul", [m[n.input[0]], op("Transpose", [rows(u.input[0])], perm=[1, 0])])
+                    out = op("Reshape", [op("Transpose", [wx], perm=[0, 2, 1]), i64([-1, table.dims[1]])])
+                m[n.output[0]] = op("Unsqueeze", [out, i64([-1])])
                 continue
             if n.op_type == "MatMul":
                 raise _Skip("a matmul of pair tensors that is not an expert weight")
             clone = onnx.NodeProto()
             clone.CopyFrom(n)
-            clone.name = b.name(n.op_type)
+            clone.name = nb.name(n.op_type)
             for j, t in enumerate(n.input):
                 if t:
                     clone.input[j] = rows(t)
@@ -238,11 +288,16 @@ def _group(model, ix, router, prefix, per_expert_weights=False):
                 if t:
                     clone.output[j] = f"{clone.name}/o{j}"
                     m[t] = clone.output[j]
-            b.nodes.append(clone)
-        contribs.append(m[wmul.output[0]])
-        positions.append(pos)
-    allc = op("Concat", contribs, axis=0)
-    allp = op("Unsqueeze", [op("Concat", positions, axis=0), i64([-1])])
+            nb.nodes.append(clone)
+        return m[wmul.output[0]], pos
+
+    if per_expert_weights:  # unrolled: each expert's MatMuls read initializers of their own
+        contribs, positions = zip(*(expert(b, i64(e), e) for e in range(E)))
+        allc, allp = b.op("Concat", list(contribs), axis=0), b.op("Concat", list(positions), axis=0)
+    else:
+        allc, allp = _loop_over_routed(b, ix, prefix, ids_flat, E, wmul, tables, expert)
+    op, const = b.op, b.const
+    allp = op("Unsqueeze", [allp, i64([-1])])
     shape = op("Concat", [op("Shape", [ids_flat]), op("Slice", [op("Shape", [allc]), i64([1]), i64([2**62])])], axis=0)
     zeros = op("Expand", [op("CastLike", [const(np.float32(0)), allc]), shape])
     combined = op("ScatterND", [zeros, allp, allc])

@@ -10,6 +10,7 @@ from pathlib import Path
 from . import MoeExportError
 from .files import Output, Spinner
 from .graph import load_model
+from .runtime import SLIDING_WINDOW
 
 
 
@@ -58,7 +59,10 @@ def _with_past(model):
             self.m = m
 
         def forward(self, input_ids, attention_mask, position_ids, past):
-            cache = DynamicCache(config=self.m.config)
+            # Every layer keeps its whole cache, sliding ones too (their window is applied by the
+            # attention mask): a sliding layer's own cache stops growing at window - 1 while
+            # all layers share one past_sequence_length, so the graph broke once past the window.
+            cache = DynamicCache()
             for i in range(L):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -187,8 +191,21 @@ def export_model(model, out, *, opset=18, exporter="dynamo", external_data=True,
         if not external_data:
             import onnx
             model_proto = onnx.load(str(staged))  # small models: embed the weights in one file
+        window = sliding_window(model.config)
+        if with_past and window:  # so validate's default inputs go past it
+            model_proto.metadata_props.add(key=SLIDING_WINDOW, value=str(window))
         o.model(model_proto, out, staged.parent, owned=True)
     return out
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of a config with sliding-window layers, else None."""
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not window or (types is not None and not any("sliding" in str(t) for t in types)):
+        return None
+    return int(window)
 
 
 def _fixed_axes(model_proto) -> str:

@@ -65,18 +65,37 @@ def session_from_proto(model, base_dir, custom_ops=True, **opts):
         raise MoeExportError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
 
 
+# Tokens per run when sequences are run in batches: the activations (and a graph's own outputs,
+# such as [tokens, vocab] logits, which onnxruntime computes whether asked for or not) grow with
+# them; 2048 is 16 sequences of 128 tokens.
+BATCH_TOKENS = 2048
+
+
 def run_exposed(model, base_dir, tensors, feeds, batch=16, custom_ops=True, progress=None):
-    """Runs `model` on `feeds`, `batch` rows of the first axis at a time, and returns for each of
-    `tensors` the list of its per-batch values. `progress`: a files.Progress told the batches done."""
+    """Runs `model` on `feeds`, at most `batch` rows of the first axis and BATCH_TOKENS tokens at
+    a time, and returns for each of `tensors` the list of its per-batch values. `progress`: a
+    files.Progress told the batches done."""
     prefix = "moe_export.exposed."
     names = [f"{prefix}{i}" for i in range(len(tensors))]
     sess = session_from_proto(expose(model, tensors, prefix), base_dir, custom_ops=custom_ops)
-    n = len(feeds["input_ids"]) if "input_ids" in feeds else next(iter(feeds.values())).shape[0]
+    ids = feeds.get("input_ids")
+    n = len(ids) if ids is not None else next(iter(feeds.values())).shape[0]
+    if ids is not None and ids.ndim == 2 and ids.shape[1]:
+        batch = max(1, min(batch, BATCH_TOKENS // ids.shape[1]))
     got = [[] for _ in tensors]
     if progress is not None:
         progress.total = -(-n // batch)
     for j, s in enumerate(range(0, n, batch)):
-        for g, r in zip(got, sess.run(names, take_rows(model, feeds, slice(s, s + batch)))):
+        rows = take_rows(model, feeds, slice(s, s + batch))
+        try:
+            values = sess.run(names, rows)
+        except Exception as e:
+            if "alloc" not in str(e).lower():
+                raise
+            shape = "x".join(map(str, ids[s:s + batch].shape)) if ids is not None else f"{batch} rows"
+            raise MoeExportError(f"out of memory running the model on a batch of {shape} tokens: "
+                                 "give shorter sequences in --data") from None
+        for g, r in zip(got, values):
             g.append(r)
         if progress is not None:
             progress.update(j + 1)
@@ -131,6 +150,10 @@ def cache_dims(model, base=None) -> dict:
     return out
 
 
+# Metadata of a --with-past export with sliding-window layers: the window, so default inputs pass it.
+SLIDING_WINDOW = "moe_export.sliding_window"
+
+
 def make_feeds(model, dims=None, seed=0, tokens=16, batch=2, past=None, base=None):
     """Random inputs from the graph's input specs, consistent across inputs. A symbolic dim takes
     `dims[name]`, else what cache_dims() says (`base`: the model's folder), else `batch` when
@@ -141,6 +164,9 @@ def make_feeds(model, dims=None, seed=0, tokens=16, batch=2, past=None, base=Non
     GroupQueryAttention, ONNX Runtime GenAI's); attention_mask is all ones
     over prefix and tokens, position_ids count on from the prefix, and with no prefix (past=0)
     the cache inputs (and recurrent states) are zeros."""
+    window = next((int(p.value) for p in model.metadata_props if p.key == SLIDING_WINDOW), 0)
+    if window and past is None and tokens // 2 + tokens <= window:
+        tokens = window + 2  # a prefix of half the window, then the rest: past the window
     if past is None:
         # GroupQueryAttention takes several tokens after a cached prefix only for a batch of one:
         # its graphs get a prefill from an empty cache, as ONNX Runtime GenAI runs them.

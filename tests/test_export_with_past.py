@@ -3,16 +3,18 @@ Runtime as the PyTorch model does, before and after conversion."""
 import sys
 
 import numpy as np
+import onnx
 import pytest
 
 import moe_export
 from conftest import GRAPHS, ROOT, run_cli
-from moe_export.runtime import greedy
+from moe_export.runtime import greedy, make_feeds
 
 sys.path.insert(0, str(GRAPHS))
 from make_graphs import tiny_model  # noqa: E402
 
-NEW = 10
+WINDOW = 16  # GPT-OSS's sliding_window in graphs/make_graphs.py
+NEW = 3 * WINDOW - 7 + 1  # after a 7-token prompt: past three windows
 
 
 def torch_greedy(model, prompt, n):
@@ -38,10 +40,13 @@ def test_kv_cache_generation_matches_pytorch_and_survives_conversion(family, tmp
     r = run_cli("export", ckpt, "-o", graph, "--with-past")
     assert r.returncode == 0, r.stderr
     prompt = np.random.default_rng(0).integers(3, 100, (2, 7))
+    assert getattr(tiny_model(family).config, "sliding_window", None) in (None, WINDOW)
     model = tf.AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation="batched_mm").eval()
     want = torch_greedy(model, prompt, NEW)
     got = greedy(moe_export.session(graph, custom_ops=False), prompt, NEW)
     np.testing.assert_array_equal(got, want)
+    if family == "gpt_oss":  # validate's default inputs: a cached prefix, then tokens past the window
+        assert make_feeds(onnx.load(str(graph), load_external_data=False))["attention_mask"].shape[1] > WINDOW
     assert run_cli("convert", graph, "-o", static).returncode == 0
     np.testing.assert_array_equal(greedy(moe_export.session(static), prompt, NEW), want)
     # one expert per token: the PyTorch model with k=1, decoding through the cache

@@ -1,0 +1,143 @@
+"""Load time and peak memory of a converted model beside its original, and what calibration costs.
+
+    .venv/bin/python benchmarks/load_cpu.py [--layers 8] [--out benchmarks/results/load_cpu.json]
+
+A Qwen3-MoE-shaped model with random weights (hidden 512, 32 experts top-4, expert intermediate
+512, vocab 32000: 962 MB of fp32 weights at 8 layers) is exported by `moe-export export`
+(transformers 5.x, batched_mm experts) and converted at the static policy three ways: the
+default, --per-expert-weights and --no-group-experts. Each graph is loaded in a fresh child process
+(onnxruntime session, default options, one per graph, in turns) for its load time and peak RSS, and
+timed on one token and on a 128-token sequence, side by side. Then `moe-export calibrate
+--target-experts 2` on [32, 128] token ids, original and static conversion, in child processes
+(peak RSS of the child). The export is cached in ~/.cache/moe-export/load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = Path.home() / ".cache" / "moe-export" / "load"
+EXE = Path(sys.executable).parent / "moe-export"
+
+CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+import moe_export
+path, reps = sys.argv[1], int(sys.argv[2])
+t = time.perf_counter()
+sess = moe_export.session(path)
+load = time.perf_counter() - t
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+out = {"load_s": load, "load_rss_gb": rss}
+rng = np.random.default_rng(0)
+for name, shape in (("one_token_ms", (1, 1)), ("seq128_ms", (1, 128))):
+    ids = rng.integers(0, 32000, shape).astype(np.int64)
+    sess.run(None, {"input_ids": ids})
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        sess.run(None, {"input_ids": ids})
+        ts.append(time.perf_counter() - t)
+    out[name] = 1e3 * sorted(ts)[len(ts) // 2]
+out["run_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps(out))
+"""
+
+
+def build(work: Path, layers: int) -> Path:
+    import torch
+    import transformers as tf
+
+    graph = work / f"qwen3moe_{layers}l" / "model.onnx"
+    if graph.is_file():
+        return graph
+    cfg = tf.Qwen3MoeConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024, moe_intermediate_size=512,
+                            num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                            num_experts=32, num_experts_per_tok=4, decoder_sparse_step=1, norm_topk_prob=True)
+    torch.manual_seed(0)
+    ckpt = work / f"ckpt_{layers}l"
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(ckpt)
+    graph.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([EXE, "export", ckpt, "-o", graph], check=True)
+    return graph
+
+
+def child(args) -> tuple[float, float]:
+    """(wall seconds, peak RSS GB) of a child process."""
+    t = time.perf_counter()
+    pid = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(pid.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{args[1]} failed: {pid.stderr.read().decode()[-500:]}")
+    return time.perf_counter() - t, usage.ru_maxrss / 2**20
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=3, help="load each graph this many times, in turns")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "load_cpu.json")
+    a = ap.parse_args()
+    graph = build(WORK, a.layers)
+    forms = {"original": None, "default": [], "per_expert_weights": ["--per-expert-weights"],
+             "no_group_experts": ["--no-group-experts"]}
+    paths = {"original": graph}
+    convert_s = {}
+    for name, flags in forms.items():
+        if flags is None:
+            continue
+        paths[name] = graph.parent / f"static_{name}.onnx"
+        paths[name].unlink(missing_ok=True)
+        for extra in graph.parent.glob(f"static_{name}.onnx.*"):
+            extra.unlink()
+        convert_s[name] = child([EXE, "convert", graph, "-o", paths[name], *flags])
+    runs = {name: [] for name in paths}
+    for _ in range(a.turns):
+        for name, p in paths.items():
+            r = subprocess.run([sys.executable, "-c", CHILD, str(p), "5"], capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    rows = []
+    for name, rs in runs.items():
+        row = {"graph": name, **{k: statistics.median(r[k] for r in rs) for k in rs[0]}}
+        if name in convert_s:
+            row["convert_s"], row["convert_rss_gb"] = convert_s[name]
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["load_vs_original"] = row["load_s"] / base["load_s"]
+        row["load_rss_vs_original"] = row["load_rss_gb"] / base["load_rss_gb"]
+    import numpy as np
+    ids = WORK / "calib_32x128.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 32000, (32, 128)))
+    calib = {}
+    for name in ("original", "default"):
+        out = graph.parent / f"cal_{name}.onnx"
+        out.unlink(missing_ok=True)
+        calib[name] = dict(zip(("s", "rss_gb"), child([EXE, "calibrate", paths[name], "--data", ids,
+                                                        "--target-experts", "2", "-o", out])))
+    result = {"date": date.today().isoformat(), "machine": f"{os.cpu_count()}-core {platform.machine()} build VM",
+              "onnxruntime": __import__("onnxruntime").__version__, "layers": a.layers,
+              "weights_gb": sum(f.stat().st_size for f in graph.parent.glob("model.onnx*")) / 2**30,
+              "turns": a.turns, "rows": rows, "calibrate_32x128": calib}
+    a.out.write_text(json.dumps(result, indent=1))
+    for row in rows:
+        print(f"{row['graph']:20s} load {row['load_s']:.2f} s ({row['load_vs_original']:.2f}x) "
+              f"RSS {row['load_rss_gb']:.2f} GB ({row['load_rss_vs_original']:.2f}x); one token "
+              f"{row['one_token_ms']:.1f} ms, 128 tokens {row['seq128_ms']:.1f} ms; run RSS {row['run_rss_gb']:.2f} GB")
+    for name, c in calib.items():
+        print(f"calibrate {name}: {c['s']:.1f} s, peak RSS {c['rss_gb']:.2f} GB")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
