@@ -15,7 +15,12 @@ def _lib_dirs():
 
 
 class MoeExportError(Exception):
-    """An error the CLI reports as one line (bad input, unsupported graph, missing build)."""
+    """An error the CLI reports as one line (bad input, unsupported graph, missing build); exit 1."""
+
+
+class UsageError(MoeExportError):
+    """A command line that cannot be acted on whatever the files (a flag's value out of its
+    range, flags that exclude each other), found before any file is read; exit 2, as argparse's."""
 
 
 def _native(name: str, env: str, what: str) -> str:
@@ -55,4 +60,4 @@ from .spec import dynamic_router, RouterAttrs  # noqa: E402
 _register_op_schema()
 
 __all__ = ["session", "custom_op_library", "cuda_library", "trt_plugin_library", "dynamic_router",
-           "RouterAttrs", "MoeExportError", "DOMAIN", "OP_TYPE", "__version__"]
+           "RouterAttrs", "MoeExportError", "UsageError", "DOMAIN", "OP_TYPE", "__version__"]

@@ -33,7 +33,7 @@ from onnx import helper
 from . import MoeExportError
 from .files import Progress
 from .rewrite import Policy, rewrite_model, routers_metadata, router_nodes, set_policy
-from .runtime import expose, session_from_proto, take_rows
+from .runtime import BATCH_TOKENS, expose, fixed_batch, run_guarded, session_from_proto, take_rows
 from .spec import RouterAttrs, policy_counts, policy_view
 
 DYNAMIC = ("top-p", "ratio", "entropy")
@@ -46,9 +46,11 @@ class Evaluator:
 
     def __init__(self, model, base_dir, feeds, batch=16):
         meta = routers_metadata(model)
-        self.model, self.base_dir, self.batch = model, base_dir, batch
+        self.model, self.base_dir = model, base_dir
         self.routers = meta["routers"]
         self.ids = feeds["input_ids"]
+        # as runtime.batches(): the graph's own batch size, else bounded in rows and tokens
+        self.batch = fixed_batch(model) or max(1, min(batch, BATCH_TOKENS // max(1, self.ids.shape[1])))
         self.feeds = feeds
         out0 = model.graph.output[0].name
         self.exposed = expose(model, [out0] + [r["indices"] for r in self.routers], "moe_export.budget.")
@@ -68,7 +70,7 @@ class Evaluator:
         nll, count, pairs, per_seq = 0.0, 0, np.zeros(len(self.routers)), []
         for s in range(0, len(rows), self.batch):
             sel = rows[s:s + self.batch]
-            outs = sess.run(self.names, take_rows(self.model, self.feeds, sel))
+            outs = run_guarded(sess, self.names, take_rows(self.model, self.feeds, sel))
             logits, x = outs[0].astype(np.float64), self.ids[sel]
             m = logits.max(-1, keepdims=True)
             lse = (np.log(np.exp(logits - m).sum(-1, keepdims=True)) + m)[..., 0]

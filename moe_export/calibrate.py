@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import MoeExportError, genai
+from . import MoeExportError, UsageError, genai
 from .files import Output, Progress, model_files
 from .graph import load_model
 from .rewrite import Policy, convert_model, repolicy, rewrite_model, routers_metadata, set_policy
@@ -118,9 +118,9 @@ def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p
     from .budget import budget_policy, calibrate_budget
 
     if (target is None) == (max_ppl_increase is None):
-        raise MoeExportError("give one of --target-experts (a compute budget) or --max-ppl-increase (a quality budget)")
+        raise UsageError("give one of --target-experts (a compute budget) or --max-ppl-increase (a quality budget)")
     if policy == "auto" and max_ppl_increase is None:
-        raise MoeExportError("--policy auto picks each layer's policy by perplexity: it needs --max-ppl-increase")
+        raise UsageError("--policy auto picks each layer's policy by perplexity: it needs --max-ppl-increase")
     model_path, out = Path(model_path), Path(out)
     graph = genai.resolve(model_path)
     model = load_model(graph)
@@ -133,7 +133,8 @@ def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p
     converted = routers_metadata(model) is not None
     if converted and portable:
         raise MoeExportError("--portable applies to converting an original model; this one is converted")
-    feeds = load_inputs(data_path, model, graph.parent)
+    data_notes = []
+    feeds = load_inputs(data_path, model, graph.parent, data_notes)
     report, warnings = None, []
     if max_ppl_increase is not None:
         report = calibrate_budget(model, graph.parent, feeds, max_ppl_increase, policy, min_experts, max_experts,
@@ -152,4 +153,4 @@ def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p
         _, notes = repolicy(model_path, out, pol, protect=[data_path])
     else:
         _, notes = convert_model(model_path, out, pol, portable=portable, protect=[data_path])
-    return layers, warnings, notes, report
+    return layers, warnings, data_notes + notes, report

@@ -1,5 +1,9 @@
 """The `moe-export` command line. Every failure is one line on stderr and a non-zero exit;
---debug shows the traceback."""
+--debug shows the traceback.
+
+Exit codes: 0 done (a check passed); 1 the model, the data or a check (validate) failed; 2 the
+command line itself is wrong (an unknown flag, a value out of its range, flags that exclude each
+other), found before any file is read; 130/143 interrupted (nothing written)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import MoeExportError, __version__, genai
+from . import MoeExportError, UsageError, __version__, genai
 from .spec import POLICIES
 
 
@@ -47,6 +51,13 @@ def _renormalize_arg(p, default):
                         f"take, 0 (none: their static weights) to 1 (all) (default {default})")
 
 
+def _tolerance(v):
+    x = _threshold(v)
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return x
+
+
 def _fraction(v):
     x = _threshold(v)
     if not 0 <= x <= 1:
@@ -56,9 +67,11 @@ def _fraction(v):
 
 def _policy(args):
     from .rewrite import Policy
+    from .schema import SpecError
+    from .spec import check_threshold
 
     if args.policy != "static" and args.threshold is None:
-        raise MoeExportError(f"--policy {args.policy} needs --threshold")
+        raise UsageError(f"--policy {args.policy} needs --threshold")
     if args.policy == "static":
         given = [f for f, v in (("--threshold", args.threshold), ("--min-experts", args.min_experts),
                                 ("--max-experts", args.max_experts), ("--renormalize", args.renormalize))
@@ -66,13 +79,17 @@ def _policy(args):
         if given:
             _warn(f"--policy static routes every token to the graph's k experts; {', '.join(given)} ignored")
         return Policy("static")
+    try:
+        check_threshold(args.policy, args.threshold)
+    except SpecError as e:
+        raise UsageError(f"--threshold {args.threshold}: {e}") from None
     args.min_experts = 1 if args.min_experts is None else args.min_experts
     if args.max_experts is not None and args.max_experts < 1:
-        raise MoeExportError(f"--max-experts must be >= 1, got {args.max_experts}")
+        raise UsageError(f"--max-experts must be >= 1, got {args.max_experts}")
     if args.min_experts < 1:
-        raise MoeExportError(f"--min-experts must be >= 1, got {args.min_experts}")
+        raise UsageError(f"--min-experts must be >= 1, got {args.min_experts}")
     if args.max_experts is not None and args.min_experts > args.max_experts:
-        raise MoeExportError(f"--min-experts ({args.min_experts}) exceeds --max-experts ({args.max_experts})")
+        raise UsageError(f"--min-experts ({args.min_experts}) exceeds --max-experts ({args.max_experts})")
     return Policy(args.policy, args.threshold or 0.0, args.min_experts, args.max_experts,
                   renormalize=1.0 if args.renormalize is None else args.renormalize)
 
@@ -85,8 +102,8 @@ def _dims(items):
     out = {}
     for it in items or []:
         name, eq, val = it.partition("=")
-        if not name.strip() or not eq or not val.strip().isdigit():
-            raise MoeExportError(f"--dim wants NAME=SIZE with a whole number, got {it!r}")
+        if not name.strip() or not eq or not val.strip().isdigit() or int(val) < 1:
+            raise UsageError(f"--dim wants NAME=SIZE with a size >= 1, got {it!r}")
         out[name.strip()] = int(val)
     return out
 
@@ -101,28 +118,45 @@ def cmd_convert(args):
     pol = _policy(args)
     if args.repolicy:
         if args.portable or args.no_group_experts:
-            raise MoeExportError("--repolicy re-sets the routers of a converted model; --portable and "
+            raise UsageError("--repolicy re-sets the routers of a converted model; --portable and "
                                  "--no-group-experts apply to converting an original")
         n, notes = repolicy(args.model, args.output, pol)
         families = []
     else:
         if args.per_expert_weights and args.no_group_experts:
-            raise MoeExportError("--per-expert-weights applies to regrouped expert sections; drop --no-group-experts")
+            raise UsageError("--per-expert-weights applies to regrouped expert sections; drop --no-group-experts")
         gates, notes = convert_model(args.model, args.output, pol, portable=args.portable,
                                      group_experts=not args.no_group_experts,
                                      per_expert_weights=args.per_expert_weights)
         n, families = len(gates), sorted({g.family for g in gates})
+    settings = _settings(args, pol)
     summary = {"output": str(args.output), "layers": n, "policy": args.policy,
                "threshold": pol.threshold if args.policy != "static" else None, "portable": args.portable,
-               "families": families, "repolicy": args.repolicy, "notes": notes}
+               "families": families, "repolicy": args.repolicy, "settings": settings, "notes": notes}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         what = "re-set" if args.repolicy else "converted"
         fam = f" ({', '.join(families)})" if families else ""
-        print(f"{what} {n} MoE layer(s){fam} -> {args.output} "
-              f"[policy {args.policy}{'' if summary['threshold'] is None else f', threshold {pol.threshold}'}"
-              f"{', portable' if args.portable else ''}]{_data_line(notes)}")
+        shown = ", ".join(f"{k} {v}" if v is not True else k for k, v in settings.items())
+        print(f"{what} {n} MoE layer(s){fam} -> {args.output} [{shown}]{_data_line(notes)}")
+
+
+def _settings(args, pol):
+    """The policy, and every other setting of the conversion that differs from its default."""
+    out = {"policy": args.policy}
+    if args.policy != "static":
+        out["threshold"] = pol.threshold
+        if pol.min_experts != 1:
+            out["min-experts"] = pol.min_experts
+        if pol.max_experts is not None:
+            out["max-experts"] = pol.max_experts
+        if pol.renormalize != 1.0:
+            out["renormalize"] = pol.renormalize
+    for flag in ("portable", "no_group_experts", "per_expert_weights"):
+        if getattr(args, flag, False):
+            out[flag.replace("_", "-")] = True
+    return out
 
 
 def cmd_inspect(args):
@@ -191,6 +225,9 @@ def cmd_validate(args):
             print("static policy reproduces the original:", "yes" if rep["static_reproduces"] else "NO")
     if rep["static_policy"] and not rep["static_reproduces"]:
         sys.exit(1)
+    if args.strict and not rep["outputs_match"]:
+        sys.stderr.write("moe-export: FAILED: outputs differ beyond the tolerances (--strict)\n")
+        sys.exit(1)
 
 
 def cmd_export(args):
@@ -203,6 +240,16 @@ def cmd_export(args):
 
 def cmd_calibrate(args):
     from .calibrate import calibrate_and_convert
+
+    if args.target_experts is not None and not (math.isfinite(args.target_experts) and args.target_experts >= 1):
+        raise UsageError(f"--target-experts must be >= 1 (experts per token), got {args.target_experts}")
+    if args.max_ppl_increase is not None and not 0 < args.max_ppl_increase < 1:
+        raise UsageError(f"--max-ppl-increase {args.max_ppl_increase}: a fraction, e.g. 0.01 for +1% perplexity")
+    if not 0 < args.holdout < 1:
+        raise UsageError(f"--holdout {args.holdout}: the fraction of the sequences held out, between 0 and 1")
+    if args.min_experts < 1 or (args.max_experts is not None and args.max_experts < args.min_experts):
+        raise UsageError(f"--min-experts {args.min_experts} / --max-experts {args.max_experts}: "
+                         "need 1 <= min <= max")
 
     layers, warnings, notes, report = calibrate_and_convert(
         args.model, args.data, args.output, args.target_experts, policy=args.policy, mode=args.mode,
@@ -308,17 +355,23 @@ def build_parser():
     json_flag(i)
 
     v = cmd("validate", "compare a converted graph with its original (polygraphy)", cmd_validate)
+    v.description = ("compare a converted graph with its original (polygraphy). Exit 1 when a static-policy "
+                     "conversion does not reproduce the original (outputs within the tolerances, the same "
+                     "experts); a dynamic policy is expected to differ, and its differences are reported "
+                     "with exit 0 unless --strict is given")
     v.add_argument("original", type=Path, help="the model (or GenAI model folder) before conversion")
     v.add_argument("converted", type=Path, help="the model (or folder) moe-export wrote")
     v.add_argument("--data", type=Path, help=".npz of named inputs, or .npy for a single-input graph "
                    "(default: random inputs from the input specs)")
     v.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a symbolic input dimension (repeatable)")
-    v.add_argument("--atol", type=float, default=None,
+    v.add_argument("--atol", type=_tolerance, default=None,
                    help="absolute tolerance on the outputs (default 1e-4; 2e-3 for models computing in float16/bfloat16)")
-    v.add_argument("--rtol", type=float, default=None,
+    v.add_argument("--rtol", type=_tolerance, default=None,
                    help="relative tolerance on the outputs (default 1e-3; 5e-3 for models computing in float16/bfloat16)")
     v.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     v.add_argument("--trt", action="store_true", help="also run the converted graph in TensorRT")
+    v.add_argument("--strict", action="store_true",
+                   help="exit 1 when any output differs beyond the tolerances, whatever the policy")
     json_flag(v)
 
     e = cmd("export", "export a local transformers MoE checkpoint to ONNX", cmd_export)
@@ -422,7 +475,7 @@ def main(argv=None):
             raise
         msg = str(e) if isinstance(e, MoeExportError) else f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
         sys.stderr.write(f"moe-export: error: {msg.splitlines()[0] if msg else type(e).__name__}\n")
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
     except Exception as e:  # a bug or an unforeseen input: still one line, with the kind of failure
         if args.debug:
             raise

@@ -151,18 +151,39 @@ def _is_slot_repeat(ix, t, k):
     return False
 
 
-def _loop_over_routed(b, ix, prefix, ids_flat, E, wmul, tables, expert):
-    """One Loop over the experts that have pairs (Unique of the ids): the graph stays the size
-    of the original whatever E, and an expert no token chose runs nothing. Each iteration's
-    contributions and pair positions go into sequences, concatenated once after the loop.
-    Iteration 0 runs expert -1 (no pairs), so the sequences are never empty."""
+def _subgraph(name, nb, outs, types):
+    """A graph of nb's nodes returning `outs` (of the given element types, any shape)."""
+    return onnx.helper.make_graph(nb.nodes, name, [], [
+        onnx.helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, types)])
+
+
+def _routed(b, ix, prefix, ids_flat, E, wmul, tables, expert):
+    """The contributions of the kept pairs and their pair positions, computed one of two ways,
+    chosen at run time by an If:
+    - when no expert has two pairs (decode at batch 1), one batched pass over the kept pairs,
+      each gathering its expert's slabs as the original does: grouping would save no weight
+      read and a loop costs its iterations;
+    - otherwise one Loop over the experts that have pairs (Unique of the ids): each expert's
+      slabs are read once for all its pairs, the graph stays the size of the original whatever
+      E, and an expert no token chose runs nothing. Each iteration's contributions and pair
+      positions go into sequences, concatenated once after the loop. Iteration 0 runs expert
+      -1 (no pairs), so the sequences are never empty."""
     i64 = lambda v: b.const(v, np.int64)
-    uniq = b.op("Unique", [ids_flat], n_out=4, sorted=1)[0]
-    routed = b.op("Compress", [uniq, b.op("Less", [uniq, i64(E)])], axis=0)  # not the dropped id E
-    experts = b.op("Concat", [i64([-1]), routed], axis=0)
-    trips = b.op("Squeeze", [b.op("Shape", [experts])])
     ftype = (ix.elem_type(wmul.output[0]) or ix.elem_type(wmul.input[0]) or ix.elem_type(wmul.input[1])
              or ix.initializers[next(iter(tables.values()))].data_type)
+    types = (ftype, onnx.TensorProto.INT64)
+    uniq = b.op("Unique", [ids_flat], n_out=4, sorted=1)[0]
+    routed = b.op("Compress", [uniq, b.op("Less", [uniq, i64(E)])], axis=0)  # not the dropped id E
+    kept = b.op("ReduceSum", [b.op("Cast", [b.op("Less", [ids_flat, i64(E)])], to=onnx.TensorProto.INT64)],
+                keepdims=0)
+    shared = b.op("Less", [b.op("Squeeze", [b.op("Shape", [routed])]), kept])
+
+    pairs = NodeBuilder(f"{prefix}/pairs")
+    per_pair = _subgraph(f"{prefix}/pairs", pairs, expert(pairs, None), types)
+
+    loop = NodeBuilder(f"{prefix}/loop")
+    experts = loop.op("Concat", [i64([-1]), routed], axis=0)
+    trips = loop.op("Squeeze", [loop.op("Shape", [experts])])
     body = NodeBuilder(f"{prefix}/body")
     it, cond, seq_c, seq_p = (body.name(x) for x in ("iteration", "cond", "contributions", "positions"))
     contrib, pos = expert(body, body.op("Gather", [experts, it], axis=0))
@@ -176,10 +197,12 @@ def _loop_over_routed(b, ix, prefix, ids_flat, E, wmul, tables, expert):
          seq(seq_c, ftype), seq(seq_p, onnx.TensorProto.INT64)],
         [onnx.helper.make_tensor_value_info(outs[0], onnx.TensorProto.BOOL, []),
          seq(outs[1], ftype), seq(outs[2], onnx.TensorProto.INT64)])
-    empty_c = b.op("SequenceEmpty", [], dtype=ftype)
-    empty_p = b.op("SequenceEmpty", [], dtype=onnx.TensorProto.INT64)
-    all_c, all_p = b.op("Loop", [trips, "", empty_c, empty_p], n_out=2, body=graph)
-    return (b.op("ConcatFromSequence", [all_c], axis=0), b.op("ConcatFromSequence", [all_p], axis=0))
+    empty_c = loop.op("SequenceEmpty", [], dtype=ftype)
+    empty_p = loop.op("SequenceEmpty", [], dtype=onnx.TensorProto.INT64)
+    all_c, all_p = loop.op("Loop", [trips, "", empty_c, empty_p], n_out=2, body=graph)
+    grouped = _subgraph(f"{prefix}/loop", loop, [loop.op("ConcatFromSequence", [all_c], axis=0),
+                                                 loop.op("ConcatFromSequence", [all_p], axis=0)], types)
+    return b.op("If", [shared], n_out=2, then_branch=grouped, else_branch=per_pair)
 
 
 def _group(model, ix, router, prefix, per_expert_weights=False):
@@ -221,11 +244,14 @@ def _group(model, ix, router, prefix, per_expert_weights=False):
         return t.name
 
     def expert(nb, e, e_const=None):
-        """Emits into `nb` the section for the pairs routed to expert `e` (a tensor); returns
-        (their contributions, their pair positions). e_const: e's value, for own initializers."""
+        """Emits into `nb` the section for the pairs routed to expert `e` (a tensor), or for every
+        kept pair, batched as in the original, when e is None; returns (their contributions, their
+        pair positions). e_const: e's value, for own initializers."""
         op = nb.op
-        pos = op("Reshape", [op("NonZero", [op("Equal", [ids_flat, e])]), i64([-1])])
-        eid = op("Gather", [ids_flat, op("Slice", [pos, i64([0]), i64([1])])], axis=0)  # [e] or []
+        pos = op("Reshape", [op("NonZero", [op("Less" if e is None else "Equal", [ids_flat, e or i64(E)])]),
+                             i64([-1])])
+        if e is not None:
+            eid = op("Gather", [ids_flat, op("Slice", [pos, i64([0]), i64([1])])], axis=0)  # [e] or []
         # With more slots than the graph's k, pair p is (token p // width, slot p % width), while
         # tensors from outside the section still hold k rows per token.
         src_pos = op("Mul", [op("Div", [pos, i64(width)]), i64(a["k"])]) if widen else pos
@@ -245,13 +271,15 @@ def _group(model, ix, router, prefix, per_expert_weights=False):
             return gathered[t]
 
         for n in nodes:
-            if n.op_type == "Unsqueeze" and n.input[0] == ids_flat:
+            if e is None:  # the original's nodes on the kept pairs' rows
+                pass
+            elif n.op_type == "Unsqueeze" and n.input[0] == ids_flat:
                 continue
-            if n.op_type == "GatherND":  # [1, ...] (or [0, ...]): broadcasts against the pairs as [P, ...] did
+            elif n.op_type == "GatherND":  # [1, ...] (or [0, ...]): broadcasts against the pairs as [P, ...] did
                 if not (e_const is not None and own(n.output[0])):
                     m[n.output[0]] = op("Gather", [tables[n.output[0]], eid], axis=0)
                 continue
-            if n.op_type == "MatMul" and (n.input[0] in tables or n.input[1] in tables):
+            elif n.op_type == "MatMul" and (n.input[0] in tables or n.input[1] in tables):
                 table = ix.initializers[tables[n.input[0] if n.input[0] in tables else n.input[1]]]
                 if len(table.dims) != 3:
                     raise _Skip("an expert weight table that is not [E, a, b]")
@@ -276,7 +304,7 @@ def _group(model, ix, router, prefix, per_expert_weights=False):
                     out = op("Reshape", [op("Transpose", [wx], perm=[0, 2, 1]), i64([-1, table.dims[1]])])
                 m[n.output[0]] = op("Unsqueeze", [out, i64([-1])])
                 continue
-            if n.op_type == "MatMul":
+            elif n.op_type == "MatMul":
                 raise _Skip("a matmul of pair tensors that is not an expert weight")
             clone = onnx.NodeProto()
             clone.CopyFrom(n)
@@ -295,7 +323,7 @@ def _group(model, ix, router, prefix, per_expert_weights=False):
         contribs, positions = zip(*(expert(b, i64(e), e) for e in range(E)))
         allc, allp = b.op("Concat", list(contribs), axis=0), b.op("Concat", list(positions), axis=0)
     else:
-        allc, allp = _loop_over_routed(b, ix, prefix, ids_flat, E, wmul, tables, expert)
+        allc, allp = _routed(b, ix, prefix, ids_flat, E, wmul, tables, expert)
     op, const = b.op, b.const
     allp = op("Unsqueeze", [allp, i64([-1])])
     shape = op("Concat", [op("Shape", [ids_flat]), op("Slice", [op("Shape", [allc]), i64([1]), i64([2**62])])], axis=0)

@@ -24,7 +24,8 @@ def profile(model_path, data_path, flops_per_pair_override=None, batch=16):
     meta = routers_metadata(model)
     if meta is None:
         raise MoeExportError(f"{model_path}: not written by moe-export convert; profile a converted model")
-    feeds = load_inputs(data_path, model, Path(model_path).parent)
+    notes = []
+    feeds = load_inputs(data_path, model, Path(model_path).parent, notes)
     tensors = [t for r in meta["routers"] for t in (r["indices"], r["logits"], r.get("bias")) if t]
     got = dict(zip(tensors, run_exposed(model, Path(model_path).parent, tensors, feeds, batch,
                                         custom_ops=not meta["portable"])))
@@ -63,7 +64,7 @@ def profile(model_path, data_path, flops_per_pair_override=None, batch=16):
         total["expert_gflops_static"] = sum(x["expert_gflops_static"] for x in layers)
         total["expert_gflops"] = sum(x["expert_gflops"] for x in layers)
         total["flops_reduction"] = 1 - total["expert_gflops"] / total["expert_gflops_static"]
-    return {"model": str(model_path), "layers": layers, "total": total,
+    return {"model": str(model_path), "layers": layers, "total": total, "notes": notes,
             "flops_source": "--flops-per-pair" if flops_per_pair_override else "expert weights"}
 
 
@@ -79,4 +80,4 @@ def print_profile(rep) -> str:
     t = rep["total"]
     lines.append(f"routed pairs {t['pairs_static']} -> {t['pairs']} ({100 * t['pair_reduction']:.1f}% fewer)"
                  + (f"; expert FLOPs {100 * t['flops_reduction']:.1f}% fewer" if "flops_reduction" in t else ""))
-    return "\n".join(lines)
+    return "\n".join(lines + [f"note: {n}" for n in rep.get("notes", [])])

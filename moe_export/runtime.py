@@ -71,30 +71,45 @@ def session_from_proto(model, base_dir, custom_ops=True, **opts):
 BATCH_TOKENS = 2048
 
 
+def batches(model, feeds, batch=16):
+    """`feeds` in slices along the batch axis: the graph's batch size where it is fixed (an export
+    for a batch of one), else at most `batch` rows and BATCH_TOKENS tokens, so that memory stays
+    bounded whatever the data's size."""
+    ids = feeds.get("input_ids")
+    main = "input_ids" if ids is not None else next(iter(feeds))
+    n = feeds[main].shape[_batch_axes(model).get(main, 0)]
+    fixed = fixed_batch(model)
+    if fixed:
+        batch = fixed
+    elif ids is not None and ids.ndim == 2 and ids.shape[1]:
+        batch = max(1, min(batch, BATCH_TOKENS // ids.shape[1]))
+    return [take_rows(model, feeds, slice(s, s + batch)) for s in range(0, n, batch)]
+
+
+def run_guarded(sess, names, feeds):
+    """sess.run, with an allocation failure said in one line."""
+    try:
+        return sess.run(names, feeds)
+    except Exception as e:
+        if "alloc" not in str(e).lower():
+            raise
+        shape = "x".join(map(str, feeds["input_ids"].shape)) if "input_ids" in feeds else "one batch"
+        raise MoeExportError(f"out of memory running the model on a batch of {shape} tokens: "
+                             "give shorter sequences in --data") from None
+
+
 def run_exposed(model, base_dir, tensors, feeds, batch=16, custom_ops=True, progress=None):
-    """Runs `model` on `feeds`, at most `batch` rows of the first axis and BATCH_TOKENS tokens at
-    a time, and returns for each of `tensors` the list of its per-batch values. `progress`: a
-    files.Progress told the batches done."""
+    """Runs `model` on `feeds` in batches() and returns for each of `tensors` the list of its
+    per-batch values. `progress`: a files.Progress told the batches done."""
     prefix = "moe_export.exposed."
     names = [f"{prefix}{i}" for i in range(len(tensors))]
     sess = session_from_proto(expose(model, tensors, prefix), base_dir, custom_ops=custom_ops)
-    ids = feeds.get("input_ids")
-    n = len(ids) if ids is not None else next(iter(feeds.values())).shape[0]
-    if ids is not None and ids.ndim == 2 and ids.shape[1]:
-        batch = max(1, min(batch, BATCH_TOKENS // ids.shape[1]))
+    parts = batches(model, feeds, batch)
     got = [[] for _ in tensors]
     if progress is not None:
-        progress.total = -(-n // batch)
-    for j, s in enumerate(range(0, n, batch)):
-        rows = take_rows(model, feeds, slice(s, s + batch))
-        try:
-            values = sess.run(names, rows)
-        except Exception as e:
-            if "alloc" not in str(e).lower():
-                raise
-            shape = "x".join(map(str, ids[s:s + batch].shape)) if ids is not None else f"{batch} rows"
-            raise MoeExportError(f"out of memory running the model on a batch of {shape} tokens: "
-                                 "give shorter sequences in --data") from None
+        progress.total = len(parts)
+    for j, rows in enumerate(parts):
+        values = run_guarded(sess, names, rows)
         for g, r in zip(got, values):
             g.append(r)
         if progress is not None:
@@ -102,13 +117,27 @@ def run_exposed(model, base_dir, tensors, feeds, batch=16, custom_ops=True, prog
     return got
 
 
+def _batch_axes(model) -> dict:
+    """Each input's batch dimension: the one named like a batch, else the first."""
+    return {i.name: next((j for j, d in enumerate(i.type.tensor_type.shape.dim) if "batch" in d.dim_param.lower()), 0)
+            for i in graph_inputs(model)}
+
+
+def fixed_batch(model) -> int | None:
+    """The batch size a graph was exported for, where its token ids' batch dimension is fixed."""
+    inputs = graph_inputs(model)
+    main = next((i for i in inputs if i.name == "input_ids"), inputs[0] if inputs else None)
+    if main is None or not main.type.tensor_type.HasField("shape"):
+        return None
+    dims = main.type.tensor_type.shape.dim
+    ax = _batch_axes(model)[main.name]
+    return dims[ax].dim_value if ax < len(dims) and dims[ax].HasField("dim_value") else None
+
+
 def take_rows(model, feeds, rows):
-    """The sequences `rows` (indices, or a slice) of every input: along each input's batch
-    dimension (named like a batch; else the first), so [3, batch, seq] position ids split too."""
-    axes = {}
-    for i in graph_inputs(model):
-        dims = i.type.tensor_type.shape.dim
-        axes[i.name] = next((j for j, d in enumerate(dims) if "batch" in d.dim_param.lower()), 0)
+    """The sequences `rows` (indices, or a slice) of every input, along each input's batch
+    dimension, so [3, batch, seq] position ids split too."""
+    axes = _batch_axes(model)
     out = {}
     for k, v in feeds.items():
         ax = axes.get(k, 0)
@@ -116,11 +145,18 @@ def take_rows(model, feeds, rows):
     return out
 
 
-def _int_bound(ix: GraphIndex, name):
-    """Token ids index an embedding: the first Gather over an initializer tells the vocab size."""
+def _int_bound(ix: GraphIndex, name, hops=2):
+    """Token ids index an embedding: the first Gather over an initializer (GatherBlockQuantized
+    for int4 embeddings) tells the vocab size, looked for through a Cast or Reshape or two."""
     for c in ix.consumers_of(name):
-        if c.op_type == "Gather" and c.input[1] == name and c.input[0] in ix.initializers:
+        if (c.op_type in ("Gather", "GatherBlockQuantized") and len(c.input) > 1 and c.input[1] == name
+                and c.input[0] in ix.initializers):
             return ix.initializers[c.input[0]].dims[0]
+    for c in ix.consumers_of(name):
+        if hops and c.op_type in ("Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze") and c.input[0] == name:
+            found = _int_bound(ix, c.output[0], hops - 1)
+            if found is not None:
+                return found
     return None
 
 
@@ -262,7 +298,7 @@ def graph_inputs(model):
     return [i for i in model.graph.input if i.name not in inits]
 
 
-def load_inputs(path, model, base=None):
+def load_inputs(path, model, base=None, notes=None):
     """Inputs for `model` from an .npz of named arrays, or an .npy for a single-input graph
     (token ids [batch, seq], router logits [tokens, E]); checked against the graph's inputs.
     `base`: the model's folder (its genai_config.json sizes a KV cache)."""
@@ -284,6 +320,8 @@ def load_inputs(path, model, base=None):
                                  f"inputs {', '.join(i.name for i in inputs)}: pass an .npz with one array each")
         first = ids or inputs[0]
         dims = first.type.tensor_type.shape.dim
+        if data.size == 0:
+            raise MoeExportError(f"{p}: no data (shape {list(data.shape)}): give at least one row of at least one token")
         if data.ndim == len(dims) - 1:  # one sequence of token ids: a batch of one
             data = data[None]
         if ids is not None and len(inputs) > 1:
@@ -292,13 +330,16 @@ def load_inputs(path, model, base=None):
             data = make_feeds(model, dims=sizes, past=0, base=base) | {"input_ids": data}
         else:
             data = {first.name: data}
-    return check_inputs(data, model, str(p))
+    return check_inputs(data, model, str(p), notes)
 
 
-def check_inputs(feeds, model, where="--data"):
-    """Names, element kinds and ranks of `feeds` against the graph's inputs; arrays cast to the
-    graph's element types. One-line errors."""
+def check_inputs(feeds, model, where="--data", notes=None):
+    """Names, element kinds, ranks and sizes of `feeds` against the graph's inputs, and token ids
+    against the vocabulary; arrays cast to the graph's element types. One-line errors. A graph
+    exported for a fixed batch size takes any multiple of it (batches() splits the rows), said in
+    `notes` (a list) when given."""
     inputs = {i.name: i for i in graph_inputs(model)}
+    axes, ix, split = _batch_axes(model), GraphIndex(model.graph), None
     unknown, missing = sorted(set(feeds) - set(inputs)), sorted(set(inputs) - set(feeds))
     if unknown or missing:
         raise MoeExportError(f"{where}: inputs do not match the graph's ({', '.join(inputs)}): "
@@ -320,11 +361,35 @@ def check_inputs(feeds, model, where="--data"):
             if arr.ndim != len(dims):
                 raise MoeExportError(f"{where}: input {name!r} has rank {arr.ndim}, the graph wants {len(dims)}")
             for j, d in enumerate(dims):
-                if d.HasField("dim_value") and arr.shape[j] != d.dim_value:
-                    raise MoeExportError(f"{where}: input {name!r} has shape {list(arr.shape)}, "
-                                         f"dimension {j} must be {d.dim_value}")
+                if not d.HasField("dim_value") or arr.shape[j] == d.dim_value:
+                    continue
+                if j == axes[name] and arr.shape[j] % d.dim_value == 0 and arr.shape[j]:
+                    split = (d.dim_value, arr.shape[j])
+                    continue
+                raise MoeExportError(f"{where}: input {name!r} has shape {list(arr.shape)}, "
+                                     f"dimension {j} must be {d.dim_value}")
+        if arr.size == 0 and not _is_cache(name, tt):
+            raise MoeExportError(f"{where}: input {name!r} is empty (shape {list(arr.shape)}): give at least one "
+                                 "row of at least one token")
+        vocab = _int_bound(ix, name) if np.issubdtype(arr.dtype, np.integer) else None
+        if arr.size and (vocab is not None or name == "input_ids"):
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or (vocab is not None and hi >= vocab):
+                bad = lo if lo < 0 else hi
+                pad = " (-100 is Hugging Face's label padding: strip it, or pad with a real token id)" \
+                    if bad == -100 else ""
+                raise MoeExportError(f"{where}: token ids must be in [0, {vocab or 'vocab'}); input {name!r} holds "
+                                     f"{bad}{pad}")
         out[name] = arr.astype(want, copy=False)
+    if split and notes is not None:
+        notes.append(f"the graph takes batches of {split[0]}: the {split[1]} rows of {where} run as "
+                     f"{split[1] // split[0]} batches")
     return out
+
+
+def _is_cache(name, tt):
+    """A KV-cache input, empty at a prefill (past length 0)."""
+    return "past" in name.lower() or any("past" in d.dim_param.lower() for d in tt.shape.dim)
 
 
 def expose(model, tensors, prefix):

@@ -29,6 +29,17 @@ LANES = 8  # router_core.h's kLanes: how its sums are ordered
 DECISION_EPS = 1e-5
 
 
+def check_threshold(policy: str, threshold) -> None:
+    """The range of a policy's threshold (SpecError outside it)."""
+    t = float(threshold)
+    if not math.isfinite(t):
+        raise SpecError(f"threshold must be finite, got {threshold}")
+    if policy in ("top-p", "ratio") and not (0.0 <= t <= 1.0):
+        raise SpecError(f"threshold for policy {policy} must be in [0, 1], got {t}")
+    if policy == "entropy" and not (0.0 <= t < 1.0):
+        raise SpecError(f"threshold for policy entropy must be in [0, 1), got {t}")
+
+
 class _Rules:
     """What RouterAttrs knows beyond its fields (which come from schema.ATTRIBUTES)."""
 
@@ -65,13 +76,7 @@ class _Rules:
             bad(f"unknown score_func {self.score_func!r}")
         if self.select not in SELECTS:
             bad(f"unknown select {self.select!r}")
-        t = float(self.threshold)
-        if not math.isfinite(t):
-            bad(f"threshold must be finite, got {self.threshold}")
-        if self.policy in ("top-p", "ratio") and not (0.0 <= t <= 1.0):
-            bad(f"threshold for policy {self.policy} must be in [0, 1], got {t}")
-        if self.policy == "entropy" and not (0.0 <= t < 1.0):
-            bad(f"threshold for policy entropy must be in [0, 1), got {t}")
+        check_threshold(self.policy, self.threshold)
         if not (1 <= self.max_experts <= E):
             bad(f"max_experts must be in [1, num_experts={E}], got {self.max_experts}")
         if not (1 <= self.min_experts <= self.max_experts):

@@ -10,7 +10,7 @@ from . import MoeExportError
 from .graph import GraphIndex, load_model
 from .patterns import find_gates
 from .rewrite import routers_metadata
-from .runtime import check_inputs, expose, load_inputs, make_feeds, session_from_proto
+from .runtime import batches, check_inputs, expose, load_inputs, make_feeds, session_from_proto
 
 PAIRS_PREFIX = "moe_export.indices."
 
@@ -63,6 +63,10 @@ def _tolerances(model, atol, rtol):
 
 
 def validate(original, converted, feeds=None, atol=None, rtol=None, dims=None, seed=0, trt=False):
+    """Runs both graphs on the same inputs (given, or random from the input specs) in batches()
+    sized to bounded memory, and reports per output the differences, the routed pairs, and at a
+    static policy whether the original is reproduced (outputs within the tolerances, the same
+    experts)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.logger import G_LOGGER
@@ -74,29 +78,22 @@ def validate(original, converted, feeds=None, atol=None, rtol=None, dims=None, s
     ci, cattrs = routing_indices(conv_m)
     if routers_metadata(conv_m) is None:
         raise MoeExportError(f"{converted}: not written by moe-export convert (no router metadata)")
+    notes = []
     if feeds is None:
         feeds = make_feeds(orig_m, dims=dims, seed=seed, base=Path(original).parent)
     elif isinstance(feeds, (str, Path)):
-        feeds = load_inputs(feeds, orig_m, Path(original).parent)
+        feeds = load_inputs(feeds, orig_m, Path(original).parent, notes)
     else:
-        feeds = check_inputs(feeds, orig_m)
+        feeds = check_inputs(feeds, orig_m, notes=notes)
     names_o = {o.name for o in orig_m.graph.output}
     names_c = {o.name for o in conv_m.graph.output}
     if names_o != names_c:
         raise MoeExportError(f"the graphs' outputs differ: {sorted(names_o ^ names_c)}")
-    so = with_routing_outputs(orig_m, oi)
-    sc = with_routing_outputs(conv_m, ci)
-    runners = [OnnxrtRunner(lambda: session_from_proto(so, Path(original).parent), name="original"),
-               OnnxrtRunner(lambda: session_from_proto(sc, Path(converted).parent), name="converted")]
+    # Sessions made once and handed to the runners, so each batch reuses them.
+    runners = [OnnxrtRunner(session_from_proto(with_routing_outputs(orig_m, oi), Path(original).parent), name="original"),
+               OnnxrtRunner(session_from_proto(with_routing_outputs(conv_m, ci), Path(converted).parent), name="converted")]
     if trt:
         runners.append(_trt_runner(converted))
-    try:
-        results = Comparator.run(runners, data_loader=[feeds])
-    except MoeExportError:
-        raise
-    except Exception as e:
-        raise MoeExportError(f"running the graphs failed: {str(e).splitlines()[0]}") from None
-    _canonical_slot_order(results, orig_m, len(oi))
     # The static policy keeps exactly k whatever the cap; only a router wider than k changes shapes.
     static = all(a.get("policy", "static") == "static" and a.get("max_experts", a["k"]) <= a["k"] for a in cattrs)
     graph_outputs = [o.name for o in orig_m.graph.output]
@@ -105,34 +102,63 @@ def validate(original, converted, feeds=None, atol=None, rtol=None, dims=None, s
     except ImportError:
         simple = CompareFunc.simple
     atol, rtol = _tolerances(orig_m, atol, rtol)
-    accuracy = Comparator.compare_accuracy(results, compare_func=simple(atol=atol, rtol=rtol, check_shapes=True))
+    pairs = [("original", "converted")] + ([("original", "tensorrt")] if trt else [])
+    stats = {p: {} for p in pairs}
+    po, pc = np.zeros(len(oi), dtype=np.int64), np.zeros(len(ci), dtype=np.int64)
+    tokens, same_experts = np.zeros(len(ci), dtype=np.int64), True
+    parts = batches(orig_m, feeds)
+    for part in parts:
+        try:
+            results = Comparator.run(runners, data_loader=[part])
+        except MoeExportError:
+            raise
+        except Exception as e:
+            raise MoeExportError(f"running the graphs failed: {str(e).splitlines()[0]}") from None
+        _canonical_slot_order(results, orig_m, len(oi))
+        accuracy = Comparator.compare_accuracy(results, compare_func=simple(atol=atol, rtol=rtol, check_shapes=True))
+        if not hasattr(accuracy, "keys"):  # polygraphy >= 0.50 returns one AccuracyResult per compare func
+            accuracy = accuracy[0]
+        for pair in pairs:
+            for name, r in accuracy[pair][0].items():
+                if name in graph_outputs:
+                    _merge(stats[pair], name, r, results[pair[0]][0][name].size)
+        outs = {runner: res[0] for runner, res in results.items()}
+        o_idx = [outs["original"][f"{PAIRS_PREFIX}{i}"] for i in range(len(oi))]
+        o_idx = [fused_choice(x, a["k"]) if a.get("fused") else x for x, a in zip(o_idx, oattrs)]
+        c_idx = [outs["converted"][f"{PAIRS_PREFIX}{i}"] for i in range(len(ci))]
+        po += count_pairs(o_idx, oattrs)
+        pc += count_pairs(c_idx, cattrs)
+        tokens += [a.size // a.shape[-1] if a.ndim else 0 for a in c_idx]
+        same_experts &= all(np.array_equal(a, b) for a, b in zip(o_idx, c_idx))
     report = {"original": str(original), "converted": str(converted), "atol": atol, "rtol": rtol,
-              "static_policy": static}
-    if not hasattr(accuracy, "keys"):  # polygraphy >= 0.50 returns one AccuracyResult per compare func
-        accuracy = accuracy[0]
-
-    def stats(pair):
-        per_out = accuracy[pair][0]
-        return {name: {"max_abs": float(r.max_absdiff), "mean_abs": float(r.mean_absdiff),
-                       "max_rel": float(r.max_reldiff), "mean_rel": float(r.mean_reldiff), "passed": bool(r)}
-                for name, r in per_out.items() if name in graph_outputs}
-    report["outputs"] = stats(("original", "converted"))
+              "static_policy": static, "batches": len(parts), "notes": notes}
+    report["outputs"] = {name: _final(v) for name, v in stats[pairs[0]].items()}
     if trt:
-        report["tensorrt"] = stats(("original", "tensorrt"))
-    outs = {runner: res[0] for runner, res in results.items()}
-    o_idx = [outs["original"][f"{PAIRS_PREFIX}{i}"] for i in range(len(oi))]
-    o_idx = [fused_choice(x, a["k"]) if a.get("fused") else x for x, a in zip(o_idx, oattrs)]
-    c_idx = [outs["converted"][f"{PAIRS_PREFIX}{i}"] for i in range(len(ci))]
-    po, pc = count_pairs(o_idx, oattrs), count_pairs(c_idx, cattrs)
-    tokens = [a.size // a.shape[-1] if a.ndim else 0 for a in c_idx]
-    report["layers"] = [{"layer": i, "pairs_original": a, "pairs_converted": b, "mean_experts": b / max(1, t)}
+        report["tensorrt"] = {name: _final(v) for name, v in stats[pairs[1]].items()}
+    report["layers"] = [{"layer": i, "pairs_original": int(a), "pairs_converted": int(b), "mean_experts": b / max(1, t)}
                         for i, (a, b, t) in enumerate(zip(po, pc, tokens))]
-    report["routed_pairs"] = {"original": sum(po), "converted": sum(pc),
-                              "reduction": 1 - sum(pc) / sum(po) if sum(po) else 0.0}
+    report["routed_pairs"] = {"original": int(po.sum()), "converted": int(pc.sum()),
+                              "reduction": 1 - pc.sum() / po.sum() if po.sum() else 0.0}
     report["outputs_match"] = all(v["passed"] for v in report["outputs"].values())
-    report["static_reproduces"] = (report["outputs_match"] and
-                                   all(np.array_equal(a, b) for a, b in zip(o_idx, c_idx))) if static else None
+    report["static_reproduces"] = (report["outputs_match"] and same_experts) if static else None
     return report
+
+
+def _merge(acc, name, r, size):
+    """Folds one batch's comparison of an output into the running statistics."""
+    a = acc.setdefault(name, {"max_abs": 0.0, "sum_abs": 0.0, "max_rel": 0.0, "sum_rel": 0.0, "n": 0, "passed": True})
+    a["max_abs"] = max(a["max_abs"], float(r.max_absdiff))
+    a["max_rel"] = max(a["max_rel"], float(r.max_reldiff))
+    a["sum_abs"] += float(r.mean_absdiff) * size
+    a["sum_rel"] += float(r.mean_reldiff) * size
+    a["n"] += size
+    a["passed"] &= bool(r)
+
+
+def _final(a):
+    n = max(a["n"], 1)
+    return {"max_abs": a["max_abs"], "mean_abs": a["sum_abs"] / n, "max_rel": a["max_rel"],
+            "mean_rel": a["sum_rel"] / n, "passed": a["passed"]}
 
 
 def _canonical_slot_order(results, orig_m, n_routers):
@@ -168,4 +194,5 @@ def _trt_runner(converted):
     from . import trt_plugin_library
 
     load_plugins(plugins=[trt_plugin_library()])
-    return TrtRunner(EngineFromNetwork(NetworkFromOnnxPath(str(converted))), name="tensorrt")
+    # the engine built once (not a loader): the runner is activated once per batch
+    return TrtRunner(EngineFromNetwork(NetworkFromOnnxPath(str(converted)))(), name="tensorrt")

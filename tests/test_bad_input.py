@@ -93,8 +93,11 @@ def test_missing_external_data(tmp_path):
     (["--policy", "top-p", "--threshold", "abc"], "not a number"),
 ])
 def test_invalid_policy_arguments(args, expect, tmp_path):
+    """All usage errors: exit 2, whatever layer of the tool finds them."""
     before = digest(MIXTRAL)
-    assert_clean_failure(run_cli("convert", MIXTRAL, "-o", tmp_path / "out.onnx", *args), tmp_path, expect)
+    r = run_cli("convert", MIXTRAL, "-o", tmp_path / "out.onnx", *args)
+    assert_clean_failure(r, tmp_path, expect)
+    assert r.returncode == 2
     assert digest(MIXTRAL) == before
 
 

@@ -21,7 +21,7 @@ LOOPS = [p for p in FAMILY_GRAPHS if p.stem.startswith("legacy_")]
 def computed_rows(path, feeds):
     """Per layer, the number of (token, expert) rows the expert section computes: the lengths of
     the per-expert row selections (NonZero outputs) that the router's indices feed, or of the
-    pair positions a Loop over the routed experts ran (each iteration's own NonZero)."""
+    pair positions the grouped section computed (per pair, or in a Loop over the routed experts)."""
     m = onnx.load(str(path), load_external_data=False)
     meta = routers_metadata(m)
     consumers = {}
@@ -39,9 +39,8 @@ def computed_rows(path, feeds):
                 seen.add(c.name)
                 if c.op_type == "NonZero":
                     exposed.append((li, c.output[0]))
-                elif c.op_type == "Loop":  # one iteration per routed expert: its pair positions, concatenated
-                    positions = next(n for n in consumers[c.output[1]] if n.op_type == "ConcatFromSequence")
-                    exposed.append((li, positions.output[0]))
+                elif c.op_type == "If":  # the rows of the pairs either branch computed
+                    exposed.append((li, c.output[1]))
                 else:
                     queue.extend(c.output)
     for i, (_, t) in enumerate(exposed):
@@ -131,9 +130,12 @@ def test_grouped_experts_load_like_the_original(graph, tmp_path):
     reads = [n for n in _all_nodes(m.graph) if n.op_type in ("Gather", "GatherND", "Slice") and n.input[0] in tables]
     assert reads
     assert not [n.name for n in reads if all(i in consts for i in n.input[1:] if i)]
-    loops = [n for n in m.graph.node if n.op_type == "Loop"]
-    assert len(loops) == meta["grouped_expert_sections"] > 0
+    ifs = [n for n in m.graph.node if n.op_type == "If"]  # per pair (decode) or the loop
+    loops = [n for n in _all_nodes(m.graph) if n.op_type == "Loop"]
+    assert len(ifs) == len(loops) == meta["grouped_expert_sections"] > 0
     original = onnx.load(str(graph), load_external_data=False)
-    body = max(len(n.attribute[0].g.node) for n in loops)
-    assert len(m.graph.node) < len(original.graph.node) + len(loops) * 32  # nothing per expert outside the loops
-    assert body < 3 * len(original.graph.node) / len(loops)
+    bodies = [a.g for n in loops for a in n.attribute if a.name == "body"]
+    outside = sum(1 for _ in _all_nodes(m.graph)) - sum(sum(1 for _ in _all_nodes(g)) for g in bodies)
+    # nothing per expert outside the loops: the per-pair branch is one more copy of the section
+    assert outside < 2 * len(original.graph.node) + len(ifs) * 48
+    assert max(len(g.node) for g in bodies) < 3 * len(original.graph.node) / len(loops)

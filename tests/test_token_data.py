@@ -1,0 +1,124 @@
+"""Token data given to profile, calibrate and validate --data: ids outside the vocabulary (Hugging
+Face's -100 padding included), empty data, graphs exported for a fixed batch size; and the exit
+codes and summaries the commands give."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import FAMILY_GRAPHS, run_cli
+from test_bad_input import assert_clean_failure
+
+MIXTRAL = next(p for p in FAMILY_GRAPHS if p.stem == "mixtral")
+VOCAB = 128  # the reference graph's embedding rows
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokens")
+    assert run_cli("convert", MIXTRAL, "-o", d / "conv.onnx", "--policy", "top-p", "--threshold", "0.5").returncode == 0
+    assert run_cli("convert", MIXTRAL, "-o", d / "static.onnx").returncode == 0
+    ids = np.random.default_rng(0).integers(0, VOCAB, (16, 24))
+    np.save(d / "ids.npy", ids)
+    padded = ids.copy()
+    padded[:, -5:] = -100
+    np.save(d / "padded.npy", padded)
+    big = ids.copy()
+    big[3, 7] = VOCAB
+    np.save(d / "big.npy", big)
+    np.save(d / "no_rows.npy", np.zeros((0, 24), dtype=np.int64))
+    np.save(d / "no_tokens.npy", np.zeros((4, 0), dtype=np.int64))
+    np.savez(d / "no_rows.npz", input_ids=np.zeros((0, 24), dtype=np.int64))
+    # An older export: the batch dimension fixed to 1.
+    m = onnx.load(str(MIXTRAL))
+    dim = m.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.ClearField("dim_param")
+    dim.dim_value = 1
+    onnx.save(m, str(d / "batch1.onnx"))
+    return d
+
+
+def commands(d, data):
+    return {"profile": ["profile", d / "conv.onnx", "--data", data],
+            "calibrate": ["calibrate", MIXTRAL, "--data", data, "--target-experts", "1.5", "-o", d / "out.onnx"],
+            "validate": ["validate", MIXTRAL, d / "conv.onnx", "--data", data]}
+
+
+@pytest.mark.parametrize("command", ["profile", "calibrate", "validate"])
+@pytest.mark.parametrize("data, expect", [
+    ("padded.npy", f"token ids must be in [0, {VOCAB}); input 'input_ids' holds -100"),
+    ("big.npy", f"token ids must be in [0, {VOCAB}); input 'input_ids' holds {VOCAB}"),
+    ("no_rows.npy", "no data"),
+    ("no_tokens.npy", "no data"),
+    ("no_rows.npz", "is empty"),
+])
+def test_bad_token_data(work, command, data, expect):
+    r = run_cli(*commands(work, work / data)[command])
+    assert_clean_failure(r, work, expect)
+    assert r.returncode == 1  # bad data, not a bad command line
+
+
+def test_fixed_batch_graph_takes_its_batches(work):
+    """A graph exported for batch 1 calibrates on all 16 sequences, one at a time, and says so;
+    the thresholds equal those of the same graph with a dynamic batch."""
+    r = run_cli("calibrate", work / "batch1.onnx", "--data", work / "ids.npy", "--target-experts", "1.5",
+                "-o", work / "b1.onnx", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert "the graph takes batches of 1: the 16 rows of" in " ".join(rep["notes"])
+    ref = run_cli("calibrate", MIXTRAL, "--data", work / "ids.npy", "--target-experts", "1.5",
+                  "-o", work / "dyn.onnx", "--json")
+    assert ref.returncode == 0, ref.stderr
+    assert [x["threshold"] for x in rep["layers"]] == pytest.approx([x["threshold"] for x in json.loads(ref.stdout)["layers"]])
+    prof = json.loads(run_cli("profile", work / "b1.onnx", "--data", work / "ids.npy", "--json").stdout)
+    assert prof["layers"][0]["tokens"] == 16 * 24 and prof["notes"]
+    assert run_cli("convert", work / "batch1.onnx", "-o", work / "b1s.onnx").returncode == 0
+    v = json.loads(run_cli("validate", work / "batch1.onnx", work / "b1s.onnx", "--data", work / "ids.npy", "--json").stdout)
+    assert v["batches"] == 16 and v["static_reproduces"] and v["routed_pairs"]["original"] == 2 * 16 * 24 * 2  # layers x tokens x k
+    # rows the graph cannot take: still the graph's own message
+    np.save(work / "one_row.npy", np.zeros((1, 24), dtype=np.int64))
+    other = onnx.load(str(work / "batch1.onnx"))
+    other.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 3
+    onnx.save(other, str(work / "batch3.onnx"))
+    r = run_cli("calibrate", work / "batch3.onnx", "--data", work / "one_row.npy", "--target-experts", "1.5",
+                "-o", work / "b3.onnx")
+    assert r.returncode == 1 and "dimension 0 must be 3" in r.stderr
+
+
+def test_validate_exit_codes(work):
+    dyn = run_cli("validate", MIXTRAL, work / "conv.onnx")
+    assert dyn.returncode == 0 and "DIFFERS" in dyn.stdout  # a dynamic policy is expected to differ
+    strict = run_cli("validate", MIXTRAL, work / "conv.onnx", "--strict")
+    assert strict.returncode == 1 and "beyond the tolerances" in strict.stderr
+    ok = run_cli("validate", MIXTRAL, work / "static.onnx", "--strict")
+    assert ok.returncode == 0 and "reproduces the original: yes" in ok.stdout
+    assert "--strict" in run_cli("validate", "--help").stdout
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["validate", MIXTRAL, "{d}/conv.onnx", "--atol", "-1"], "must be >= 0"),
+    (["validate", MIXTRAL, "{d}/conv.onnx", "--rtol", "nan"], "finite"),
+    (["validate", MIXTRAL, "{d}/conv.onnx", "--dim", "seq=0"], "size >= 1"),
+    (["calibrate", MIXTRAL, "--data", "{d}/ids.npy", "--target-experts", "0", "-o", "{d}/out.onnx"], ">= 1"),
+    (["calibrate", MIXTRAL, "--data", "{d}/ids.npy", "--max-ppl-increase", "5", "-o", "{d}/out.onnx"], "a fraction"),
+    (["calibrate", MIXTRAL, "--data", "{d}/ids.npy", "--max-ppl-increase", "0.01", "--holdout", "1",
+      "-o", "{d}/out.onnx"], "--holdout"),
+    (["calibrate", MIXTRAL, "--data", "{d}/ids.npy", "--target-experts", "1.5", "--policy", "auto",
+      "-o", "{d}/out.onnx"], "--max-ppl-increase"),
+    (["convert", MIXTRAL, "-o", "{d}/out.onnx", "--policy", "top-p", "--threshold", "nan"], "finite"),
+    (["convert", MIXTRAL, "-o", "{d}/out.onnx", "--policy", "top-p", "--threshold", "1.5"], "[0, 1]"),
+])
+def test_usage_errors_exit_2(work, args, expect):
+    r = run_cli(*[str(a).format(d=work) for a in args])
+    assert_clean_failure(r, work, expect)
+    assert r.returncode == 2
+
+
+def test_convert_summary_names_every_setting(work):
+    r = run_cli("convert", MIXTRAL, "-o", work / "s.onnx", "--policy", "top-p", "--threshold", "0.4",
+                "--min-experts", "1", "--max-experts", "2", "--renormalize", "0.5", "--per-expert-weights")
+    assert r.returncode == 0, r.stderr
+    assert ("[policy top-p, threshold 0.4, max-experts 2, renormalize 0.5, per-expert-weights]" in r.stdout), r.stdout
+    plain = run_cli("convert", MIXTRAL, "-o", work / "s2.onnx", "--json")
+    assert json.loads(plain.stdout)["settings"] == {"policy": "static"}
