@@ -95,7 +95,7 @@ def add_mxfp4(model, out: Path):
 
     levels = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
-    def quantize(w):  # [E, N, K] output-major -> blocks [E, N, K/32, 16], scales [E, N, K/32]
+    def quantize(w):  # [N, K] output-major -> blocks [N, K/32, 16], scales [N, K/32]
         g = w.float().reshape(*w.shape[:-1], -1, 32)
         amax = g.abs().amax(-1, keepdim=True).clamp_min(1e-30)
         exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
@@ -110,9 +110,10 @@ def add_mxfp4(model, out: Path):
     for i, layer in enumerate(model.model.layers):
         ex = layer.mlp.experts
         for name, w in (("gate_up_proj", ex.gate_up_proj), ("down_proj", ex.down_proj)):
-            b, s = quantize(w.detach().transpose(-1, -2))
-            tensors[f"model.layers.{i}.mlp.experts.{name}_blocks"] = b
-            tensors[f"model.layers.{i}.mlp.experts.{name}_scales"] = s
+            # one expert at a time: quantize() holds 8 copies of its input (deploy_cpu.py's shapes)
+            b, s = zip(*(quantize(w[e].detach().transpose(-1, -2)) for e in range(w.shape[0])))
+            tensors[f"model.layers.{i}.mlp.experts.{name}_blocks"] = torch.stack(b)
+            tensors[f"model.layers.{i}.mlp.experts.{name}_scales"] = torch.stack(s)
     save_file(tensors, files[0], metadata={"format": "pt"})
 
 

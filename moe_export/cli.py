@@ -102,8 +102,10 @@ def _dims(items):
     out = {}
     for it in items or []:
         name, eq, val = it.partition("=")
-        if not name.strip() or not eq or not val.strip().isdigit() or int(val) < 1:
-            raise UsageError(f"--dim wants NAME=SIZE with a size >= 1, got {it!r}")
+        if not name.strip() or not eq or not val.strip().isdigit():
+            raise UsageError(f"--dim wants NAME=SIZE with a whole number, got {it!r}")
+        if int(val) == 0 and not any(w in name.lower() for w in ("past", "cache")):
+            raise UsageError(f"--dim {it}: only a cache length may be 0 (an empty cache); sizes are >= 1")
         out[name.strip()] = int(val)
     return out
 

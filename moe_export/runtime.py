@@ -69,12 +69,31 @@ def session_from_proto(model, base_dir, custom_ops=True, **opts):
 # such as [tokens, vocab] logits, which onnxruntime computes whether asked for or not) grow with
 # them; 2048 is 16 sequences of 128 tokens.
 BATCH_TOKENS = 2048
+# Weight copies a batch may make: an original batched expert section (transformers 5.x, which
+# validate runs as exported) gathers a weight slab per (token, slot), 13.9 GB for 2 x 512 tokens
+# of a 1 GB Qwen3-MoE export.
+GATHER_BUDGET = 2 * 2**30
 
 
-def batches(model, feeds, batch=16):
+def gathered_per_token(model, routers) -> int:
+    """Bytes of expert weights a layer's batched section gathers per token: the slabs of the
+    [E, ...] tables GatherND reads, per router, times its slots. 0 where nothing is gathered so."""
+    inits = {t.name: t for t in model.graph.initializer}
+    slabs = 0
+    for n in model.graph.node:
+        t = inits.get(n.input[0]) if n.op_type == "GatherND" and n.input else None
+        if t is not None and len(t.dims) >= 3:
+            slabs += int(np.prod(t.dims[1:])) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    if not slabs or not routers:
+        return 0
+    return slabs // len(routers) * max(r["k"] for r in routers)
+
+
+def batches(model, feeds, batch=16, token_bytes=0):
     """`feeds` in slices along the batch axis: the graph's batch size where it is fixed (an export
-    for a batch of one), else at most `batch` rows and BATCH_TOKENS tokens, so that memory stays
-    bounded whatever the data's size."""
+    for a batch of one), else at most `batch` rows, BATCH_TOKENS tokens and (with `token_bytes`,
+    what a token gathers) GATHER_BUDGET of weight copies, so that memory stays bounded whatever
+    the data's size. A sequence is never split: a causal graph sees it whole."""
     ids = feeds.get("input_ids")
     main = "input_ids" if ids is not None else next(iter(feeds))
     n = feeds[main].shape[_batch_axes(model).get(main, 0)]
@@ -82,7 +101,8 @@ def batches(model, feeds, batch=16):
     if fixed:
         batch = fixed
     elif ids is not None and ids.ndim == 2 and ids.shape[1]:
-        batch = max(1, min(batch, BATCH_TOKENS // ids.shape[1]))
+        tokens = min(BATCH_TOKENS, GATHER_BUDGET // token_bytes) if token_bytes else BATCH_TOKENS
+        batch = max(1, min(batch, tokens // ids.shape[1]))
     return [take_rows(model, feeds, slice(s, s + batch)) for s in range(0, n, batch)]
 
 
@@ -146,17 +166,32 @@ def take_rows(model, feeds, rows):
 
 
 def _int_bound(ix: GraphIndex, name, hops=2):
-    """Token ids index an embedding: the first Gather over an initializer (GatherBlockQuantized
-    for int4 embeddings) tells the vocab size, looked for through a Cast or Reshape or two."""
+    """Token ids index an embedding: the rows of the first Gather's table (GatherBlockQuantized
+    for int4 embeddings) tell the vocab size, looked for through a Cast or Reshape or two."""
     for c in ix.consumers_of(name):
-        if (c.op_type in ("Gather", "GatherBlockQuantized") and len(c.input) > 1 and c.input[1] == name
-                and c.input[0] in ix.initializers):
-            return ix.initializers[c.input[0]].dims[0]
+        if c.op_type in ("Gather", "GatherBlockQuantized") and len(c.input) > 1 and c.input[1] == name:
+            rows = _rows(ix, c.input[0])
+            if rows is None and c.op_type == "GatherBlockQuantized" and len(c.input) > 2:
+                rows = _rows(ix, c.input[2])  # its scales: one row per table row
+            if rows is not None:
+                return rows
     for c in ix.consumers_of(name):
         if hops and c.op_type in ("Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze") and c.input[0] == name:
             found = _int_bound(ix, c.output[0], hops - 1)
             if found is not None:
                 return found
+    return None
+
+
+def _rows(ix: GraphIndex, t):
+    """The first dimension of an initializer, or of a transposed one (a table tied to the LM head)."""
+    if t in ix.initializers:
+        return ix.initializers[t].dims[0] if ix.initializers[t].dims else None
+    n = ix.producer.get(t)
+    if n is not None and n.op_type == "Transpose" and n.input[0] in ix.initializers:
+        dims = ix.initializers[n.input[0]].dims
+        perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), list(range(len(dims)))[::-1])
+        return dims[perm[0]]
     return None
 
 

@@ -10,7 +10,7 @@ from . import MoeExportError
 from .graph import GraphIndex, load_model
 from .patterns import find_gates
 from .rewrite import routers_metadata
-from .runtime import batches, check_inputs, expose, load_inputs, make_feeds, session_from_proto
+from .runtime import batches, check_inputs, expose, gathered_per_token, load_inputs, make_feeds, session_from_proto
 
 PAIRS_PREFIX = "moe_export.indices."
 
@@ -106,7 +106,7 @@ def validate(original, converted, feeds=None, atol=None, rtol=None, dims=None, s
     stats = {p: {} for p in pairs}
     po, pc = np.zeros(len(oi), dtype=np.int64), np.zeros(len(ci), dtype=np.int64)
     tokens, same_experts = np.zeros(len(ci), dtype=np.int64), True
-    parts = batches(orig_m, feeds)
+    parts = batches(orig_m, feeds, token_bytes=gathered_per_token(orig_m, oattrs))
     for part in parts:
         try:
             results = Comparator.run(runners, data_loader=[part])

@@ -57,14 +57,16 @@ def check(attrs, x, bias, dtype_name, isa="auto"):
     ok = ~amb.reshape(-1)
     I, RI = i.reshape(-1, i.shape[-1]), ri.reshape(-1, ri.shape[-1])
     assert np.array_equal(I[ok], RI[ok]), "indices differ from the spec"
-    W, RW = w.astype(np.float32).reshape(I.shape), rw.astype(np.float32).reshape(I.shape)
+    # The spec's weights as the output type holds them: a weight past float16's range is inf there
+    # (normalizing over a top-k whose scores all underflow towards 0 gives such weights).
+    W, RW = w.astype(np.float32).reshape(I.shape), rw.astype(io_t).astype(np.float32).reshape(I.shape)
     assert np.allclose(W[ok], RW[ok], atol=tol, rtol=tol)
     # Ambiguous tokens (a decision within rounding of the threshold) still route validly.
     E = attrs["num_experts"]
     assert ((I >= 0) & (I <= E)).all()
     kept = (I < E).sum(axis=1)
     assert (np.abs(kept[~ok] - counts.reshape(-1)[~ok]) <= 1).all()
-    assert np.isfinite(W).all()
+    assert np.isfinite(W[np.isfinite(RW)]).all()
 
 
 def ulp_neighbours(rng, shape):

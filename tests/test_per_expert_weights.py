@@ -76,4 +76,4 @@ def test_embedded_weights_are_sliced_in_memory(tmp_path):
 
 def test_needs_regrouping(exported, tmp_path):
     r = run_cli("convert", exported, "-o", tmp_path / "x.onnx", "--per-expert-weights", "--no-group-experts")
-    assert r.returncode == 1 and "--no-group-experts" in r.stderr and not (tmp_path / "x.onnx").exists()
+    assert r.returncode == 2 and "--no-group-experts" in r.stderr and not (tmp_path / "x.onnx").exists()

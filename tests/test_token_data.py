@@ -99,7 +99,7 @@ def test_validate_exit_codes(work):
 @pytest.mark.parametrize("args, expect", [
     (["validate", MIXTRAL, "{d}/conv.onnx", "--atol", "-1"], "must be >= 0"),
     (["validate", MIXTRAL, "{d}/conv.onnx", "--rtol", "nan"], "finite"),
-    (["validate", MIXTRAL, "{d}/conv.onnx", "--dim", "seq=0"], "size >= 1"),
+    (["validate", MIXTRAL, "{d}/conv.onnx", "--dim", "seq=0"], "only a cache length may be 0"),
     (["calibrate", MIXTRAL, "--data", "{d}/ids.npy", "--target-experts", "0", "-o", "{d}/out.onnx"], ">= 1"),
     (["calibrate", MIXTRAL, "--data", "{d}/ids.npy", "--max-ppl-increase", "5", "-o", "{d}/out.onnx"], "a fraction"),
     (["calibrate", MIXTRAL, "--data", "{d}/ids.npy", "--max-ppl-increase", "0.01", "--holdout", "1",
@@ -122,3 +122,31 @@ def test_convert_summary_names_every_setting(work):
     assert ("[policy top-p, threshold 0.4, max-experts 2, renormalize 0.5, per-expert-weights]" in r.stdout), r.stdout
     plain = run_cli("convert", MIXTRAL, "-o", work / "s2.onnx", "--json")
     assert json.loads(plain.stdout)["settings"] == {"policy": "static"}
+
+
+GENAI = sorted((FAMILY_GRAPHS[0].parent / "genai").glob("*_cpu"))
+OPTIMUM = sorted((FAMILY_GRAPHS[0].parent / "optimum").glob("*.onnx"))
+
+
+@pytest.mark.parametrize("graph", FAMILY_GRAPHS + OPTIMUM + GENAI, ids=lambda p: p.parent.name + "/" + p.stem
+                         if p.is_file() else p.name)
+def test_every_reference_graph_knows_its_vocabulary(graph):
+    """The bound is read off each graph's embedding, tied LM heads and int4 tables included: the
+    last id passes and the next one is refused."""
+    import re
+
+    from moe_export import MoeExportError
+    from moe_export.runtime import check_inputs, make_feeds
+
+    path = graph / "model.onnx" if graph.is_dir() else graph
+    model = onnx.load(str(path), load_external_data=False)
+    feeds = make_feeds(model, tokens=4, past=0, base=path.parent)
+    feeds["input_ids"][...] = 10**9
+    with pytest.raises(MoeExportError, match=r"token ids must be in \[0, \d+\)") as e:
+        check_inputs(feeds, model)
+    vocab = int(re.search(r"\[0, (\d+)\)", str(e.value)).group(1))
+    feeds["input_ids"][...] = vocab - 1
+    check_inputs(feeds, model)
+    feeds["input_ids"][...] = vocab
+    with pytest.raises(MoeExportError):
+        check_inputs(feeds, model)

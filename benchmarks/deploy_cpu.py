@@ -1,0 +1,206 @@
+"""Converted vs original at the MoE layer shapes of published models: load time and memory,
+prefill and decode speed, by batch and threads.
+
+    .venv/bin/python benchmarks/deploy_cpu.py [--shapes gpt-oss-20b qwen3.5-35b-a3b] [--precisions int4]
+        [--prefill 128] [--decode 16] [--repeats 3]   # -> benchmarks/results/deploy_cpu.json
+
+Each shape is a random-weight checkpoint with the layer shapes of a published model (its hidden
+size, experts, top-k, expert intermediate size, attention heads), as few layers as memory needs
+and a small vocabulary (so the LM head does not swamp two layers), routers drawn peaked as
+make_genai.py does. It is built by the ONNX Runtime GenAI model builder (fused MoE / QMoE ops;
+both architectures are ones it supports), cached under build/deploy_bench/, and calibrated with
+`moe-export calibrate FOLDER --target-experts k x (1 - cut)` on token ids of real text (the
+Python license through the model's tokenizer) to cut about 35% of the routed pairs.
+
+Timing runs the decoder graph in onnxruntime sessions, original and converted side by side in one
+process, alternating `--repeats` times: prefill = one run of [batch, prefill] tokens from an empty
+cache; decode = `--decode` runs of one token per sequence after a cache of `prefill` tokens.
+Load time and peak RSS of session creation are measured in a fresh child process per graph
+(default session options but the thread count). The pair cut is measured by `moe-export profile`
+on the prefill tokens; the ideal speedup is the FLOP split's, as in genai_cpu.py (experts' share f
+of the FLOPs at the mean context, cut r: 1 / (1 - f r)).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "graphs"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+WORK = ROOT / "build" / "deploy_bench"
+
+# Layer shapes of published models (config.json of each), two layers each (one of each attention kind).
+SHAPES = {
+    "gpt-oss-20b": ("gpt_oss", dict(hidden_size=2880, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4,
+                                    num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128,
+                                    num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
+                                    vocab_size=512, max_position_embeddings=4096)),
+    "qwen3.5-35b-a3b": ("qwen3_5_moe", dict(hidden_size=2048, num_experts=256, num_experts_per_tok=8,
+                                            moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                                            num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+                                            num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+                                            linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+                                            linear_num_value_heads=32, vocab_size=512, max_position_embeddings=4096)),
+}
+
+LOAD_CHILD = r"""
+import json, resource, sys, time
+import moe_export
+t = time.perf_counter()
+moe_export.session(sys.argv[1], intra_op_num_threads=int(sys.argv[2]))
+print(json.dumps({"load_s": time.perf_counter() - t,
+                  "load_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+
+def build(shape, precision):
+    from make_genai import build as builder, checkpoint
+
+    arch, sizes = SHAPES[shape]
+    ckpt = WORK / f"{shape}_checkpoint"
+    if not (ckpt / "config.json").is_file():
+        checkpoint(arch, ckpt, **sizes)
+    dst = WORK / f"{shape}_{precision}"
+    if not (dst / "genai_config.json").is_file():
+        builder(ckpt, dst, precision, "cpu")
+    return dst
+
+
+def load_cost(folder, threads, turns=2):
+    rows = []
+    for _ in range(turns):
+        r = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(folder / "model.onnx"), str(threads)],
+                           capture_output=True, text=True, check=True)
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def feeds_for(folder, model, batch, prefill, decode_step):
+    from moe_export.runtime import make_feeds
+
+    rng = np.random.default_rng(batch)
+    if decode_step:
+        f = make_feeds(model, dims={"batch_size": batch}, tokens=1, batch=batch, past=prefill, base=folder)
+    else:
+        f = make_feeds(model, dims={"batch_size": batch}, tokens=prefill, batch=batch, past=0, base=folder)
+    f["input_ids"] = rng.integers(3, 512, f["input_ids"].shape).astype(f["input_ids"].dtype)
+    return f
+
+
+def time_pair(folders, batch, threads, prefill, decode, repeats, prompt):
+    """Medians of prefill and per-step decode seconds, the graphs alternating."""
+    import moe_export
+    from moe_export.graph import load_model
+
+    sess, feeds = {}, {}
+    for name, folder in folders.items():
+        sess[name] = moe_export.session(folder / "model.onnx", intra_op_num_threads=threads, inter_op_num_threads=1)
+        model = load_model(folder / "model.onnx")
+        pre = feeds_for(folder, model, batch, prefill, False)
+        pre["input_ids"] = prompt[:batch].astype(pre["input_ids"].dtype)
+        feeds[name] = (pre, feeds_for(folder, model, batch, prefill, True))
+    times = {n: ([], []) for n in folders}
+    for r in range(repeats + 1):  # the first round warms up (arenas, prepacked weights)
+        for name, s in sess.items():
+            pre, dec = feeds[name]
+            t0 = time.perf_counter()
+            s.run(None, pre)
+            t1 = time.perf_counter()
+            for _ in range(decode):
+                s.run(None, dec)
+            t2 = time.perf_counter()
+            if r:
+                times[name][0].append(t1 - t0)
+                times[name][1].append((t2 - t1) / decode)
+    return {n: (statistics.median(p), statistics.median(d)) for n, (p, d) in times.items()}
+
+
+def main():
+    from genai_cpu import cli, flop_split, text_ids
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--precisions", nargs="+", default=["int4"], choices=["fp32", "int4"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--prefill", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cut", type=float, default=0.35, help="the fraction of routed pairs to calibrate away")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "deploy_cpu.json")
+    args = ap.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for shape in args.shapes:
+        arch, sizes = SHAPES[shape]
+        k = sizes["num_experts_per_tok"]
+        for precision in args.precisions:
+            t = time.perf_counter()
+            folder = build(shape, precision)
+            build_s = time.perf_counter() - t
+            ids = text_ids(folder, args.prefill)
+            calib, prompt_file = WORK / f"{shape}_calib.npy", WORK / f"{shape}_prompt.npy"
+            np.save(calib, ids[8:24])  # 16 sequences; the prompts are others
+            prompt = ids[:max(args.batches)]
+            np.save(prompt_file, prompt)
+            conv = WORK / f"{shape}_{precision}.dynamic"
+            convert_s = None
+            if not (conv / "genai_config.json").is_file():
+                t = time.perf_counter()
+                cli("calibrate", folder, "--data", calib, "--target-experts", round(k * (1 - args.cut), 3), "-o", conv)
+                convert_s = time.perf_counter() - t
+            cut = json.loads(cli("profile", conv, "--data", prompt_file, "--json"))["total"]["pair_reduction"]
+            E_f, R_f = flop_split(folder, context=args.prefill + args.decode / 2)
+            f = E_f / (E_f + R_f)
+            ideal = 1 / (1 - f * cut)
+            folders = {"original": folder, "converted": conv}
+            for threads in args.threads:
+                load = {n: load_cost(p, threads) for n, p in folders.items()}
+                for batch in args.batches:
+                    med = time_pair(folders, batch, threads, args.prefill, args.decode, args.repeats, prompt)
+                    row = {"shape": shape, "architecture": arch, "precision": precision, "batch": batch,
+                           "threads": threads, "pair_reduction": cut, "expert_flop_fraction": f,
+                           "ideal_speedup": ideal,
+                           "prefill_speedup": med["original"][0] / med["converted"][0],
+                           "decode_speedup": med["original"][1] / med["converted"][1],
+                           "prefill_s": {n: m[0] for n, m in med.items()},
+                           "decode_ms_per_step": {n: 1e3 * m[1] for n, m in med.items()},
+                           "original_load_s": load["original"]["load_s"],
+                           "converted_load_s": load["converted"]["load_s"],
+                           "original_load_rss_gb": load["original"]["load_rss_gb"],
+                           "converted_load_rss_gb": load["converted"]["load_rss_gb"],
+                           "build_s": build_s, "calibrate_s": convert_s}
+                    row["prefill_of_ideal"] = row["prefill_speedup"] / ideal
+                    row["decode_of_ideal"] = row["decode_speedup"] / ideal
+                    rows.append(row)
+                    print(f"{shape} {precision} batch {batch} threads {threads}: pairs -{100 * cut:.1f}% ideal "
+                          f"x{ideal:.3f}; prefill x{row['prefill_speedup']:.3f} ({100 * row['prefill_of_ideal']:.0f}%), "
+                          f"decode x{row['decode_speedup']:.3f} ({100 * row['decode_of_ideal']:.0f}%); load "
+                          f"{row['original_load_s']:.2f} -> {row['converted_load_s']:.2f} s, "
+                          f"{row['original_load_rss_gb']:.2f} -> {row['converted_load_rss_gb']:.2f} GB", flush=True)
+                    args.out.write_text(json.dumps(result(args, rows), indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+def result(args, rows):
+    return {"date": date.today().isoformat(),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "onnxruntime": __import__("onnxruntime").__version__,
+            "command": "benchmarks/deploy_cpu.py " + " ".join(sys.argv[1:]),
+            "shapes": {s: SHAPES[s][1] for s in args.shapes}, "prefill_tokens": args.prefill,
+            "decode_steps": args.decode, "repeats": args.repeats, "results": rows}
+
+
+if __name__ == "__main__":
+    main()
