@@ -51,7 +51,10 @@ SHAPES = {
                                             num_attention_heads=16, num_key_value_heads=2, head_dim=256,
                                             num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
                                             linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
-                                            linear_num_value_heads=32, vocab_size=512, max_position_embeddings=4096)),
+                                            linear_num_value_heads=32, vocab_size=512, max_position_embeddings=4096,
+                                            rope_parameters={"rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                                                             "rope_type": "default", "mrope_section": [11, 11, 10],
+                                                             "mrope_interleaved": True})),
 }
 
 LOAD_CHILD = r"""
@@ -77,13 +80,15 @@ def build(shape, precision):
     return dst
 
 
-def load_cost(folder, threads, turns=2):
-    rows = []
+def load_cost(folders, threads, turns=5):
+    """Medians of session creation in fresh processes, the graphs taking turns."""
+    rows = {n: [] for n in folders}
     for _ in range(turns):
-        r = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(folder / "model.onnx"), str(threads)],
-                           capture_output=True, text=True, check=True)
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        for name, folder in folders.items():
+            r = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(folder / "model.onnx"), str(threads)],
+                               capture_output=True, text=True, check=True)
+            rows[name].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    return {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in rows.items()}
 
 
 def feeds_for(folder, model, batch, prefill, decode_step):
@@ -98,6 +103,21 @@ def feeds_for(folder, model, batch, prefill, decode_step):
     return f
 
 
+def continuation(sess, pre, dec):
+    """Decode feeds that continue the prefill: its cache (present.* fed back as the past inputs)
+    and its greedy next token, so the routers see the hidden states of real text, not of a
+    random cache."""
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, pre)))
+    for name in dec:
+        if name.startswith("past"):
+            present = "present" + name[len("past_key_values"):] if name.startswith("past_key_values") else \
+                "present" + name[len("past"):]
+            if present in outs and outs[present].shape == dec[name].shape:
+                dec[name] = outs[present]
+    dec["input_ids"] = outs["logits"][:, -1:].argmax(-1).astype(dec["input_ids"].dtype)
+    return dec
+
+
 def time_pair(folders, batch, threads, prefill, decode, repeats, prompt):
     """Medians of prefill and per-step decode seconds, the graphs alternating."""
     import moe_export
@@ -109,7 +129,7 @@ def time_pair(folders, batch, threads, prefill, decode, repeats, prompt):
         model = load_model(folder / "model.onnx")
         pre = feeds_for(folder, model, batch, prefill, False)
         pre["input_ids"] = prompt[:batch].astype(pre["input_ids"].dtype)
-        feeds[name] = (pre, feeds_for(folder, model, batch, prefill, True))
+        feeds[name] = (pre, continuation(sess[name], pre, feeds_for(folder, model, batch, prefill, True)))
     times = {n: ([], []) for n in folders}
     for r in range(repeats + 1):  # the first round warms up (arenas, prepacked weights)
         for name, s in sess.items():
@@ -166,7 +186,7 @@ def main():
             ideal = 1 / (1 - f * cut)
             folders = {"original": folder, "converted": conv}
             for threads in args.threads:
-                load = {n: load_cost(p, threads) for n, p in folders.items()}
+                load = load_cost(folders, threads)
                 for batch in args.batches:
                     med = time_pair(folders, batch, threads, args.prefill, args.decode, args.repeats, prompt)
                     row = {"shape": shape, "architecture": arch, "precision": precision, "batch": batch,
@@ -183,6 +203,8 @@ def main():
                            "build_s": build_s, "calibrate_s": convert_s}
                     row["prefill_of_ideal"] = row["prefill_speedup"] / ideal
                     row["decode_of_ideal"] = row["decode_speedup"] / ideal
+                    for phase in ("prefill", "decode"):  # of the gain: 0 when nothing is saved
+                        row[f"{phase}_gain_of_ideal"] = (row[f"{phase}_speedup"] - 1) / (ideal - 1)
                     rows.append(row)
                     print(f"{shape} {precision} batch {batch} threads {threads}: pairs -{100 * cut:.1f}% ideal "
                           f"x{ideal:.3f}; prefill x{row['prefill_speedup']:.3f} ({100 * row['prefill_of_ideal']:.0f}%), "

@@ -3,10 +3,11 @@
 transformers 5.x `batched_mm` graphs compute every (token, slot) pair: each pair gathers its
 expert's weight matrices (GatherND over [E, ...] tables by the flat expert ids) and runs a batched
 matmul, so a dropped slot still costs a full expert and the gathers copy weights per pair. This
-pass clones the section once per expert, fed only that expert's pairs (NonZero(ids == e)); gathered
-tables become the expert's own slice, batched matmuls become one GEMM per expert, and the
-contributions are scattered back to their pair rows before the graph's own per-token sum. A
-dropped slot (id = E) matches no expert and costs nothing.
+pass runs the section per expert, fed only that expert's pairs (NonZero(ids == e)), in one Loop
+over the routed experts; gathered tables become the expert's own slice, batched matmuls become
+one GEMM per expert, and the contributions are scattered back to their pair rows before the
+graph's own per-token sum. Where no expert has two pairs (decode at batch 1) an If runs the
+original's batched form on the kept pairs instead. A dropped slot (id = E) is computed by neither.
 
 The slice is gathered at run time by an index read from the routed ids (the id of the expert's
 first pair: [e] when it has pairs, [] when not), never by a constant e: ONNX Runtime constant-folds
