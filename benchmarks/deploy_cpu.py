@@ -2,7 +2,7 @@
 prefill and decode speed, by batch and threads.
 
     .venv/bin/python benchmarks/deploy_cpu.py [--shapes gpt-oss-20b qwen3.5-35b-a3b] [--precisions int4]
-        [--prefill 128] [--decode 16] [--repeats 3]   # -> benchmarks/results/deploy_cpu.json
+        [--prefill 128] [--torch-prefill 16] [--decode 16] [--repeats 3]   # -> benchmarks/results/deploy_cpu.json
 
 Each shape is a random-weight checkpoint with the layer shapes of a published model (its hidden
 size, experts, top-k, expert intermediate size, attention heads), as few layers as memory needs
@@ -11,6 +11,11 @@ make_genai.py does. It is built by the ONNX Runtime GenAI model builder (fused M
 both architectures are ones it supports), cached under build/deploy_bench/, and calibrated with
 `moe-export calibrate FOLDER --target-experts k x (1 - cut)` on token ids of real text (the
 Python license through the model's tokenizer) to cut about 35% of the routed pairs.
+
+Qwen3-30B-A3B, which the builder refuses, is built by transformers instead (one layer, fp32) and
+exported by `moe-export export --with-past` (batched_mm experts: the conversion's regrouped Loop is
+what is timed there); its prefill is `--torch-prefill` tokens, since the original gathers a 6.3 MB
+weight slab per (token, slot) and matrix, and its calibration text is the license's bytes.
 
 Timing runs the decoder graph in onnxruntime sessions, original and converted side by side in one
 process, alternating `--repeats` times: prefill = one run of [batch, prefill] tokens from an empty
@@ -29,6 +34,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import sysconfig
 import time
 from datetime import date
 from pathlib import Path
@@ -56,6 +62,15 @@ SHAPES = {
                                                              "rope_type": "default", "mrope_section": [11, 11, 10],
                                                              "mrope_interleaved": True})),
 }
+# Built by transformers and exported by `moe-export export --with-past` (batched_mm experts: the
+# regrouped Loop form is what is timed): fp32, one layer, short prefills, since the original
+# gathers a 6.3 MB weight slab per (token, slot) and matrix at this shape.
+TORCH_SHAPES = {
+    "qwen3-30b-a3b": dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                          intermediate_size=6144, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_hidden_layers=1, vocab_size=512, norm_topk_prob=True, decoder_sparse_step=1,
+                          max_position_embeddings=4096),
+}
 
 LOAD_CHILD = r"""
 import json, resource, sys, time
@@ -80,12 +95,46 @@ def build(shape, precision):
     return dst
 
 
-def load_cost(folders, threads, turns=5):
+def build_torch(shape):
+    """A random-weight checkpoint of the shape (routers peaked as make_genai.py draws them),
+    exported with its KV cache."""
+    import torch
+    import transformers as tf
+
+    graph = WORK / f"{shape}_fp32" / "model.onnx"
+    if graph.is_file():
+        return graph
+    torch.manual_seed(0)
+    model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**TORCH_SHAPES[shape]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight"):
+                p.normal_(0.0, 0.5)
+    ckpt = WORK / f"{shape}_checkpoint"
+    model.save_pretrained(ckpt)
+    del model
+    graph.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(Path(sys.executable).parent / "moe-export"), "export", ckpt, "-o", graph, "--with-past"],
+                   check=True)
+    return graph
+
+
+def torch_flop_fraction(cfg, context):
+    """The experts' share of a token's FLOPs, from the config (as flop_split reads a GenAI graph)."""
+    H, hd, L = cfg["hidden_size"], cfg["head_dim"], cfg["num_hidden_layers"]
+    experts = L * cfg["num_experts_per_tok"] * 2 * 3 * H * cfg["moe_intermediate_size"]
+    attn = L * 2 * (2 * H * cfg["num_attention_heads"] * hd + 2 * H * cfg["num_key_value_heads"] * hd)
+    other = attn + L * 2 * H * cfg["num_experts"] + 2 * H * cfg["vocab_size"] + \
+        L * 2 * 2 * cfg["num_attention_heads"] * hd * context
+    return experts / (experts + other)
+
+
+def load_cost(graphs, threads, turns=5):
     """Medians of session creation in fresh processes, the graphs taking turns."""
-    rows = {n: [] for n in folders}
+    rows = {n: [] for n in graphs}
     for _ in range(turns):
-        for name, folder in folders.items():
-            r = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(folder / "model.onnx"), str(threads)],
+        for name, graph in graphs.items():
+            r = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(graph), str(threads)],
                                capture_output=True, text=True, check=True)
             rows[name].append(json.loads(r.stdout.strip().splitlines()[-1]))
     return {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in rows.items()}
@@ -118,19 +167,20 @@ def continuation(sess, pre, dec):
     return dec
 
 
-def time_pair(folders, batch, threads, prefill, decode, repeats, prompt):
+def time_pair(graphs, batch, threads, prefill, decode, repeats, prompt):
     """Medians of prefill and per-step decode seconds, the graphs alternating."""
     import moe_export
     from moe_export.graph import load_model
 
     sess, feeds = {}, {}
-    for name, folder in folders.items():
-        sess[name] = moe_export.session(folder / "model.onnx", intra_op_num_threads=threads, inter_op_num_threads=1)
-        model = load_model(folder / "model.onnx")
+    for name, graph in graphs.items():
+        folder = graph.parent
+        sess[name] = moe_export.session(graph, intra_op_num_threads=threads, inter_op_num_threads=1)
+        model = load_model(graph)
         pre = feeds_for(folder, model, batch, prefill, False)
         pre["input_ids"] = prompt[:batch].astype(pre["input_ids"].dtype)
         feeds[name] = (pre, continuation(sess[name], pre, feeds_for(folder, model, batch, prefill, True)))
-    times = {n: ([], []) for n in folders}
+    times = {n: ([], []) for n in graphs}
     for r in range(repeats + 1):  # the first round warms up (arenas, prepacked weights)
         for name, s in sess.items():
             pre, dec = feeds[name]
@@ -150,11 +200,14 @@ def main():
     from genai_cpu import cli, flop_split, text_ids
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES) + list(TORCH_SHAPES),
+                    choices=list(SHAPES) + list(TORCH_SHAPES))
     ap.add_argument("--precisions", nargs="+", default=["int4"], choices=["fp32", "int4"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--prefill", type=int, default=128)
+    ap.add_argument("--torch-prefill", type=int, default=16,
+                    help="prefill tokens for the torch exports (their original gathers weights per token)")
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cut", type=float, default=0.35, help="the fraction of routed pairs to calibrate away")
@@ -162,56 +215,71 @@ def main():
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     rows = []
-    for shape in args.shapes:
-        arch, sizes = SHAPES[shape]
+    for shape, precision in [(s, p) for s in args.shapes if s in SHAPES for p in args.precisions] + \
+            [(s, "fp32") for s in args.shapes if s in TORCH_SHAPES]:
+        t = time.perf_counter()
+        if shape in SHAPES:
+            arch, sizes = SHAPES[shape]
+            original = build(shape, precision) / "model.onnx"
+            ids = text_ids(original.parent, args.prefill)
+        else:
+            arch, sizes = "qwen3_moe (torch export)", TORCH_SHAPES[shape]
+            original = build_torch(shape)
+            text = np.frombuffer((Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_bytes(), np.uint8)
+            ids = text[: args.torch_prefill * (text.size // args.torch_prefill)].astype(np.int64).reshape(
+                -1, args.torch_prefill)  # bytes: real text in a 512-token vocabulary
+        build_s = time.perf_counter() - t
+        prefill = args.prefill if shape in SHAPES else args.torch_prefill
         k = sizes["num_experts_per_tok"]
-        for precision in args.precisions:
+        calib, prompt_file = WORK / f"{shape}_calib.npy", WORK / f"{shape}_prompt.npy"
+        np.save(calib, ids[8:24])  # 16 sequences; the prompts are others
+        prompt = ids[:max(args.batches)]
+        np.save(prompt_file, prompt)
+        # what the commands take: a GenAI folder, or the graph itself
+        source, out = ((original.parent, WORK / f"{shape}_{precision}.dynamic") if shape in SHAPES else
+                       (original, WORK / f"{shape}_{precision}.dynamic.onnx"))
+        convert_s = None
+        if not out.exists():
             t = time.perf_counter()
-            folder = build(shape, precision)
-            build_s = time.perf_counter() - t
-            ids = text_ids(folder, args.prefill)
-            calib, prompt_file = WORK / f"{shape}_calib.npy", WORK / f"{shape}_prompt.npy"
-            np.save(calib, ids[8:24])  # 16 sequences; the prompts are others
-            prompt = ids[:max(args.batches)]
-            np.save(prompt_file, prompt)
-            conv = WORK / f"{shape}_{precision}.dynamic"
-            convert_s = None
-            if not (conv / "genai_config.json").is_file():
-                t = time.perf_counter()
-                cli("calibrate", folder, "--data", calib, "--target-experts", round(k * (1 - args.cut), 3), "-o", conv)
-                convert_s = time.perf_counter() - t
-            cut = json.loads(cli("profile", conv, "--data", prompt_file, "--json"))["total"]["pair_reduction"]
-            E_f, R_f = flop_split(folder, context=args.prefill + args.decode / 2)
+            cli("calibrate", source, "--data", calib, "--target-experts", round(k * (1 - args.cut), 3), "-o", out)
+            convert_s = time.perf_counter() - t
+        conv = out / "model.onnx" if out.is_dir() else out
+        cut = json.loads(cli("profile", out, "--data", prompt_file, "--json"))["total"]["pair_reduction"]
+        if shape in SHAPES:
+            E_f, R_f = flop_split(original.parent, context=prefill + args.decode / 2)
             f = E_f / (E_f + R_f)
-            ideal = 1 / (1 - f * cut)
-            folders = {"original": folder, "converted": conv}
-            for threads in args.threads:
-                load = load_cost(folders, threads)
-                for batch in args.batches:
-                    med = time_pair(folders, batch, threads, args.prefill, args.decode, args.repeats, prompt)
-                    row = {"shape": shape, "architecture": arch, "precision": precision, "batch": batch,
-                           "threads": threads, "pair_reduction": cut, "expert_flop_fraction": f,
-                           "ideal_speedup": ideal,
-                           "prefill_speedup": med["original"][0] / med["converted"][0],
-                           "decode_speedup": med["original"][1] / med["converted"][1],
-                           "prefill_s": {n: m[0] for n, m in med.items()},
-                           "decode_ms_per_step": {n: 1e3 * m[1] for n, m in med.items()},
-                           "original_load_s": load["original"]["load_s"],
-                           "converted_load_s": load["converted"]["load_s"],
-                           "original_load_rss_gb": load["original"]["load_rss_gb"],
-                           "converted_load_rss_gb": load["converted"]["load_rss_gb"],
-                           "build_s": build_s, "calibrate_s": convert_s}
-                    row["prefill_of_ideal"] = row["prefill_speedup"] / ideal
-                    row["decode_of_ideal"] = row["decode_speedup"] / ideal
-                    for phase in ("prefill", "decode"):  # of the gain: 0 when nothing is saved
-                        row[f"{phase}_gain_of_ideal"] = (row[f"{phase}_speedup"] - 1) / (ideal - 1)
-                    rows.append(row)
-                    print(f"{shape} {precision} batch {batch} threads {threads}: pairs -{100 * cut:.1f}% ideal "
-                          f"x{ideal:.3f}; prefill x{row['prefill_speedup']:.3f} ({100 * row['prefill_of_ideal']:.0f}%), "
-                          f"decode x{row['decode_speedup']:.3f} ({100 * row['decode_of_ideal']:.0f}%); load "
-                          f"{row['original_load_s']:.2f} -> {row['converted_load_s']:.2f} s, "
-                          f"{row['original_load_rss_gb']:.2f} -> {row['converted_load_rss_gb']:.2f} GB", flush=True)
-                    args.out.write_text(json.dumps(result(args, rows), indent=1) + "\n")
+        else:
+            f = torch_flop_fraction(sizes, prefill + args.decode / 2)
+        ideal = 1 / (1 - f * cut)
+        graphs = {"original": original, "converted": conv}
+        for threads in args.threads:
+            load = load_cost(graphs, threads)
+            for batch in args.batches:
+                med = time_pair(graphs, batch, threads, prefill, args.decode, args.repeats, prompt)
+                row = {"shape": shape, "architecture": arch, "precision": precision, "batch": batch,
+                       "prefill_tokens": prefill,
+                       "threads": threads, "pair_reduction": cut, "expert_flop_fraction": f,
+                       "ideal_speedup": ideal,
+                       "prefill_speedup": med["original"][0] / med["converted"][0],
+                       "decode_speedup": med["original"][1] / med["converted"][1],
+                       "prefill_s": {n: m[0] for n, m in med.items()},
+                       "decode_ms_per_step": {n: 1e3 * m[1] for n, m in med.items()},
+                       "original_load_s": load["original"]["load_s"],
+                       "converted_load_s": load["converted"]["load_s"],
+                       "original_load_rss_gb": load["original"]["load_rss_gb"],
+                       "converted_load_rss_gb": load["converted"]["load_rss_gb"],
+                       "build_s": build_s, "calibrate_s": convert_s}
+                row["prefill_of_ideal"] = row["prefill_speedup"] / ideal
+                row["decode_of_ideal"] = row["decode_speedup"] / ideal
+                for phase in ("prefill", "decode"):  # of the gain: 0 when nothing is saved
+                    row[f"{phase}_gain_of_ideal"] = (row[f"{phase}_speedup"] - 1) / (ideal - 1)
+                rows.append(row)
+                print(f"{shape} {precision} batch {batch} threads {threads}: pairs -{100 * cut:.1f}% ideal "
+                      f"x{ideal:.3f}; prefill x{row['prefill_speedup']:.3f} ({100 * row['prefill_of_ideal']:.0f}%), "
+                      f"decode x{row['decode_speedup']:.3f} ({100 * row['decode_of_ideal']:.0f}%); load "
+                      f"{row['original_load_s']:.2f} -> {row['converted_load_s']:.2f} s, "
+                      f"{row['original_load_rss_gb']:.2f} -> {row['converted_load_rss_gb']:.2f} GB", flush=True)
+                args.out.write_text(json.dumps(result(args, rows), indent=1) + "\n")
     print(f"wrote {args.out}")
 
 
@@ -220,7 +288,8 @@ def result(args, rows):
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "onnxruntime": __import__("onnxruntime").__version__,
             "command": "benchmarks/deploy_cpu.py " + " ".join(sys.argv[1:]),
-            "shapes": {s: SHAPES[s][1] for s in args.shapes}, "prefill_tokens": args.prefill,
+            "shapes": {s: SHAPES[s][1] if s in SHAPES else TORCH_SHAPES[s] for s in args.shapes},
+            "prefill_tokens": args.prefill, "torch_prefill_tokens": args.torch_prefill,
             "decode_steps": args.decode, "repeats": args.repeats, "results": rows}
 
 

@@ -91,7 +91,9 @@ def test_static_reproduces_and_generates_the_same_tokens(folder, tmp_path):
 @pytest.mark.parametrize("folder", [p for p in CPU if "fp32" in p.name], ids=lambda p: p.name)
 def test_dynamic_policy_cuts_routes_and_still_generates(folder, tmp_path):
     out = tmp_path / "dyn"
-    assert run_cli("convert", folder, "-o", out, "--policy", "ratio", "--threshold", "0.9").returncode == 0
+    # ratio 0.95 drops 18-49% of pairs on these folders' random routers; on 16 tokens a
+    # lower threshold sits too close to the bound
+    assert run_cli("convert", folder, "-o", out, "--policy", "ratio", "--threshold", "0.95").returncode == 0
     rep = json.loads(run_cli("validate", folder, out, "--json").stdout)
     assert rep["routed_pairs"]["reduction"] > 0.1
     tokens = generate(out, PROMPT, LENGTH)

@@ -150,3 +150,20 @@ def test_every_reference_graph_knows_its_vocabulary(graph):
     feeds["input_ids"][...] = vocab
     with pytest.raises(MoeExportError):
         check_inputs(feeds, model)
+
+
+def test_batches_bound_the_weight_gathers():
+    """An original batched section gathers a weight slab per (token, slot): validate sizes its
+    batches so that those copies stay within GATHER_BUDGET, never splitting a sequence."""
+    from moe_export.runtime import GATHER_BUDGET, batches, gathered_per_token
+    from moe_export.validate import routing_indices
+
+    model = onnx.load(str(MIXTRAL), load_external_data=False)
+    per_token = gathered_per_token(model, routing_indices(model)[1])
+    tables = [t for t in model.graph.initializer if len(t.dims) == 3]
+    slab = sum(int(np.prod(t.dims[1:])) * 4 for t in tables) // 2  # two layers, float32
+    assert per_token == 2 * slab  # k = 2 slots per token
+    feeds = {"input_ids": np.zeros((10, 4), dtype=np.int64)}
+    assert [len(p["input_ids"]) for p in batches(model, feeds, token_bytes=GATHER_BUDGET // 8)] == [2] * 5
+    assert [len(p["input_ids"]) for p in batches(model, feeds, token_bytes=GATHER_BUDGET)] == [1] * 10
+    assert [len(p["input_ids"]) for p in batches(model, feeds)] == [10]
