@@ -301,12 +301,28 @@ def cmd_build_engine(args):
 
 
 def cmd_triton(args):
-    from .deploy import triton_repository
+    from .deploy import serving_mode, triton_repository
 
+    if min(args.instances, args.max_concurrent, args.max_tokens) < 1 or \
+            min(args.max_batch_size, args.threads, args.batch_delay_us) < 0:
+        raise UsageError("--instances, --max-concurrent and --max-tokens must be >= 1; --max-batch-size, "
+                         "--threads and --batch-delay-us >= 0")
     d = triton_repository(args.model, args.output, args.name, backend=args.backend, plan=args.plan,
                           max_batch_size=args.max_batch_size, server_repo_path=args.server_repository,
-                          instances=args.instances)
-    print(f"wrote Triton model {d} ({args.backend} backend)")
+                          instances=args.instances, threads=args.threads, max_concurrent=args.max_concurrent,
+                          max_tokens=args.max_tokens, delay_us=args.batch_delay_us)
+    print(f"wrote Triton model {d} ({args.backend} backend; {serving_mode(args.model, args.max_batch_size)})")
+    if args.backend == "python":
+        print(f"serve it: moe-export serve {args.output}")
+
+
+def cmd_serve(args):
+    from .serve import serve
+
+    for flag in ("http_port", "grpc_port", "metrics_port"):
+        if not 0 <= getattr(args, flag) < 65536:
+            raise UsageError(f"--{flag.replace('_', '-')} must be a port number (0: a free one)")
+    serve(args.repository, args.http_port, args.grpc_port, args.metrics_port, args.env, args.log, args.timeout)
 
 
 def cmd_demo(args):
@@ -426,17 +442,38 @@ def build_parser():
     b.add_argument("--workspace-mb", type=int, default=4096, help="TensorRT workspace limit in MiB (default 4096)")
 
     t = cmd("triton", "write a Triton Inference Server model repository entry", cmd_triton)
-    t.add_argument("model", type=Path, help="a converted .onnx")
+    t.add_argument("model", type=Path, help="a converted .onnx, or a GenAI model folder (--backend python)")
     t.add_argument("-o", "--output", type=Path, required=True, help="model repository directory")
     t.add_argument("--name", required=True, help="the model's name in the repository")
-    t.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
-                   help="Triton backend (default onnxruntime)")
+    t.add_argument("--backend", choices=("onnxruntime", "tensorrt", "python"), default="onnxruntime",
+                   help="Triton backend (default onnxruntime; python: served by any tritonserver, "
+                        "`moe-export serve` included)")
     t.add_argument("--plan", type=Path, help="tensorrt backend: a prebuilt engine (default: build one)")
     t.add_argument("--max-batch-size", type=int, default=8,
-                   help="Triton batching when every input/output has a dynamic leading dim (0: off)")
-    t.add_argument("--server-repository", help="where the repository is mounted on the server "
-                   "(for the op library path; default: the output's absolute path)")
+                   help="dynamic batching when every input/output has a dynamic leading dim and the graph "
+                        "has no KV cache (0: off; default 8)")
+    t.add_argument("--server-repository", default="/models",
+                   help="onnxruntime backend: where the repository is mounted on the server, for the op "
+                        "library's path (default /models, as in NVIDIA's container)")
+    t.add_argument("--batch-delay-us", type=int, default=0,
+                   help="how long Triton may hold a request to batch it with others (max_queue_delay; default 0)")
     t.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
+    t.add_argument("--threads", type=int, default=0,
+                   help="python backend, graphs: onnxruntime intra-op threads per instance (default 0: all cores)")
+    t.add_argument("--max-concurrent", type=int, default=4,
+                   help="python backend, GenAI folders: generations run at once (default 4)")
+    t.add_argument("--max-tokens", type=int, default=16,
+                   help="python backend, GenAI folders: new tokens when a request gives no max_tokens (default 16)")
+
+    v = cmd("serve", "run a Triton Inference Server on a model repository (127.0.0.1)", cmd_serve)
+    v.add_argument("repository", type=Path, help="a model repository (moe-export triton --backend python)")
+    v.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0: a free one)")
+    v.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0: a free one)")
+    v.add_argument("--metrics-port", type=int, default=8002, help="metrics port (default 8002; 0: a free one)")
+    v.add_argument("--env", type=Path, help="the serving environment: a virtual environment with nvidia-pytriton "
+                   "(numpy<2), onnxruntime and onnxruntime-genai (default $MOE_EXPORT_SERVE_ENV, else this one)")
+    v.add_argument("--log", type=Path, help="append the server's log to this file (default: a temporary one)")
+    v.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server to be ready")
 
     d = cmd("demo", "export a tiny Mixtral, convert it, and report parity and routing", cmd_demo)
     d.add_argument("--workdir", default="demo_out", help="where the demo writes (default demo_out)")

@@ -19,7 +19,7 @@ def is_folder(path) -> bool:
     return Path(path).is_dir() and (Path(path) / CONFIG).is_file()
 
 
-def _config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
     try:
         cfg = json.loads((folder / CONFIG).read_text())
         cfg["model"]["decoder"]
@@ -30,7 +30,7 @@ def _config(folder: Path) -> dict:
 
 def decoder_file(folder) -> Path:
     folder = Path(folder)
-    name = _config(folder)["model"]["decoder"].get("filename", "model.onnx")
+    name = read_config(folder)["model"]["decoder"].get("filename", "model.onnx")
     if Path(name).is_absolute() or ".." in Path(name).parts:
         raise MoeExportError(f"{folder / CONFIG}: decoder filename {name!r} is not inside the folder")
     return folder / name
@@ -62,7 +62,7 @@ def write_folder(src, dst, transform, protect=()):
         model, result = transform(model)
         rel = dec.relative_to(src)
         out.model(model, out.mkdir((stage / rel).parent) / rel.name, dec.parent)
-        cfg = _config(src)
+        cfg = read_config(src)
         options = cfg["model"]["decoder"].setdefault("session_options", {})
         old_lib = options.pop("custom_ops_library", None)
         lib = Path(custom_op_library()) if any(o.domain == DOMAIN for o in model.opset_import) else None

@@ -165,6 +165,13 @@ def take_rows(model, feeds, rows):
     return out
 
 
+def token_bounds(model) -> dict:
+    """The vocabulary size of each integer input that indexes an embedding."""
+    ix = GraphIndex(model.graph)
+    ints = [i.name for i in graph_inputs(model) if np.issubdtype(_NP.get(i.type.tensor_type.elem_type, np.float32), np.integer)]
+    return {n: b for n in ints if (b := _int_bound(ix, n)) is not None}
+
+
 def _int_bound(ix: GraphIndex, name, hops=2):
     """Token ids index an embedding: the rows of the first Gather's table (GatherBlockQuantized
     for int4 embeddings) tell the vocab size, looked for through a Cast or Reshape or two."""
@@ -374,7 +381,7 @@ def check_inputs(feeds, model, where="--data", notes=None):
     exported for a fixed batch size takes any multiple of it (batches() splits the rows), said in
     `notes` (a list) when given."""
     inputs = {i.name: i for i in graph_inputs(model)}
-    axes, ix, split = _batch_axes(model), GraphIndex(model.graph), None
+    axes, vocabs, split = _batch_axes(model), token_bounds(model), None
     unknown, missing = sorted(set(feeds) - set(inputs)), sorted(set(inputs) - set(feeds))
     if unknown or missing:
         raise MoeExportError(f"{where}: inputs do not match the graph's ({', '.join(inputs)}): "
@@ -406,7 +413,7 @@ def check_inputs(feeds, model, where="--data", notes=None):
         if arr.size == 0 and not _is_cache(name, tt):
             raise MoeExportError(f"{where}: input {name!r} is empty (shape {list(arr.shape)}): give at least one "
                                  "row of at least one token")
-        vocab = _int_bound(ix, name) if np.issubdtype(arr.dtype, np.integer) else None
+        vocab = vocabs.get(name) if np.issubdtype(arr.dtype, np.integer) else None
         if arr.size and (vocab is not None or name == "input_ids"):
             lo, hi = int(arr.min()), int(arr.max())
             if lo < 0 or (vocab is not None and hi >= vocab):

@@ -95,3 +95,12 @@ def test_plugin_library_exports_get_creators():
     import subprocess
     syms = subprocess.run(["nm", "-D", "--defined-only", lib], capture_output=True, text=True).stdout
     assert " T getCreators" in syms
+
+
+def test_onnxruntime_repository_names_no_path_of_this_machine(converted, tmp_path):
+    """Without --server-repository the library is named where NVIDIA's container mounts the repository."""
+    repo = tmp_path / "models"
+    assert run_cli("triton", converted, "-o", repo, "--name", "m").returncode == 0
+    cfg = parse(repo / "m" / "config.pbtxt")
+    assert list(cfg.model_operations.op_library_filename) == ["/models/m/libmoe_export_ort.so"]
+    assert str(tmp_path) not in (repo / "m" / "config.pbtxt").read_text()
