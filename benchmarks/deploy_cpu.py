@@ -214,9 +214,12 @@ def main():
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "deploy_cpu.json")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for shape, precision in [(s, p) for s in args.shapes if s in SHAPES for p in args.precisions] + \
-            [(s, "fp32") for s in args.shapes if s in TORCH_SHAPES]:
+    todo = [(s, p) for s in args.shapes if s in SHAPES for p in args.precisions] + \
+        [(s, "fp32") for s in args.shapes if s in TORCH_SHAPES]
+    # rows of other (shape, precision) pairs already in --out stay: one pair can be rerun alone
+    old = json.loads(args.out.read_text())["results"] if args.out.is_file() else []
+    rows = [r for r in old if (r["shape"], r["precision"]) not in todo]
+    for shape, precision in todo:
         t = time.perf_counter()
         if shape in SHAPES:
             arch, sizes = SHAPES[shape]
@@ -268,7 +271,8 @@ def main():
                        "converted_load_s": load["converted"]["load_s"],
                        "original_load_rss_gb": load["original"]["load_rss_gb"],
                        "converted_load_rss_gb": load["converted"]["load_rss_gb"],
-                       "build_s": build_s, "calibrate_s": convert_s}
+                       "build_s": build_s, "calibrate_s": convert_s, "date": date.today().isoformat(),
+                       "command": "benchmarks/deploy_cpu.py " + " ".join(sys.argv[1:])}
                 row["prefill_of_ideal"] = row["prefill_speedup"] / ideal
                 row["decode_of_ideal"] = row["decode_speedup"] / ideal
                 for phase in ("prefill", "decode"):  # of the gain: 0 when nothing is saved
@@ -288,7 +292,7 @@ def result(args, rows):
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "onnxruntime": __import__("onnxruntime").__version__,
             "command": "benchmarks/deploy_cpu.py " + " ".join(sys.argv[1:]),
-            "shapes": {s: SHAPES[s][1] if s in SHAPES else TORCH_SHAPES[s] for s in args.shapes},
+            "shapes": {s: SHAPES[s][1] if s in SHAPES else TORCH_SHAPES[s] for s in {r["shape"] for r in rows}},
             "prefill_tokens": args.prefill, "torch_prefill_tokens": args.torch_prefill,
             "decode_steps": args.decode, "repeats": args.repeats, "results": rows}
 

@@ -1,8 +1,8 @@
 """The quality/compute curve of dynamic routing on trained MoE models, measured entirely through
 the exported and converted ONNX graphs in ONNX Runtime.
 
-    .venv/bin/python samples/train_moe.py mixtral8     # and qwen3moe32, deepseek16
-    .venv/bin/python benchmarks/quality.py [--models mixtral8 qwen3moe32 deepseek16] [--eval-seqs 256]
+    .venv/bin/python samples/train_moe.py mixtral8     # and qwen3moe32, deepseek16, gptoss16
+    .venv/bin/python benchmarks/quality.py [--models mixtral8 qwen3moe32 deepseek16 gptoss16] [--eval-seqs 256]
     .venv/bin/python benchmarks/quality.py --models deepseek16 --budget-only --out benchmarks/results/quality_budget.json
     .venv/bin/python benchmarks/quality.py --models mixtral8 --out a.json & ... ; .venv/bin/python benchmarks/quality.py --combine a.json b.json c.json
     .venv/bin/python benchmarks/quality.py --models mixtral8 --budget-only --budget-policies auto --oracle --out o.json
@@ -258,7 +258,7 @@ def plot(results, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["mixtral8", "qwen3moe32", "deepseek16"])
+    ap.add_argument("--models", nargs="+", default=["mixtral8", "qwen3moe32", "deepseek16", "gptoss16"])
     ap.add_argument("--eval-seqs", type=int, default=256)
     ap.add_argument("--calib-seqs", type=int, default=96)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")

@@ -5,6 +5,8 @@ sources installed with this Python (byte-level, vocab 256), with a held-out spli
     python samples/train_moe.py qwen3moe32 [--minutes 25]   # 32 experts, top-4, renormalized (Qwen3-MoE-style)
     python samples/train_moe.py deepseek16 [--minutes 25]   # 16 experts in 4 groups, top-4 of the best 2 groups,
                                                             # sigmoid + correction bias, scaled 2.5 (DeepSeek-V3-style)
+    python samples/train_moe.py gptoss16 [--minutes 25]     # 16 experts, top-4 of the logits, softmax over
+                                                            # those 4 (GPT-OSS-style)
 
 Seeded; uses the usual load-balancing auxiliary loss (deepseek16: DeepSeek-V3's auxiliary-loss-free
 balancing instead, each step moving every expert's correction bias by 1e-3 against its load's
@@ -68,6 +70,11 @@ def config(name):
                                    intermediate_size=256, n_shared_experts=1, first_k_dense_replace=0,
                                    kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16,
                                    v_head_dim=32, **common)
+    if name == "gptoss16":
+        # GPT-OSS's gate: top-4 of the 16 router logits, then a softmax over those 4 values
+        return tf.GptOssConfig(intermediate_size=64, num_local_experts=16, num_experts_per_tok=4, head_dim=32,
+                               sliding_window=64, layer_types=["sliding_attention", "full_attention"] * 2,
+                               **common)
     raise SystemExit(f"unknown model {name}")
 
 
@@ -99,7 +106,7 @@ def main():
     import transformers as tf
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("name", choices=["mixtral8", "qwen3moe32", "deepseek16"])
+    ap.add_argument("name", choices=["mixtral8", "qwen3moe32", "deepseek16", "gptoss16"])
     ap.add_argument("--minutes", type=float, default=25)
     ap.add_argument("--steps", type=int, default=None,
                     help="train this many steps instead of --minutes (the same model on any machine)")

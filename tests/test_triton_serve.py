@@ -282,7 +282,17 @@ def test_serve_refuses_what_it_cannot_serve(tmp_path):
     assert run_cli("triton", MIXTRAL, "-o", tmp_path / "repo", "--name", "m", "--backend", "python").returncode == 0
     r = run_cli("serve", tmp_path / "repo", "--env", tmp_path)
     assert r.returncode == 2 and "not a Python virtual environment" in r.stderr
-    r = run_cli("serve", tmp_path / "repo", "--env", ROOT / ".venv")  # numpy 2 there
+    r = run_cli("serve", tmp_path / "repo", "--env", ROOT / ".venv")
+    assert r.returncode == 1 and "has no Triton server" in r.stderr and "pip install nvidia-pytriton" in r.stderr
+    # an environment with the server but numpy 2, whose stubs would hand the models garbage
+    env = tmp_path / "env"
+    site = env / "lib" / "python3.11" / "site-packages"
+    (site / "pytriton" / "tritonserver" / "bin").mkdir(parents=True)
+    (site / "pytriton" / "tritonserver" / "bin" / "tritonserver").write_bytes(b"")
+    (site / "numpy-2.1.0.dist-info").mkdir()
+    (env / "bin").mkdir()
+    (env / "bin" / "python3").symlink_to(sys.executable)
+    r = run_cli("serve", tmp_path / "repo", "--env", env)
     assert r.returncode == 1 and "needs numpy < 2" in r.stderr
     r = run_cli("triton", GENAI, "-o", tmp_path / "repo", "--name", "g")
     assert r.returncode == 2 and "--backend python" in r.stderr
