@@ -13,6 +13,7 @@ from . import MoeExportError, UsageError, custom_op_library, genai, trt_plugin_l
 from .files import Output, model_files
 from .graph import load_model
 from .runtime import _is_cache, graph_inputs, token_bounds
+from .schema import DOMAIN
 
 BACKENDS = ("onnxruntime", "tensorrt", "python")
 MODELS = Path(__file__).parent / "triton_models"
@@ -91,16 +92,19 @@ def _io_config(model, max_batch):
     return stanzas
 
 
-def _batchable(model):
-    """Triton may batch when every input and output has a dynamic leading (batch) dimension and
-    the graph keeps no state between requests: a KV-cache decoder's past is the client's, and
-    requests at different past lengths cannot be stacked."""
+def _unbatchable(model) -> str | None:
+    """Why Triton must not batch the graph, or None: it may when every input and output has a
+    dynamic leading (batch) dimension and the graph keeps no state between requests (a KV-cache
+    decoder's past is the client's, and requests at different past lengths cannot be stacked)."""
+    if any(_is_cache(i.name, i.type.tensor_type) for i in graph_inputs(model)):
+        return "a KV-cache decoder, its state is in each request's inputs"
     vals = graph_inputs(model) + list(model.graph.output)
     def lead_dynamic(v):
         dims = v.type.tensor_type.shape.dim
         return len(dims) >= 2 and not dims[0].HasField("dim_value")
-    stateful = any(_is_cache(i.name, i.type.tensor_type) for i in graph_inputs(model))
-    return bool(vals) and not stateful and all(lead_dynamic(v) for v in vals)
+    if not vals or not all(lead_dynamic(v) for v in vals):
+        return "not every input and output has a dynamic leading dimension"
+    return None
 
 
 def serving_mode(model_path, max_batch_size) -> str:
@@ -109,12 +113,8 @@ def serving_mode(model_path, max_batch_size) -> str:
         return "text generation, decoupled: /generate and /generate_stream"
     if not max_batch_size:
         return "no dynamic batching: --max-batch-size 0"
-    model = load_model(model_path)
-    if _batchable(model):
-        return f"dynamic batching up to {max_batch_size}"
-    if any(_is_cache(i.name, i.type.tensor_type) for i in graph_inputs(model)):
-        return "no dynamic batching: a KV-cache decoder, its state is in each request's inputs"
-    return "no dynamic batching: not every input and output has a dynamic leading dimension"
+    why = _unbatchable(load_model(model_path))
+    return f"no dynamic batching: {why}" if why else f"dynamic batching up to {max_batch_size}"
 
 
 def _stanza(name, dtype, dims, optional=False):
@@ -137,7 +137,7 @@ def _python_graph(out, stage, model, onnx_path, name, max_batch, instances, thre
     """model.py serving the graph with onnxruntime, what it must check of requests in moe_export.json."""
     out.model(model, stage / "1" / "model.onnx", Path(onnx_path).parent)
     lib = Path(custom_op_library())
-    needs_lib = any(o.domain == "moe_export" for o in model.opset_import)
+    needs_lib = any(o.domain == DOMAIN for o in model.opset_import)
     if needs_lib:
         out.copy(lib, stage / lib.name)
     vocab = token_bounds(model)
@@ -200,7 +200,7 @@ def triton_repository(model_path, repo, name, backend="onnxruntime", plan=None, 
         raise MoeExportError(f"directory {repo.parent} does not exist")
     if plan is not None and not Path(plan).is_file():
         raise MoeExportError(f"{plan}: no such engine file")
-    max_batch = max_batch_size if (max_batch_size and _batchable(model)) else 0
+    max_batch = max_batch_size if (max_batch_size and _unbatchable(model) is None) else 0
     server_dir = Path(server_repo_path) / name
     final = repo / name
     with Output(protected=model_files(source)) as out:

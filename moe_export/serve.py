@@ -244,8 +244,6 @@ def serve(repo, http_port=0, grpc_port=0, metrics_port=0, env=None, log=None, ti
             code = server.proc.wait()
             raise MoeExportError(f"the Triton server exited with code {code}: {server.failure()}")
         except KeyboardInterrupt:
-            server.stop()
-            print("Triton server stopped", file=sys.stderr)
-            return 0
+            print("Triton server stopping", file=sys.stderr)
         finally:
             server.stop()
