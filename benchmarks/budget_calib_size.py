@@ -24,12 +24,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import CACHE, SEQ, evaluate, slices  # noqa: E402
 
-from moe_export.budget import BudgetSearch, budget_policy  # noqa: E402
-from moe_export.calibrate import calibrate  # noqa: E402
-from moe_export.export import export_checkpoint  # noqa: E402
-from moe_export.graph import load_model  # noqa: E402
-from moe_export.rewrite import Policy, convert  # noqa: E402
-from moe_export.validate import routing_indices  # noqa: E402
+from moe_export.run.budget import BudgetSearch, budget_policy  # noqa: E402
+from moe_export.run.calibrate import calibrate  # noqa: E402
+from moe_export.model.export import export_checkpoint  # noqa: E402
+from moe_export.model.graph import load_model  # noqa: E402
+from moe_export.conversion import Policy, convert  # noqa: E402
+from moe_export.run.validate import routing_indices  # noqa: E402
 
 
 def main():

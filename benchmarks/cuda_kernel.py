@@ -20,8 +20,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from moe_export.schema import CParams, c_params  # noqa: E402
-from moe_export.spec import RouterAttrs, dynamic_router  # noqa: E402
+from moe_export.op.schema import CParams, c_params  # noqa: E402
+from moe_export.op.spec import RouterAttrs, dynamic_router  # noqa: E402
 
 def params(**attrs):
     a = RouterAttrs(**attrs).resolved()

@@ -141,7 +141,7 @@ def load_cost(graphs, threads, turns=5):
 
 
 def feeds_for(folder, model, batch, prefill, decode_step):
-    from moe_export.runtime import make_feeds
+    from moe_export.run.runtime import make_feeds
 
     rng = np.random.default_rng(batch)
     if decode_step:
@@ -170,7 +170,7 @@ def continuation(sess, pre, dec):
 def time_pair(graphs, batch, threads, prefill, decode, repeats, prompt):
     """Medians of prefill and per-step decode seconds, the graphs alternating."""
     import moe_export
-    from moe_export.graph import load_model
+    from moe_export.model.graph import load_model
 
     sess, feeds = {}, {}
     for name, graph in graphs.items():

@@ -51,7 +51,7 @@ def export(work: Path, dims: dict):
     assert int(tf.__version__.split(".")[0]) < 5, "export needs transformers 4.x (per-expert-loop experts)"
     from transformers.models.mixtral import modeling_mixtral as mm
 
-    from moe_export.export import _LogitsOnly
+    from moe_export.model.export import _LogitsOnly
 
     torch.manual_seed(0)
     model = tf.MixtralForCausalLM(tf.MixtralConfig(**dims)).eval()
@@ -173,11 +173,11 @@ def _int4(src: Path, dst: Path) -> int:
 
 def run(work: Path, out: Path, policy=None, reduction=None, tokens=TOKENS, threads=THREADS, budget_s=20.0,
         int4=False):
-    from moe_export.calibrate import calibrate
-    from moe_export.graph import load_model
-    from moe_export.rewrite import Policy, convert
-    from moe_export.runtime import session_from_proto
-    from moe_export.validate import routing_indices, with_routing_outputs
+    from moe_export.run.calibrate import calibrate
+    from moe_export.model.graph import load_model
+    from moe_export.conversion import Policy, convert
+    from moe_export.run.runtime import session_from_proto
+    from moe_export.run.validate import routing_indices, with_routing_outputs
 
     dims = json.loads((work / "dims.json").read_text())
     original, fused, converted = work / "original.onnx", work / "ort_moe.onnx", work / "converted.onnx"
@@ -265,10 +265,10 @@ def decode(work: Path, out: Path, past_len=64, steps=16, budget_s=20.0):
     import torch
     import transformers as tf
 
-    from moe_export.calibrate import calibrate
-    from moe_export.export import export_model
-    from moe_export.rewrite import Policy, convert
-    from moe_export.runtime import load_inputs
+    from moe_export.run.calibrate import calibrate
+    from moe_export.model.export import export_model
+    from moe_export.conversion import Policy, convert
+    from moe_export.run.runtime import load_inputs
 
     dims = dict(DIMS)
     original, converted = work / "past_original.onnx", work / "past_converted.onnx"

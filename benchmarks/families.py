@@ -111,7 +111,7 @@ def families():
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from moe_export.export import _declares_experts
+    from moe_export.model.export import _declares_experts
 
     for mt, cname in CONFIG_MAPPING_NAMES.items():
         lm = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt) or cname.replace("Config", "ForCausalLM")
@@ -147,16 +147,16 @@ def tiny_model(mt, cname, lm, k=None):
     return model.eval()
 
 
-def _one(family):
+def run_family(family):
     import numpy as np
     import onnx
     import onnxruntime as ort
     import torch
 
     from moe_export import MoeExportError
-    from moe_export.export import _batched_experts, _quiet_exporter, export_checkpoint
-    from moe_export.rewrite import Policy, convert
-    from moe_export.runtime import session
+    from moe_export.model.export import _batched_experts, _quiet_exporter, export_checkpoint
+    from moe_export.conversion import Policy, convert
+    from moe_export.run.runtime import session
 
     _quiet_exporter()
     mt, cname, lm = family
@@ -226,7 +226,7 @@ def _get(d, path):
 def load_checkpoint_k1(family, tmp):
     """The same weights with the config routing one expert per token, loaded as moe-export export
     loads a checkpoint (batched experts)."""
-    from moe_export.export import load_checkpoint
+    from moe_export.model.export import load_checkpoint
 
     tiny_model(*family, k=1).save_pretrained(tmp / "k1")
     return load_checkpoint(tmp / "k1")
@@ -243,7 +243,7 @@ def main():
     fams = [f for f in families() if not args.only or f[0] in args.only]
     rows = []
     with mp.get_context("spawn").Pool(args.j, maxtasksperchild=1) as pool:
-        for row in pool.imap_unordered(_one, fams):
+        for row in pool.imap_unordered(run_family, fams):
             print(f"{row['family']:24s} {row['status']:18s} {row.get('reason', '')[:100]}", flush=True)
             rows.append(row)
     rows.sort(key=lambda r: r["family"])

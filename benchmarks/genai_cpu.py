@@ -72,7 +72,7 @@ def text_ids(folder, n):
 
 def flop_split(folder, context):
     """(expert FLOPs, other FLOPs) per token, from the decoder graph's weights (see the docstring)."""
-    from moe_export.graph import GraphIndex, load_model
+    from moe_export.model.graph import GraphIndex, load_model
     from moe_export.rules.fused_moe import flops_per_pair
 
     m = load_model(folder / "model.onnx")

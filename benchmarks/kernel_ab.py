@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 import moe_export
 from kernel_cpu import GATES, gate_graph, time_run
-from moe_export.rewrite import Policy, convert
+from moe_export.conversion import Policy, convert
 
 
 def main():

@@ -29,7 +29,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 import moe_export
-from moe_export.rewrite import Policy, convert
+from moe_export.conversion import Policy, convert
 
 HERE = Path(__file__).resolve().parent
 

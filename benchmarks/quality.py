@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_export.budget import BudgetSearch, budget_policy
-from moe_export.calibrate import calibrate
-from moe_export.export import export_checkpoint
-from moe_export.graph import load_model
-from moe_export.rewrite import Policy, convert, routers_metadata
-from moe_export.runtime import session_from_proto
-from moe_export.validate import routing_indices, with_routing_outputs
+from moe_export.run.budget import BudgetSearch, budget_policy
+from moe_export.run.calibrate import calibrate
+from moe_export.model.export import export_checkpoint
+from moe_export.model.graph import load_model
+from moe_export.conversion import Policy, convert, routers_metadata
+from moe_export.run.runtime import session_from_proto
+from moe_export.run.validate import routing_indices, with_routing_outputs
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path.home() / ".cache" / "moe-export"

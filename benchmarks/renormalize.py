@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from quality import CACHE, HERE, SEQ, evaluate, slices
-from moe_export.export import export_checkpoint
-from moe_export.rewrite import Policy, convert
+from moe_export.model.export import export_checkpoint
+from moe_export.conversion import Policy, convert
 
 RENORMALIZE = (1.0, 0.5, 0.0)
 

@@ -84,7 +84,7 @@ def main():
     from deploy_cpu import build as build_genai
     from genai_cpu import cli, text_ids
     from load_cpu import build as build_graph
-    from moe_export.serve import Server
+    from moe_export.deploy.serve import Server
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=48, help="requests per (model, concurrency), at most")

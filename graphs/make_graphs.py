@@ -4,7 +4,7 @@
     python graphs/make_graphs.py --legacy   # run under transformers 4.x: per-expert-loop graphs
 
 Each model is a tiny config of its family, built with seeded random weights, saved with
-save_pretrained, and exported by `moe_export.export` (the same path as `moe-export export`).
+save_pretrained, and exported by `moe_export.model.export` (the same path as `moe-export export`).
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def tiny_model(family, seed=0, **overrides):
 
 
 def export_family(family, out, exporter="dynamo", external_data=False, **overrides):
-    from moe_export.export import export_checkpoint
+    from moe_export.model.export import export_checkpoint
 
     with tempfile.TemporaryDirectory() as ckpt:
         tiny_model(family, **overrides).save_pretrained(ckpt)

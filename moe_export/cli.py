@@ -14,8 +14,11 @@ import signal
 import sys
 from pathlib import Path
 
-from . import MoeExportError, UsageError, __version__, genai
-from .spec import POLICIES
+from . import __version__
+
+from .errors import MoeExportError, UsageError
+from .model.source import Source
+from .op.spec import POLICIES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,6 +35,23 @@ def _threshold(v):
     if not math.isfinite(x):
         raise argparse.ArgumentTypeError(f"threshold must be finite, got {v}")
     return x
+
+
+# Argument groups the commands share: each declares its flags once, with one help text.
+def _model_arg(c, help):
+    c.add_argument("model", type=Path, help=help)
+
+
+def _output_arg(c, help):
+    c.add_argument("-o", "--output", type=Path, required=True, help=help)
+
+
+def _data_arg(c, required=True, help=".npy token ids [batch, seq] (or .npz of inputs)"):
+    c.add_argument("--data", type=Path, required=required, help=help)
+
+
+def _json_arg(c):
+    c.add_argument("--json", action="store_true", help="print a JSON report instead of text")
 
 
 def _add_policy_args(p):
@@ -65,10 +85,21 @@ def _fraction(v):
     return x
 
 
+COMMANDS = []  # (name, help, declare its arguments, run it), in the order `moe-export --help` lists them
+
+
+def command(name, help, arguments):
+    """Registers `moe-export NAME`: `arguments(parser)` declares its flags, the function runs it."""
+    def register(run):
+        COMMANDS.append((name, help, arguments, run))
+        return run
+    return register
+
+
 def _policy(args):
-    from .rewrite import Policy
-    from .schema import SpecError
-    from .spec import check_threshold
+    from .conversion.policy import Policy
+    from .op.schema import SpecError
+    from .op.spec import check_threshold
 
     if args.policy != "static" and args.threshold is None:
         raise UsageError(f"--policy {args.policy} needs --threshold")
@@ -114,8 +145,28 @@ def _data_line(notes):
     return f"; {'; '.join(notes)}" if notes else ""
 
 
+def _convert_args(c):
+    _model_arg(c, "the ONNX model to convert (never modified), or an ONNX Runtime GenAI "
+               "model folder (with genai_config.json): then OUTPUT is a new folder og.Model() loads")
+    _output_arg(c, "the converted model; external data is shared with the input in its directory, copied elsewhere")
+    _add_policy_args(c)
+    c.add_argument("--portable", action="store_true",
+                   help="express the router in standard ONNX ops (runs without the moe-export library)")
+    c.add_argument("--no-group-experts", action="store_true",
+                   help="keep batched expert sections as exported (by default they are regrouped by "
+                        "expert so that dropped slots cost nothing)")
+    c.add_argument("--per-expert-weights", action="store_true",
+                   help="give each regrouped expert's MatMuls their own weight initializers (written to "
+                        "OUTPUT.experts.data), so weight-only quantizers such as ONNX Runtime's "
+                        "MatMulNBitsQuantizer can quantize the experts")
+    c.add_argument("--repolicy", action="store_true",
+                   help="MODEL is already converted: re-set the policy of its DynamicRouter nodes")
+    _json_arg(c)
+
+
+@command("convert", "replace static top-k gating with DynamicRouter", _convert_args)
 def cmd_convert(args):
-    from .rewrite import convert_model, repolicy
+    from .conversion.convert import convert_model, repolicy
 
     pol = _policy(args)
     if args.repolicy:
@@ -161,24 +212,28 @@ def _settings(args, pol):
     return out
 
 
+def _inspect_args(c):
+    _model_arg(c, "an ONNX model (or GenAI model folder), original or converted")
+    _json_arg(c)
+
+
+@command("inspect", "list the MoE layers found", _inspect_args)
 def cmd_inspect(args):
-    import onnx
+    from .conversion import Policy, Routing, rewrite_model, routers_metadata
+    from .rules.base import explain, no_gates_message
 
-    from .graph import load_model
-    from .patterns import explain, no_gates_message
-    from .rewrite import Policy, rewrite_model, routers_metadata
-
-    model = load_model(genai.resolve(args.model))
-    meta = routers_metadata(model)
-    if meta is not None:
+    src = Source(args.model)
+    model = src.model
+    routing = Routing.read(model)
+    if routing is not None:
         if args.json:
-            print(json.dumps({"model": str(args.model), "converted": meta}, indent=2))
+            print(json.dumps({"model": str(args.model), "converted": routers_metadata(model)}, indent=2))
             return
-        for r in meta["routers"]:
-            a = r["attrs"]
-            rn = f" renormalize={a['renormalize']:g}" if a.get("renormalize", 1.0) != 1.0 else ""
-            print(f"{r['layer']}: DynamicRouter E={a['num_experts']} k={a['k']} policy={a['policy']} "
-                  f"threshold={a['threshold']}{rn} experts={a['min_experts']}..{a['max_experts']}")
+        for r in routing.routers:
+            a = r.attrs
+            rn = f" renormalize={a.renormalize:g}" if a.renormalize != 1.0 else ""
+            print(f"{r.layer}: DynamicRouter E={a.num_experts} k={a.k} policy={a.policy} "
+                  f"threshold={a.threshold}{rn} experts={a.min_experts}..{a.max_experts}")
         return
     topks = explain(model)
     gates = [t["gate"] for t in topks if t["gate"] is not None]
@@ -186,10 +241,8 @@ def cmd_inspect(args):
     rows = [g.describe() for g in gates]
     if rows:  # what a conversion would do with each expert section (a dry run, in memory)
         try:
-            dry = onnx.ModelProto()
-            dry.CopyFrom(model)
-            rewrite_model(dry, Policy("static"))
-            sections = [r["expert_section"] for r in routers_metadata(dry)["routers"]]
+            dry, _ = rewrite_model(src.copy(), Policy("static"))
+            sections = [r.expert_section for r in Routing.read(dry).routers]
         except MoeExportError as e:
             sections = [f"not convertible: {e}"] * len(rows)
         for r, sec in zip(rows, sections):
@@ -209,10 +262,32 @@ def cmd_inspect(args):
     print(f"{len(rows)} MoE layer(s)")
 
 
-def cmd_validate(args):
-    from .validate import validate
+def _validate_args(c):
+    c.description = ("compare a converted graph with its original (polygraphy). Exit 1 when a static-policy "
+                     "conversion does not reproduce the original (outputs within the tolerances, the same "
+                     "experts); a dynamic policy is expected to differ, and its differences are reported "
+                     "with exit 0 unless --strict is given")
+    c.add_argument("original", type=Path, help="the model (or GenAI model folder) before conversion")
+    c.add_argument("converted", type=Path, help="the model (or folder) moe-export wrote")
+    _data_arg(c, required=False, help=".npz of named inputs, or .npy for a single-input graph "
+              "(default: random inputs from the input specs)")
+    c.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a symbolic input dimension (repeatable)")
+    c.add_argument("--atol", type=_tolerance, default=None,
+                   help="absolute tolerance on the outputs (default 1e-4; 2e-3 for models computing in float16/bfloat16)")
+    c.add_argument("--rtol", type=_tolerance, default=None,
+                   help="relative tolerance on the outputs (default 1e-3; 5e-3 for models computing in float16/bfloat16)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    c.add_argument("--trt", action="store_true", help="also run the converted graph in TensorRT")
+    c.add_argument("--strict", action="store_true",
+                   help="exit 1 when any output differs beyond the tolerances, whatever the policy")
+    _json_arg(c)
 
-    rep = validate(genai.resolve(args.original), genai.resolve(args.converted), feeds=args.data, atol=args.atol, rtol=args.rtol,
+
+@command("validate", "compare a converted graph with its original (polygraphy)", _validate_args)
+def cmd_validate(args):
+    from .run.validate import validate
+
+    rep = validate(args.original, args.converted, feeds=args.data, atol=args.atol, rtol=args.rtol,
                    dims=_dims(args.dim), seed=args.seed, trt=args.trt)
     if args.json:
         print(json.dumps(rep, indent=2))
@@ -232,16 +307,53 @@ def cmd_validate(args):
         sys.exit(1)
 
 
+def _export_args(c):
+    c.add_argument("checkpoint", type=Path, help="a local checkpoint folder (config.json and weights)")
+    _output_arg(c, "the .onnx to write (weights beside it, .data)")
+    c.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    c.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                   help="torch.onnx exporter (default dynamo; torchscript only works with transformers 4.x)")
+    c.add_argument("--embed-weights", action="store_true", help="keep weights inside the .onnx file")
+    c.add_argument("--with-past", action="store_true",
+                   help="a decoder graph with a KV cache for generation (input_ids, attention_mask, position_ids, "
+                        "past_key_values.N.key/value -> logits, present.N.key/value)")
+
+
+@command("export", "export a local transformers MoE checkpoint to ONNX", _export_args)
 def cmd_export(args):
-    from .export import export_checkpoint
+    from .model.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.output, opset=args.opset, exporter=args.exporter,
                             external_data=not args.embed_weights, with_past=args.with_past)
     print(f"exported {args.checkpoint} -> {out}")
 
 
+def _calibrate_args(c):
+    _model_arg(c, "the original model, or one already converted (retuned); a GenAI model folder gives a folder")
+    _data_arg(c)
+    budget = c.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--target-experts", type=float, help="a compute budget: mean experts per token to aim for")
+    budget.add_argument("--max-ppl-increase", type=float, metavar="FRACTION",
+                        help="a quality budget: the cheapest routing whose next-token perplexity on the data rises "
+                             "at most this much (0.01 = +1%%); a causal LM graph (input_ids -> logits) is needed")
+    c.add_argument("--holdout", type=float, default=0.25, metavar="FRACTION",
+                     help="with --max-ppl-increase: the part of --data held out to check the budget (default 0.25)")
+    _output_arg(c, "the calibrated, converted model")
+    c.add_argument("--policy", choices=[p for p in POLICIES if p != "static"] + ["auto"], default="top-p",
+                     help="dynamic policy whose threshold is calibrated (default top-p); with --max-ppl-increase, "
+                          "auto picks each layer's policy too")
+    c.add_argument("--mode", choices=("per-layer", "global"), default="per-layer",
+                     help="a threshold per layer hitting the target in each, or one threshold for all")
+    c.add_argument("--min-experts", type=int, default=1, help="fewest experts per token (default 1)")
+    c.add_argument("--max-experts", type=int, default=None, help="most experts per token (default: the graph's k)")
+    _renormalize_arg(c, "1; with --max-ppl-increase chosen per layer among 1, 0.5 and 0")
+    c.add_argument("--portable", action="store_true", help="write the routers in standard ONNX ops")
+    _json_arg(c)
+
+
+@command("calibrate", "choose per-layer thresholds for a compute budget and convert", _calibrate_args)
 def cmd_calibrate(args):
-    from .calibrate import calibrate_and_convert
+    from .run.calibrate import calibrate_and_convert
 
     if args.target_experts is not None and not (math.isfinite(args.target_experts) and args.target_experts >= 1):
         raise UsageError(f"--target-experts must be >= 1 (experts per token), got {args.target_experts}")
@@ -285,39 +397,97 @@ def cmd_calibrate(args):
     print(f"wrote {args.output}{_data_line(notes)}")
 
 
-def cmd_profile(args):
-    from .profile import profile, print_profile
+def _profile_args(c):
+    _model_arg(c, "a converted model (or GenAI model folder)")
+    _data_arg(c)
+    c.add_argument("--flops-per-pair", type=float, default=None,
+                    help="FLOPs of one (token, expert) pair (default: read off the expert weights)")
+    _json_arg(c)
 
-    rep = profile(genai.resolve(args.model), args.data, flops_per_pair_override=args.flops_per_pair)
+
+@command("profile", "expert FLOPs, experts per token and expert load, static vs converted", _profile_args)
+def cmd_profile(args):
+    from .run.profile import profile, print_profile
+
+    rep = profile(args.model, args.data, flops_per_pair_override=args.flops_per_pair)
     print(json.dumps(rep, indent=2) if args.json else print_profile(rep))
 
 
+def _build_engine_args(c):
+    _model_arg(c, "a converted .onnx")
+    _output_arg(c, "the engine (.plan) to write")
+    c.add_argument("--fp16", action="store_true", help="allow float16 kernels")
+    c.add_argument("--shape", action="append", metavar="NAME:MIN,OPT,MAX",
+                   help="optimization profile of a dynamic input, dims like 1x16 (repeat per input)")
+    c.add_argument("--workspace-mb", type=int, default=4096, help="TensorRT workspace limit in MiB (default 4096)")
+
+
+@command("build-engine", "build a TensorRT engine with the DynamicRouter plugin", _build_engine_args)
 def cmd_build_engine(args):
-    from .deploy import build_engine, parse_shapes
+    from .deploy.tensorrt import build_engine, parse_shapes
 
     out = build_engine(args.model, args.output, fp16=args.fp16, shapes=parse_shapes(args.shape),
                        workspace_mb=args.workspace_mb)
     print(f"built TensorRT engine {out}")
 
 
+def _triton_args(c):
+    _model_arg(c, "a converted .onnx, or a GenAI model folder (--backend python)")
+    _output_arg(c, "model repository directory")
+    c.add_argument("--name", required=True, help="the model's name in the repository")
+    c.add_argument("--backend", choices=("onnxruntime", "tensorrt", "python"), default="onnxruntime",
+                   help="Triton backend (default onnxruntime; python: served by any tritonserver, "
+                        "`moe-export serve` included)")
+    c.add_argument("--plan", type=Path, help="tensorrt backend: a prebuilt engine (default: build one)")
+    c.add_argument("--max-batch-size", type=int, default=8,
+                   help="dynamic batching when every input/output has a dynamic leading dim and the graph "
+                        "has no KV cache (0: off; default 8)")
+    c.add_argument("--server-repository", default="/models",
+                   help="onnxruntime backend: where the repository is mounted on the server, for the op "
+                        "library's path (default /models, as in NVIDIA's container)")
+    c.add_argument("--batch-delay-us", type=int, default=0,
+                   help="how long Triton may hold a request to batch it with others (max_queue_delay; default 0)")
+    c.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
+    c.add_argument("--threads", type=int, default=0,
+                   help="python backend, graphs: onnxruntime intra-op threads per instance (default 0: all cores)")
+    c.add_argument("--max-concurrent", type=int, default=4,
+                   help="python backend, GenAI folders: generations run at once (default 4)")
+    c.add_argument("--max-tokens", type=int, default=16,
+                   help="python backend, GenAI folders: new tokens when a request gives no max_tokens (default 16)")
+
+
+@command("triton", "write a Triton Inference Server model repository entry", _triton_args)
 def cmd_triton(args):
-    from .deploy import serving_mode, triton_repository
+    from .deploy.triton import serving_mode, triton_repository
 
     if min(args.instances, args.max_concurrent, args.max_tokens) < 1 or \
             min(args.max_batch_size, args.threads, args.batch_delay_us) < 0:
         raise UsageError("--instances, --max-concurrent and --max-tokens must be >= 1; --max-batch-size, "
                          "--threads and --batch-delay-us >= 0")
-    d = triton_repository(args.model, args.output, args.name, backend=args.backend, plan=args.plan,
+    src = Source(args.model)
+    d = triton_repository(src, args.output, args.name, backend=args.backend, plan=args.plan,
                           max_batch_size=args.max_batch_size, server_repo_path=args.server_repository,
                           instances=args.instances, threads=args.threads, max_concurrent=args.max_concurrent,
                           max_tokens=args.max_tokens, delay_us=args.batch_delay_us)
-    print(f"wrote Triton model {d} ({args.backend} backend; {serving_mode(args.model, args.max_batch_size)})")
+    print(f"wrote Triton model {d} ({args.backend} backend; {serving_mode(src, args.max_batch_size)})")
     if args.backend == "python":
         print(f"serve it: moe-export serve {args.output}")
 
 
+def _serve_args(c):
+    c.add_argument("repository", type=Path, help="a model repository (moe-export triton --backend python)")
+    c.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0: a free one)")
+    c.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0: a free one)")
+    c.add_argument("--metrics-port", type=int, default=8002, help="metrics port (default 8002; 0: a free one)")
+    c.add_argument("--env", type=Path, help="the serving environment: a virtual environment with nvidia-pytriton "
+                   "(numpy<2), onnxruntime and onnxruntime-genai (default $MOE_EXPORT_SERVE_ENV, else this one)")
+    c.add_argument("--log", type=Path, help="append the server's log to this file (default: a temporary one)")
+    c.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server to be ready")
+
+
+@command("serve", "run a Triton Inference Server on a model repository (127.0.0.1)", _serve_args)
 def cmd_serve(args):
-    from .serve import serve
+    from .deploy.serve import serve
 
     for flag in ("http_port", "grpc_port", "metrics_port"):
         if not 0 <= getattr(args, flag) < 65536:
@@ -325,6 +495,12 @@ def cmd_serve(args):
     serve(args.repository, args.http_port, args.grpc_port, args.metrics_port, args.env, args.log, args.timeout)
 
 
+def _demo_args(c):
+    c.add_argument("--workdir", default="demo_out", help="where the demo writes (default demo_out)")
+    _json_arg(c)
+
+
+@command("demo", "export a tiny Mixtral, convert it, and report parity and routing", _demo_args)
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -340,144 +516,10 @@ def build_parser():
     p = _Parser(prog="moe-export", description="Dynamic expert routing for MoE models in ONNX.", parents=[debug])
     p.add_argument("--version", action="version", version=f"moe-export {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
-
-    def cmd(name, help, fn):
+    for name, help, arguments, run in COMMANDS:
         c = sub.add_parser(name, help=help, description=help, parents=[debug])
-        c.set_defaults(fn=fn)
-        return c
-
-    def json_flag(c):
-        c.add_argument("--json", action="store_true", help="print a JSON report instead of text")
-
-    c = cmd("convert", "replace static top-k gating with DynamicRouter", cmd_convert)
-    c.add_argument("model", type=Path, help="the ONNX model to convert (never modified), or an ONNX Runtime GenAI "
-                   "model folder (with genai_config.json): then OUTPUT is a new folder og.Model() loads")
-    c.add_argument("-o", "--output", type=Path, required=True,
-                   help="the converted model; external data is shared with the input in its directory, copied elsewhere")
-    _add_policy_args(c)
-    c.add_argument("--portable", action="store_true",
-                   help="express the router in standard ONNX ops (runs without the moe-export library)")
-    c.add_argument("--no-group-experts", action="store_true",
-                   help="keep batched expert sections as exported (by default they are regrouped by "
-                        "expert so that dropped slots cost nothing)")
-    c.add_argument("--per-expert-weights", action="store_true",
-                   help="give each regrouped expert's MatMuls their own weight initializers (written to "
-                        "OUTPUT.experts.data), so weight-only quantizers such as ONNX Runtime's "
-                        "MatMulNBitsQuantizer can quantize the experts")
-    c.add_argument("--repolicy", action="store_true",
-                   help="MODEL is already converted: re-set the policy of its DynamicRouter nodes")
-    json_flag(c)
-
-    i = cmd("inspect", "list the MoE layers found", cmd_inspect)
-    i.add_argument("model", type=Path, help="an ONNX model (or GenAI model folder), original or converted")
-    json_flag(i)
-
-    v = cmd("validate", "compare a converted graph with its original (polygraphy)", cmd_validate)
-    v.description = ("compare a converted graph with its original (polygraphy). Exit 1 when a static-policy "
-                     "conversion does not reproduce the original (outputs within the tolerances, the same "
-                     "experts); a dynamic policy is expected to differ, and its differences are reported "
-                     "with exit 0 unless --strict is given")
-    v.add_argument("original", type=Path, help="the model (or GenAI model folder) before conversion")
-    v.add_argument("converted", type=Path, help="the model (or folder) moe-export wrote")
-    v.add_argument("--data", type=Path, help=".npz of named inputs, or .npy for a single-input graph "
-                   "(default: random inputs from the input specs)")
-    v.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a symbolic input dimension (repeatable)")
-    v.add_argument("--atol", type=_tolerance, default=None,
-                   help="absolute tolerance on the outputs (default 1e-4; 2e-3 for models computing in float16/bfloat16)")
-    v.add_argument("--rtol", type=_tolerance, default=None,
-                   help="relative tolerance on the outputs (default 1e-3; 5e-3 for models computing in float16/bfloat16)")
-    v.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    v.add_argument("--trt", action="store_true", help="also run the converted graph in TensorRT")
-    v.add_argument("--strict", action="store_true",
-                   help="exit 1 when any output differs beyond the tolerances, whatever the policy")
-    json_flag(v)
-
-    e = cmd("export", "export a local transformers MoE checkpoint to ONNX", cmd_export)
-    e.add_argument("checkpoint", type=Path, help="a local checkpoint folder (config.json and weights)")
-    e.add_argument("-o", "--output", type=Path, required=True, help="the .onnx to write (weights beside it, .data)")
-    e.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    e.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
-                   help="torch.onnx exporter (default dynamo; torchscript only works with transformers 4.x)")
-    e.add_argument("--embed-weights", action="store_true", help="keep weights inside the .onnx file")
-    e.add_argument("--with-past", action="store_true",
-                   help="a decoder graph with a KV cache for generation (input_ids, attention_mask, position_ids, "
-                        "past_key_values.N.key/value -> logits, present.N.key/value)")
-
-    cal = cmd("calibrate", "choose per-layer thresholds for a compute budget and convert", cmd_calibrate)
-    cal.add_argument("model", type=Path, help="the original model, or one already converted (retuned); a GenAI "
-                     "model folder gives a folder")
-    cal.add_argument("--data", type=Path, required=True, help=".npy token ids [batch, seq] (or .npz of inputs)")
-    budget = cal.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--target-experts", type=float, help="a compute budget: mean experts per token to aim for")
-    budget.add_argument("--max-ppl-increase", type=float, metavar="FRACTION",
-                        help="a quality budget: the cheapest routing whose next-token perplexity on the data rises "
-                             "at most this much (0.01 = +1%%); a causal LM graph (input_ids -> logits) is needed")
-    cal.add_argument("--holdout", type=float, default=0.25, metavar="FRACTION",
-                     help="with --max-ppl-increase: the part of --data held out to check the budget (default 0.25)")
-    cal.add_argument("-o", "--output", type=Path, required=True, help="the calibrated, converted model")
-    cal.add_argument("--policy", choices=[p for p in POLICIES if p != "static"] + ["auto"], default="top-p",
-                     help="dynamic policy whose threshold is calibrated (default top-p); with --max-ppl-increase, "
-                          "auto picks each layer's policy too")
-    cal.add_argument("--mode", choices=("per-layer", "global"), default="per-layer",
-                     help="a threshold per layer hitting the target in each, or one threshold for all")
-    cal.add_argument("--min-experts", type=int, default=1, help="fewest experts per token (default 1)")
-    cal.add_argument("--max-experts", type=int, default=None, help="most experts per token (default: the graph's k)")
-    _renormalize_arg(cal, "1; with --max-ppl-increase chosen per layer among 1, 0.5 and 0")
-    cal.add_argument("--portable", action="store_true", help="write the routers in standard ONNX ops")
-    json_flag(cal)
-
-    pr = cmd("profile", "expert FLOPs, experts per token and expert load, static vs converted", cmd_profile)
-    pr.add_argument("model", type=Path, help="a converted model (or GenAI model folder)")
-    pr.add_argument("--data", type=Path, required=True, help=".npy token ids [batch, seq] (or .npz of inputs)")
-    pr.add_argument("--flops-per-pair", type=float, default=None,
-                    help="FLOPs of one (token, expert) pair (default: read off the expert weights)")
-    json_flag(pr)
-
-    b = cmd("build-engine", "build a TensorRT engine with the DynamicRouter plugin", cmd_build_engine)
-    b.add_argument("model", type=Path, help="a converted .onnx")
-    b.add_argument("-o", "--output", type=Path, required=True, help="the engine (.plan) to write")
-    b.add_argument("--fp16", action="store_true", help="allow float16 kernels")
-    b.add_argument("--shape", action="append", metavar="NAME:MIN,OPT,MAX",
-                   help="optimization profile of a dynamic input, dims like 1x16 (repeat per input)")
-    b.add_argument("--workspace-mb", type=int, default=4096, help="TensorRT workspace limit in MiB (default 4096)")
-
-    t = cmd("triton", "write a Triton Inference Server model repository entry", cmd_triton)
-    t.add_argument("model", type=Path, help="a converted .onnx, or a GenAI model folder (--backend python)")
-    t.add_argument("-o", "--output", type=Path, required=True, help="model repository directory")
-    t.add_argument("--name", required=True, help="the model's name in the repository")
-    t.add_argument("--backend", choices=("onnxruntime", "tensorrt", "python"), default="onnxruntime",
-                   help="Triton backend (default onnxruntime; python: served by any tritonserver, "
-                        "`moe-export serve` included)")
-    t.add_argument("--plan", type=Path, help="tensorrt backend: a prebuilt engine (default: build one)")
-    t.add_argument("--max-batch-size", type=int, default=8,
-                   help="dynamic batching when every input/output has a dynamic leading dim and the graph "
-                        "has no KV cache (0: off; default 8)")
-    t.add_argument("--server-repository", default="/models",
-                   help="onnxruntime backend: where the repository is mounted on the server, for the op "
-                        "library's path (default /models, as in NVIDIA's container)")
-    t.add_argument("--batch-delay-us", type=int, default=0,
-                   help="how long Triton may hold a request to batch it with others (max_queue_delay; default 0)")
-    t.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
-    t.add_argument("--threads", type=int, default=0,
-                   help="python backend, graphs: onnxruntime intra-op threads per instance (default 0: all cores)")
-    t.add_argument("--max-concurrent", type=int, default=4,
-                   help="python backend, GenAI folders: generations run at once (default 4)")
-    t.add_argument("--max-tokens", type=int, default=16,
-                   help="python backend, GenAI folders: new tokens when a request gives no max_tokens (default 16)")
-
-    v = cmd("serve", "run a Triton Inference Server on a model repository (127.0.0.1)", cmd_serve)
-    v.add_argument("repository", type=Path, help="a model repository (moe-export triton --backend python)")
-    v.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0: a free one)")
-    v.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0: a free one)")
-    v.add_argument("--metrics-port", type=int, default=8002, help="metrics port (default 8002; 0: a free one)")
-    v.add_argument("--env", type=Path, help="the serving environment: a virtual environment with nvidia-pytriton "
-                   "(numpy<2), onnxruntime and onnxruntime-genai (default $MOE_EXPORT_SERVE_ENV, else this one)")
-    v.add_argument("--log", type=Path, help="append the server's log to this file (default: a temporary one)")
-    v.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server to be ready")
-
-    d = cmd("demo", "export a tiny Mixtral, convert it, and report parity and routing", cmd_demo)
-    d.add_argument("--workdir", default="demo_out", help="where the demo writes (default demo_out)")
-    json_flag(d)
+        c.set_defaults(fn=run)
+        arguments(c)
     return p
 
 

@@ -5,7 +5,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from . import MoeExportError
+from .errors import MoeExportError
 
 
 def tiny_mixtral(seed=0, experts=8, k=2):
@@ -25,9 +25,9 @@ def tiny_mixtral(seed=0, experts=8, k=2):
 
 
 def run_demo(workdir: Path, json_out=False):
-    from .export import _quiet_exporter, export_checkpoint
-    from .rewrite import Policy, convert
-    from .validate import validate
+    from .model.export import _quiet_exporter, export_checkpoint
+    from .conversion import Policy, convert
+    from .run.validate import validate
 
     _quiet_exporter()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 import moe_export
-from moe_export.deploy import triton_repository
-from moe_export.export import export_checkpoint
-from moe_export.rewrite import Policy, convert
-from moe_export.validate import validate
+from moe_export.deploy.triton import triton_repository
+from moe_export.model.export import export_checkpoint
+from moe_export.conversion import Policy, convert
+from moe_export.run.validate import validate
 
 ap = argparse.ArgumentParser()
 ap.add_argument("checkpoint", type=Path)

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime_genai as og
 
-from moe_export.calibrate import calibrate_and_convert
-from moe_export.genai import generate
-from moe_export.graph import load_model
-from moe_export.rewrite import Policy, convert_model, routers_metadata
-from moe_export.validate import validate
+from moe_export.run.calibrate import calibrate_and_convert
+from moe_export.model.genai import generate
+from moe_export.model.graph import load_model
+from moe_export.conversion import Policy, convert_model, routers_metadata
+from moe_export.run.validate import validate
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model", type=Path)

@@ -14,10 +14,10 @@ import time
 import numpy as np
 
 import moe_export
-from moe_export.export import export_checkpoint
-from moe_export.rewrite import Policy, convert
-from moe_export.runtime import greedy
-from moe_export.validate import validate
+from moe_export.model.export import export_checkpoint
+from moe_export.conversion import Policy, convert
+from moe_export.run.runtime import greedy
+from moe_export.run.validate import validate
 
 ap = argparse.ArgumentParser()
 ap.add_argument("checkpoint")

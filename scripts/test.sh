@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONWARNINGS=ignore
-.venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests "$@"
 
 echo "== kernel tests under AddressSanitizer + UndefinedBehaviorSanitizer"
 export ORT_INCLUDE_DIR="${ORT_INCLUDE_DIR:-$(bash plugins/fetch_headers.sh ort)}"

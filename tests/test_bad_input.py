@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import FAMILY_GRAPHS, run_cli
+from helpers import FAMILY_GRAPHS, run_cli
 
 MIXTRAL = next(p for p in FAMILY_GRAPHS if p.stem == "mixtral")
 
@@ -140,6 +140,7 @@ def test_debug_flag_shows_traceback(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
+@pytest.mark.torch
 def test_export_rejects_bad_checkpoints(tmp_path):
     assert_clean_failure(run_cli("export", tmp_path, "-o", tmp_path / "out.onnx"), tmp_path, "no config.json")
     (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')

@@ -8,9 +8,9 @@ import onnx
 import pytest
 
 import moe_export
-from conftest import GRAPHS, run_cli
-from moe_export.budget import allocate
-from moe_export.rewrite import routers_metadata
+from helpers import GRAPHS, run_cli
+from moe_export.run.budget import allocate
+from moe_export.conversion import routers_metadata
 
 
 def brute_force(curves, budget):
@@ -54,7 +54,7 @@ def test_allocation_fills_what_the_hull_leaves():
 def nll_and_pairs(path, ids):
     """Next-token NLL and routed pairs of a converted graph, computed here independently."""
     meta = routers_metadata(onnx.load(str(path), load_external_data=False))
-    from moe_export.validate import with_routing_outputs
+    from moe_export.run.validate import with_routing_outputs
     m = with_routing_outputs(onnx.load(str(path)), [r["indices"] for r in meta["routers"]])
     outs = moe_export.session(m).run(None, {"input_ids": ids})
     lg = outs[0].astype(np.float64)
@@ -101,7 +101,7 @@ def test_budget_holds_on_both_parts_and_the_report_is_what_the_output_does(graph
 def test_a_given_renormalize_is_kept_and_the_search_tries_others(tmp_path):
     """--renormalize fixes it for every layer; without it the search measures 1, 0.5 and 0 at
     every threshold of a gate that normalizes its weights (Qwen3-MoE's norm_topk_prob)."""
-    from moe_export.budget import RENORMALIZE, BudgetSearch
+    from moe_export.run.budget import RENORMALIZE, BudgetSearch
 
     ids = np.random.default_rng(0).integers(0, 128, (16, 24))
     np.save(tmp_path / "ids.npy", ids)
@@ -145,7 +145,7 @@ def test_budget_errors_are_one_line(tmp_path):
         r = run_cli(*args, "-o", tmp_path / "o.onnx")
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert not (tmp_path / "o.onnx").exists()
-    from moe_export.budget import BudgetSearch  # a grid of the Python API: the same message
+    from moe_export.run.budget import BudgetSearch  # a grid of the Python API: the same message
     with pytest.raises(moe_export.MoeExportError, match=r"must be in \[0, 1\]"):
         BudgetSearch(onnx.load(str(GRAPHS / "mixtral.onnx")), GRAPHS, {"input_ids": np.load(ids)}, renormalize=(1.0, 2.0))
 
@@ -153,7 +153,7 @@ def test_budget_errors_are_one_line(tmp_path):
 def test_costs_are_monotone_in_the_saving_per_policy_and_renormalize():
     """A larger cut measured cheaper than a smaller one (the text's noise) takes the smaller one's
     cost, and no point is free: the allocation cannot pick noise."""
-    from moe_export.budget import _monotone
+    from moe_export.run.budget import _monotone
 
     pts = [(0.1, 0.02, ("top-p", 0.9, 1.0)), (0.2, -0.01, ("top-p", 0.8, 1.0)), (0.3, 0.05, ("top-p", 0.7, 1.0)),
            (0.2, -0.03, ("top-p", 0.8, 0.0)), (0.1, 0.01, ("ratio", 0.2, 1.0))]
@@ -175,7 +175,7 @@ def test_the_search_is_never_worse_than_target_calibration_on_every_gate_form(gr
     uniform routing (all layers at one fraction of k, what --target-experts gives) that passes the
     search's own check routes no fewer pairs than what the search returns, so the search is not
     static where a routing within the budget exists."""
-    from moe_export.budget import BudgetSearch
+    from moe_export.run.budget import BudgetSearch
 
     model = onnx.load(str(GRAPHS / graph))
     ids = np.random.default_rng(1).integers(0, 100, (6, 16))

@@ -5,8 +5,8 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import FAMILY_GRAPHS, run_cli
-from moe_export.rewrite import routers_metadata
+from helpers import FAMILY_GRAPHS, run_cli
+from moe_export.conversion import routers_metadata
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import pytest
 from onnxconverter_common import float16
 
 import moe_export
-from conftest import GATE_GRAPHS, input_feeds
-from moe_export.patterns import find_gates
-from moe_export.rewrite import Policy, convert
-from moe_export.validate import validate
+from helpers import GATE_GRAPHS, input_feeds
+from moe_export.rules.base import find_gates
+from moe_export.conversion import Policy, convert
+from moe_export.run.validate import validate
 
 
 def to_float16(src, dst, keep_io_types):

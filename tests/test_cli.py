@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import FAMILY_GRAPHS, GATE_GRAPHS, GRAPHS, run_cli
+from helpers import FAMILY_GRAPHS, GATE_GRAPHS, GRAPHS, run_cli
 from moe_export.cli import build_parser
-from moe_export.rewrite import routers_metadata
+from moe_export.conversion import routers_metadata
 
 MIXTRAL = next(p for p in FAMILY_GRAPHS if p.stem == "mixtral")
 EXE = Path(sys.executable).parent / "moe-export"
@@ -180,6 +180,7 @@ def test_validate_data_is_checked_against_the_inputs(tmp_path):
     assert r.returncode == 0 and "reproduces the original: yes" in r.stdout, r.stderr
 
 
+@pytest.mark.torch
 def test_torchscript_on_transformers_5_is_one_line(tmp_path):
     sys.path.insert(0, str(GRAPHS))
     from make_graphs import tiny_model

@@ -4,8 +4,8 @@ import threading
 import numpy as np
 
 import moe_export
-from conftest import GATE_GRAPHS
-from moe_export.rewrite import Policy, convert
+from helpers import GATE_GRAPHS
+from moe_export.conversion import Policy, convert
 
 
 def test_eight_threads_share_sessions(tmp_path):

@@ -6,12 +6,12 @@ import onnx
 import pytest
 
 import moe_export
-from conftest import ALL_GRAPHS, FAMILY_GRAPHS, GATE_GRAPHS, GRAPHS, input_feeds, run_cli
-from moe_export.graph import load_model
-from moe_export.patterns import find_gates
-from moe_export.rewrite import Policy, convert, routers_metadata
-from moe_export.runtime import make_feeds
-from moe_export.validate import validate
+from helpers import ALL_GRAPHS, FAMILY_GRAPHS, GATE_GRAPHS, GRAPHS, input_feeds, run_cli
+from moe_export.model.graph import load_model
+from moe_export.rules.base import find_gates
+from moe_export.conversion import Policy, convert, routers_metadata
+from moe_export.run.runtime import make_feeds
+from moe_export.run.validate import validate
 
 
 def ids(paths):
@@ -26,7 +26,7 @@ def stock_session(path):
 def unordered_topk(graph):
     """Gates with TopK(sorted=0) (DeepSeek-V3) leave the slot order unspecified: compare each
     token's (index, weight) pairs as a set. Whole models are insensitive to it anyway."""
-    from moe_export.graph import attr
+    from moe_export.model.graph import attr
     m = onnx.load(str(graph), load_external_data=False)
     return any(n.op_type == "TopK" and attr(n, "sorted", 1) == 0 for n in m.graph.node)
 

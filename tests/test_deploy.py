@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import text_format
 
 import moe_export
-from conftest import FAMILY_GRAPHS, GATE_GRAPHS, run_cli
+from helpers import FAMILY_GRAPHS, GATE_GRAPHS, run_cli
 
 from tritonclient.grpc import model_config_pb2  # installed by scripts/setup.sh: a missing one fails
 

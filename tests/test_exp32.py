@@ -2,7 +2,7 @@
 float in [-88, 0]: router_core.h's logit_gate() ranks softmax scores by their logits on that."""
 import numpy as np
 
-from moe_export.spec import exp32
+from moe_export.op.spec import exp32
 
 
 def test_exp32_never_increases_as_x_decreases_to_minus_88():

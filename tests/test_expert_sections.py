@@ -8,10 +8,10 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from conftest import GRAPHS
+from helpers import GRAPHS
 from moe_export import MoeExportError
-from moe_export.graph import GraphIndex
-from moe_export.rewrite import Policy, rewrite_model, routers_metadata
+from moe_export.model.graph import GraphIndex
+from moe_export.conversion import Policy, rewrite_model, routers_metadata
 
 MIXTRAL = GRAPHS / "mixtral.onnx"
 

@@ -8,9 +8,9 @@ import pytest
 from onnx import helper
 
 import moe_export
-from conftest import FAMILY_GRAPHS, GRAPHS, input_feeds
-from moe_export.rewrite import Policy, convert, routers_metadata
-from moe_export.runtime import session_from_proto
+from helpers import FAMILY_GRAPHS, GRAPHS, input_feeds
+from moe_export.conversion import Policy, convert, routers_metadata
+from moe_export.run.runtime import session_from_proto
 
 # Expert sections kept as exported: routing there changes what the experts compute, not what they cost.
 KEPT = {"llama4_text": "Llama 4 runs every expert on every token, weighed 0 where not chosen"}
@@ -55,7 +55,7 @@ def computed_rows(path, feeds):
 
 
 def routed_pairs(path, feeds):
-    from moe_export.validate import routing_indices, with_routing_outputs
+    from moe_export.run.validate import routing_indices, with_routing_outputs
     m = onnx.load(str(path), load_external_data=False)
     names, attrs = routing_indices(m)
     sess = session_from_proto(with_routing_outputs(m, names), path.parent)

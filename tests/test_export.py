@@ -8,19 +8,16 @@ import onnxruntime as ort
 import pytest
 
 import moe_export
-from conftest import GRAPHS, run_cli
+from helpers import GRAPHS, run_cli
 
-sys.path.insert(0, str(GRAPHS))
-from make_graphs import tiny_model  # noqa: E402
+sys.path.insert(0, str(GRAPHS))  # make_graphs: the families' tiny configs
+
+pytestmark = pytest.mark.torch
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    d = tmp_path_factory.mktemp("export")
-    tiny_model("qwen3_moe").save_pretrained(d / "ckpt")
-    r = run_cli("export", d / "ckpt", "-o", d / "model.onnx")
-    assert r.returncode == 0, r.stderr
-    return d / "model.onnx"
+def exported(exported):
+    return exported("qwen3_moe")
 
 
 def test_export_writes_external_data_and_dynamic_axes(exported):
@@ -87,7 +84,7 @@ def test_complex_rotary_families_export(family, tmp_path):
     tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "ckpt")
     r = run_cli("export", tmp_path / "ckpt", "-o", tmp_path / "m.onnx")
     assert r.returncode == 0, r.stderr
-    from moe_export.export import load_checkpoint
+    from moe_export.model.export import load_checkpoint
     model = load_checkpoint(tmp_path / "ckpt")
     ids = np.random.default_rng(0).integers(0, 128, (2, 9))
     with torch.no_grad():

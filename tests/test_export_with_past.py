@@ -7,11 +7,13 @@ import onnx
 import pytest
 
 import moe_export
-from conftest import GRAPHS, ROOT, run_cli
-from moe_export.runtime import greedy, make_feeds
+from helpers import GRAPHS, ROOT, run_cli
+from moe_export.run.runtime import greedy, make_feeds
 
 sys.path.insert(0, str(GRAPHS))
 from make_graphs import tiny_model  # noqa: E402
+
+pytestmark = pytest.mark.torch
 
 WINDOW = 16  # GPT-OSS's sliding_window in graphs/make_graphs.py
 NEW = 3 * WINDOW - 7 + 1  # after a 7-token prompt: past three windows

@@ -4,14 +4,13 @@ export) and top-p with a tiny threshold (the same PyTorch model routed to one ex
 families that need more than the common gate forms: skip classes, dense and select-only gates,
 looped experts the exporter cannot take as they are. (A family whose sequence axis torch.export
 cannot keep dynamic is one clear line: test_export.py.)"""
-import sys
-
 import pytest
 
-from conftest import ROOT
+from helpers import benchmark
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import families as F  # noqa: E402
+pytestmark = pytest.mark.torch
+
+F = benchmark("families")
 
 FAMILIES = {f[0]: f for f in F.families()}
 CONVERT = ["zaya", "dbrx", "longcat_flash", "phimoe", "llama4_text", "deepseek_v4", "inkling_text", "doge", "jetmoe"]
@@ -19,7 +18,7 @@ CONVERT = ["zaya", "dbrx", "longcat_flash", "phimoe", "llama4_text", "deepseek_v
 
 @pytest.mark.parametrize("family", CONVERT)
 def test_family_converts_right(family):
-    row = F._one(FAMILIES[family])
+    row = F.run_family(FAMILIES[family])
     assert row["status"] == "ok", row
     assert row["routers"] >= 1
     if family != "zaya":  # ZAYA routes one expert per token (its only configuration)

@@ -15,13 +15,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from moe_export.graph import _reads_of
+from moe_export.model.graph import _reads_of
 
 import moe_export
-from conftest import FAMILY_GRAPHS, ROOT, input_feeds, run_cli
+from helpers import FAMILY_GRAPHS, ROOT, benchmark, input_feeds, run_cli
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from scale import make_graph  # noqa: E402
+make_graph = benchmark("scale").make_graph
 
 MIXTRAL = next(p for p in FAMILY_GRAPHS if p.stem == "mixtral")
 EXE = Path(sys.executable).parent / "moe-export"
@@ -131,6 +130,7 @@ def test_another_models_data_is_not_replaced(user_model, tmp_path):
     loads_everywhere(out / "a.onnx")
 
 
+@pytest.mark.torch
 def test_export_never_writes_over_the_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import FAMILY_GRAPHS, GATE_GRAPHS
+from helpers import FAMILY_GRAPHS, GATE_GRAPHS
 from moe_export.cli import main
 
 SEEDS = [p for p in GATE_GRAPHS] + [p for p in FAMILY_GRAPHS if p.stem in ("mixtral", "deepseek_v3", "gpt_oss")]

@@ -9,9 +9,11 @@ import onnx
 import pytest
 
 import moe_export
-from conftest import GRAPHS, run_cli
+from helpers import GRAPHS, run_cli
 from moe_export import genai
-from moe_export.genai import generate
+from moe_export.model.genai import generate
+
+pytestmark = pytest.mark.genai
 
 
 
@@ -146,8 +148,8 @@ def test_folder_outputs_are_refused_where_they_would_touch_the_input(tmp_path):
 
 
 def test_cache_feeds_follow_the_graph_and_its_config():
-    from moe_export.graph import load_model
-    from moe_export.runtime import cache_dims, make_feeds
+    from moe_export.model.graph import load_model
+    from moe_export.run.runtime import cache_dims, make_feeds
 
     folder = GRAPHS / "genai" / "gpt_oss_fp32_cpu"
     m = load_model(genai.decoder_file(folder))
@@ -169,7 +171,7 @@ def test_the_sample_script_runs_end_to_end(tmp_path):
     import sys
     import sysconfig
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     text = f"{sysconfig.get_paths()['stdlib']}/LICENSE.txt"
     r = subprocess.run([sys.executable, ROOT / "samples" / "genai_dynamic.py", GRAPHS / "genai" / "lfm2_moe_int4_cpu",

@@ -8,8 +8,8 @@ from onnx import TensorProto, helper
 
 import moe_export
 from moe_export import MoeExportError
-from moe_export.rewrite import Policy, rewrite_model
-from test_rules import E, G
+from moe_export.conversion import Policy, rewrite_model
+from helpers import E, G
 
 
 def dense_router(extra=None):

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from onnx import TensorProto
 
-from conftest import router_model, session_of
-from moe_export.spec import dynamic_router
+from helpers import router_model, session_of
+from moe_export.op.spec import dynamic_router
 
 try:
     from ml_dtypes import bfloat16

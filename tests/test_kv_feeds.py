@@ -4,8 +4,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import run_cli
-from moe_export.runtime import make_feeds
+from helpers import run_cli
+from moe_export.run.runtime import make_feeds
 
 H, E, HEADS, D, VOCAB, POS = 8, 8, 2, 4, 64, 64
 

@@ -7,9 +7,9 @@ import onnx
 import pytest
 
 import moe_export
-from conftest import GRAPHS, run_cli
-from moe_export.rewrite import Policy, convert
-from moe_export.runtime import greedy, load_inputs
+from helpers import GRAPHS, run_cli
+from moe_export.conversion import Policy, convert
+from moe_export.run.runtime import greedy, load_inputs
 
 OPTIMUM = sorted((GRAPHS / "optimum").glob("*.onnx"))
 

@@ -1,17 +1,13 @@
 """convert --per-expert-weights: each regrouped expert's MatMuls read an initializer of their own,
 so weight-only quantizers (ONNX Runtime's MatMulNBitsQuantizer) quantize the experts."""
 import hashlib
-import sys
 
 import numpy as np
 import onnx
 import pytest
 
 import moe_export
-from conftest import GRAPHS, run_cli
-
-sys.path.insert(0, str(GRAPHS))
-from make_graphs import tiny_model  # noqa: E402
+from helpers import GRAPHS, run_cli
 
 
 def quantized_experts(path):
@@ -24,11 +20,8 @@ def quantized_experts(path):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pe")
-    tiny_model("mixtral").save_pretrained(d / "ckpt")
-    assert run_cli("export", d / "ckpt", "-o", d / "m.onnx").returncode == 0
-    return d / "m.onnx"
+def exported(exported):
+    return exported("mixtral")
 
 
 def digest(folder):

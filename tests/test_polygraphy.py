@@ -7,7 +7,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from conftest import FAMILY_GRAPHS, run_cli
+from helpers import FAMILY_GRAPHS, run_cli
 
 MIXTRAL = next(p for p in FAMILY_GRAPHS if p.stem == "mixtral")
 POLYGRAPHY = Path(sys.executable).parent / "polygraphy"

@@ -5,9 +5,9 @@ from hypothesis import HealthCheck, given, settings
 from onnx import TensorProto, helper
 
 import onnxruntime as ort
-from moe_export.graph import NodeBuilder
-from moe_export.rewrite import _portable
-from moe_export.spec import RouterAttrs, dynamic_router
+from moe_export.model.graph import NodeBuilder
+from moe_export.conversion.portable import portable_router
+from moe_export.op.spec import RouterAttrs, dynamic_router
 from test_kernel import router_case
 
 
@@ -18,7 +18,7 @@ def portable_model(attrs, bias):
     ins = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", E])]
     if bias:
         ins.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, [E]))
-    w, idx = _portable(b, a, "logits", "bias" if bias else None, TensorProto.FLOAT)
+    w, idx = portable_router(b, a, "logits", "bias" if bias else None, TensorProto.FLOAT)
     nodes = b.nodes + [helper.make_node("Identity", [w], ["weights"]), helper.make_node("Identity", [idx], ["indices"])]
     outs = [helper.make_tensor_value_info("weights", TensorProto.FLOAT, None),
             helper.make_tensor_value_info("indices", TensorProto.INT64, None)]

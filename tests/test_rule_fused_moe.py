@@ -7,9 +7,9 @@ import pytest
 from onnx import TensorProto, helper
 
 import moe_export
-from moe_export.patterns import explain
-from moe_export.rewrite import Policy, convert
-from moe_export.spec import dynamic_router
+from moe_export.rules.base import explain
+from moe_export.conversion import Policy, convert
+from moe_export.op.spec import dynamic_router
 
 E, H, I, K = 8, 16, 12, 2
 
@@ -93,7 +93,7 @@ def test_dynamic_routes_fewer_pairs(x, tmp_path):
     src, dst = tmp_path / "m.onnx", tmp_path / "d.onnx"
     onnx.save(fused_graph(), src)
     convert(src, dst, Policy("ratio", 0.9, min_experts=1))
-    from moe_export.validate import validate
+    from moe_export.run.validate import validate
 
     rep = validate(src, dst, feeds={"x": x})
     assert rep["routed_pairs"]["original"] == 64 * K

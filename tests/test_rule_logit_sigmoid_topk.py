@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-from conftest import assert_top1_is_the_k1_model
-from test_rules import E, G, check_parity, normalize, only_row
+from helpers import assert_top1_is_the_k1_model
+from helpers import E, G, check_parity, normalize, only_row
 
 
 def logit_sigmoid_topk(bias=True, norm=True, scale=None, cast=False, gather_from_sum=False):
@@ -44,6 +44,7 @@ def test_weights_from_the_biased_sum_are_not_this_form():
     assert row["gate"] is None and "logit_sigmoid_topk" in row["why_not"]
 
 
+@pytest.mark.torch
 def test_one_expert_routing_is_the_model_with_k_1(tmp_path):
     """Top-p with a tiny threshold keeps the expert of highest logit + bias: the converted graph
     computes what the same PyTorch model computes with num_experts_per_tok=1."""

@@ -3,13 +3,14 @@ a bias ranks, the graph weighs chosen and shared experts by log-sigmoids normali
 log-sum-exp; the router only selects and a dropped slot gathers a logit of -inf."""
 
 import numpy as np
+import pytest
 import onnx
 import onnxruntime as ort
 
 import moe_export
-from conftest import assert_top1_is_the_k1_model
-from moe_export.rewrite import Policy, rewrite_model
-from test_rules import E, G, K, only_row
+from helpers import assert_top1_is_the_k1_model
+from moe_export.conversion import Policy, rewrite_model
+from helpers import E, G, K, only_row
 
 R = E - 1  # routed experts; the last logit is one shared expert's
 BIAS = np.linspace(-0.2, 0.2, R).astype(np.float32)
@@ -55,5 +56,6 @@ def test_gathered_logits_not_through_a_sigmoid_are_not_this_form():
     assert row["gate"] is None and "lse_sigmoid_topk" in row["why_not"]
 
 
+@pytest.mark.torch
 def test_one_expert_routing_is_the_model_with_k_1(tmp_path):
     assert_top1_is_the_k1_model('inkling_text', tmp_path, num_experts_per_tok=1)

@@ -7,9 +7,9 @@ import onnxruntime as ort
 import pytest
 
 import moe_export
-from conftest import assert_top1_is_the_k1_model
-from moe_export.rewrite import Policy, rewrite_model
-from test_rules import E, G, normalize, only_row
+from helpers import assert_top1_is_the_k1_model
+from moe_export.conversion import Policy, rewrite_model
+from helpers import E, G, normalize, only_row
 
 BIAS = np.linspace(-0.3, 0.3, E).astype(np.float32)
 
@@ -59,6 +59,7 @@ def test_gathered_scores_through_a_function_that_would_weigh_a_zero_are_not_this
     assert row["gate"] is None and "scores_bias_topk" in row["why_not"]
 
 
+@pytest.mark.torch
 def test_one_expert_routing_is_the_model_with_k_1(tmp_path):
     """DeepSeek-V4's learned layers (its hash layers route by a token table and stay as they are)."""
     assert_top1_is_the_k1_model('deepseek_v4', tmp_path, num_experts_per_tok=1)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-from conftest import assert_top1_is_the_k1_model
-from test_rules import E, G, check_parity, normalize, only_row
+from helpers import assert_top1_is_the_k1_model
+from helpers import E, G, check_parity, normalize, only_row
 
 
 def softmax_bias_topk(norm=True, guard="Clip", scale=None, gather=True, cast=False):
@@ -42,6 +42,7 @@ def test_weights_not_from_the_softmax_is_a_near_miss():
     assert row["gate"] is None and "not gathered from the softmax scores" in row["near_miss"]
 
 
+@pytest.mark.torch
 def test_one_expert_routing_is_the_model_with_k_1(tmp_path):
     """Top-p with a tiny threshold keeps one expert per token, the one of highest softmax + bias:
     the converted graph computes what the same PyTorch model computes with moe_k=1."""

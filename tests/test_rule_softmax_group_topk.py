@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-from conftest import assert_top1_is_the_k1_model
-from test_rules import E, G, check_parity, normalize, only_row
+from helpers import assert_top1_is_the_k1_model
+from helpers import E, G, check_parity, normalize, only_row
 
 
 def softmax_group_topk(fill=0.0, norm=True, scale=None, gather=True):
@@ -49,6 +49,7 @@ def test_declines_and_near_misses():
     assert row["gate"] is None and "not gathered from the softmax scores" in row["near_miss"]
 
 
+@pytest.mark.torch
 def test_one_expert_routing_is_the_model_with_k_1(tmp_path):
     """Top-p with a tiny threshold keeps the best expert of the best groups: the converted graph
     computes what the same PyTorch model computes with num_experts_per_tok=1."""

@@ -2,13 +2,15 @@
 each weighed by its own jitter-masked softmax. The router picks the ids; the graph's weights
 stay, zeroed where a slot is dropped."""
 import numpy as np
+import pytest
 from onnx import TensorProto, helper
 
-from conftest import GRAPHS, session_of
-from moe_export.patterns import explain
-from moe_export.rewrite import Policy, convert
+from helpers import GRAPHS, session_of
+from moe_export.rules.base import explain
+from moe_export.conversion import Policy, convert
 
 
+@pytest.mark.torch
 def test_one_expert_routing_is_the_model_weighing_its_first_pick_alone(tmp_path, monkeypatch):
     """PhiMoE has no k=1 configuration (the sparse mixer always picks two): the reference is the
     same PyTorch model with the second pick's weight set to 0."""
@@ -20,7 +22,7 @@ def test_one_expert_routing_is_the_model_weighing_its_first_pick_alone(tmp_path,
     sys.path.insert(0, str(GRAPHS))
     from make_graphs import tiny_model
 
-    from moe_export.export import load_checkpoint
+    from moe_export.model.export import load_checkpoint
 
     out = tmp_path / "top1.onnx"
     convert(GRAPHS / "phimoe.onnx", out, Policy("top-p", 1e-6))

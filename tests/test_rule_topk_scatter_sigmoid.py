@@ -2,12 +2,15 @@
 into a table of -inf, its Sigmoid the dense routing weights (0 for experts not chosen)."""
 
 import numpy as np
+import pytest
 import onnxruntime as ort
 
 import moe_export
-from conftest import assert_top1_is_the_k1_model
-from moe_export.rewrite import Policy, rewrite_model
-from test_rules import E, G, only_row
+from helpers import assert_top1_is_the_k1_model
+from moe_export.conversion import Policy, rewrite_model
+from moe_export.rules.base import family
+from moe_export.rules.topk_scatter_sigmoid import dense_weights
+from helpers import E, G, only_row
 
 
 def topk_scatter_sigmoid(fill=float("-inf")):
@@ -25,7 +28,7 @@ def logits(n=64):
 def test_static_reproduces_the_dense_weights():
     m = topk_scatter_sigmoid()
     g = only_row(m)["gate"]
-    assert g.family == "topk_scatter_sigmoid" and g.dense
+    assert g.family == "topk_scatter_sigmoid" and family(g.family).wire is dense_weights
     assert (g.attrs["score_func"], g.attrs["select"], g.attrs["normalize"]) == ("sigmoid", "before_score", 0)
     x = logits()
     want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"logits": x})
@@ -52,5 +55,6 @@ def test_a_table_not_of_minus_infinity_is_not_this_form():
     assert row["gate"] is None and "topk_scatter_sigmoid" in row["why_not"]
 
 
+@pytest.mark.torch
 def test_one_expert_routing_is_the_model_with_k_1(tmp_path):
     assert_top1_is_the_k1_model('llama4_text', tmp_path, num_experts_per_tok=1)

@@ -2,58 +2,13 @@
 the reason a rule gives when a TopK is not of its form. Converted graphs are run against the
 original in ONNX Runtime for the positive cases."""
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 import moe_export
-from moe_export.patterns import explain, rules
-from moe_export.rewrite import Policy, rewrite_model
-from moe_export.validate import TOLERANCE, computes_in_half
-
-E, K = 8, 2
-
-
-class G:
-    """A tiny graph: logits [n, E] in, weights and indices out."""
-
-    def __init__(self):
-        self.nodes, self.inits, self.n = [], [], 0
-
-    def const(self, value, dtype=np.int64):
-        self.n += 1
-        name = f"c{self.n}"
-        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
-        return name
-
-    def op(self, op_type, inputs, n_out=1, **kw):
-        self.n += 1
-        outs = [f"{op_type.lower()}{self.n}_{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{op_type}{self.n}", **kw))
-        return outs if n_out > 1 else outs[0]
-
-    def cast(self, x, to):
-        return self.op("Cast", [x], to=to)
-
-    def topk(self, x, k=K, **kw):
-        return self.op("TopK", [x, self.const([k])], n_out=2, axis=-1, **kw)
-
-    def model(self, weights, indices, extra_inputs=()):
-        g = helper.make_graph(self.nodes, "gate", [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", E]),
-                                                   *extra_inputs],
-                              [helper.make_tensor_value_info(weights, TensorProto.FLOAT, None),
-                               helper.make_tensor_value_info(indices, TensorProto.INT64, None)], self.inits)
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
-        m.ir_version = 9
-        return m
-
-
-def normalize(g, w, eps=None, guard="Add"):
-    """x / sum(x), the sum guarded against 0 by `guard` (Add eps, Clip(min=eps), Max(eps))."""
-    s = g.op("ReduceSum", [w, g.const([-1])], keepdims=1)
-    if eps is not None:
-        s = g.op(guard, [s, g.const(eps, np.float32)])
-    return g.op("Div", [w, s])
+from helpers import E, G, check_parity, normalize, only_row
+from moe_export.conversion import Policy, rewrite_model
+from moe_export.rules.base import rules
 
 
 def softmax_topk(norm=False, eps=None, scale=None, cast=False, axis=-1, guard="Add"):
@@ -117,28 +72,6 @@ def sigmoid_topk(bias=False, groups=False, gather=True, norm=False, eps=None, sc
     if scale:
         w = g.op("Mul", [w, g.const(scale, np.float32)])
     return g.model(w, i)
-
-
-def only_row(m):
-    rows = explain(m)
-    return rows[-1]  # the TopK that selects experts is the last one (groups come first)
-
-
-def check_parity(m, tmp_path):
-    """The rewritten graph, static, reproduces the original in ONNX Runtime."""
-    import onnxruntime as ort
-
-    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    conv = onnx.ModelProto()
-    conv.CopyFrom(m)
-    rewrite_model(conv, Policy("static"))
-    x = np.random.default_rng(0).standard_normal((64, E)).astype(np.float32)
-    (w0, i0), (w1, i1) = ref.run(None, {"logits": x}), moe_export.session(conv).run(None, {"logits": x})
-    o0, o1 = np.argsort(i0, -1), np.argsort(i1, -1)  # slot order may be unspecified (sorted=0)
-    np.testing.assert_array_equal(np.take_along_axis(i0, o0, -1), np.take_along_axis(i1, o1, -1))
-    # A graph that rounds scores through float16 differs from the router by that rounding.
-    atol, rtol = TOLERANCE["half"] if computes_in_half(m) else (1e-6, 1e-6)
-    np.testing.assert_allclose(np.take_along_axis(w1, o1, -1), np.take_along_axis(w0, o0, -1), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("kw, attrs", [

@@ -1,12 +1,10 @@
 """The scale benchmark's generator and conversion, at full layer count (weights file kept small)."""
-import sys
-
 import onnx
 
-from conftest import ROOT, run_cli
+from helpers import benchmark, run_cli
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from scale import make_graph, sha256  # noqa: E402
+scale = benchmark("scale")
+make_graph, sha256 = scale.make_graph, scale.sha256
 
 
 def test_48_layers_convert_with_weights_untouched(tmp_path):

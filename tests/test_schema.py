@@ -1,4 +1,4 @@
-"""The DynamicRouter op is declared once (moe_export/schema.py); every copy derives from it."""
+"""The DynamicRouter op is declared once (moe_export/op/schema.py); every copy derives from it."""
 import ctypes
 import subprocess
 from dataclasses import MISSING, fields
@@ -8,10 +8,10 @@ import onnx
 import pytest
 
 import moe_export  # registers the op's OpSchema
-from conftest import GATE_GRAPHS, GRAPHS, ROOT
-from moe_export import schema
-from moe_export.rewrite import Policy, convert
-from moe_export.spec import RouterAttrs
+from helpers import GATE_GRAPHS, GRAPHS, ROOT
+from moe_export.op import schema
+from moe_export.conversion import Policy, convert
+from moe_export.op.spec import RouterAttrs
 
 
 def test_generated_header_and_docs_are_current():
@@ -74,7 +74,7 @@ def test_checker_and_strict_shape_inference_accept_converted_models(graph, max_e
 
 def test_kernel_defaults_are_the_tables():
     """A node with only the required attributes routes as the table's defaults say."""
-    from conftest import router_model
+    from helpers import router_model
 
     logits = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
     w, idx = moe_export.session(router_model({"num_experts": 8, "k": 2})).run(None, {"logits": logits})

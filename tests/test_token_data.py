@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import FAMILY_GRAPHS, run_cli
+from helpers import FAMILY_GRAPHS, run_cli
 from test_bad_input import assert_clean_failure
 
 MIXTRAL = next(p for p in FAMILY_GRAPHS if p.stem == "mixtral")
@@ -136,7 +136,7 @@ def test_every_reference_graph_knows_its_vocabulary(graph):
     import re
 
     from moe_export import MoeExportError
-    from moe_export.runtime import check_inputs, make_feeds
+    from moe_export.run.runtime import check_inputs, make_feeds
 
     path = graph / "model.onnx" if graph.is_dir() else graph
     model = onnx.load(str(path), load_external_data=False)
@@ -155,8 +155,8 @@ def test_every_reference_graph_knows_its_vocabulary(graph):
 def test_batches_bound_the_weight_gathers():
     """An original batched section gathers a weight slab per (token, slot): validate sizes its
     batches so that those copies stay within GATHER_BUDGET, never splitting a sequence."""
-    from moe_export.runtime import GATHER_BUDGET, batches, gathered_per_token
-    from moe_export.validate import routing_indices
+    from moe_export.run.runtime import GATHER_BUDGET, batches, gathered_per_token
+    from moe_export.run.validate import routing_indices
 
     model = onnx.load(str(MIXTRAL), load_external_data=False)
     per_token = gathered_per_token(model, routing_indices(model)[1])

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import GRAPHS, ROOT, run_cli, session_of
+from helpers import GRAPHS, ROOT, run_cli, session_of
 
 import tritonclient.grpc as grpcclient  # installed by scripts/setup.sh: a missing one fails
 import tritonclient.http as httpclient
@@ -81,7 +81,7 @@ def _cmd(p):
 def local_greedy(folder, text, new):
     import onnxruntime_genai as og
 
-    from moe_export.genai import generate
+    from moe_export.model.genai import generate
     tok = og.Tokenizer(og.Model(str(folder)))
     ids = tok.encode(text)
     out = generate(folder, ids.reshape(1, -1), max_length=max(len(ids) + new, 48))[len(ids):len(ids) + new]

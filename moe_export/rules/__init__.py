@@ -1,2 +1,3 @@
-"""One module per gate form; each defines RULE (a patterns.Rule) and may set ORDER (rules are
-tried in ORDER, the first that takes a TopK wins). patterns.rules() finds them all."""
+"""Gate forms: base.py holds the Rule and Gate types and the matchers rules share; every other
+module is one gate form, defining RULE (a base.Rule) and optionally ORDER (rules are tried in
+ORDER, the first that takes a TopK wins). base.rules() finds them all."""

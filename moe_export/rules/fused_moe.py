@@ -4,7 +4,7 @@ op takes a float32 softmax over the E experts, the top k of it, renormalized ove
 ``normalize_routing_weights=1``, and runs only those experts: its CPU kernels skip a route whose
 weight is exactly 0.
 
-The router decides instead (``feed``): the op receives, per token, the original logits at the
+The router decides instead (``wire``): the op receives, per token, the original logits at the
 experts the router kept and the lowest value of the type elsewhere. Its softmax then weighs
 every dropped expert exactly 0 (the exponential underflows), so they are skipped, and the kept
 experts get the original probabilities renormalized over the kept set, which with nothing
@@ -17,9 +17,9 @@ When the router keeps more than k, the op's k is raised to the router's width.
 import numpy as np
 from onnx import TensorProto
 
-from ..graph import NodeBuilder, attr
-from ..patterns import FUSED_DOMAIN, Gate, Miss, NearMiss, Rule, is_fused
-from ..schema import gate_defaults
+from ..model.graph import NodeBuilder, attr
+from .base import FUSED_DOMAIN, Gate, Miss, NearMiss, Rule, Wiring, is_fused
+from ..op.schema import gate_defaults
 
 ORDER = 60
 
@@ -67,8 +67,9 @@ def _lowest(elem_type):
     return {TensorProto.FLOAT16: np.finfo(np.float16).min}.get(elem_type, np.finfo(np.float32).min) / 2
 
 
-def feed(surgery, b, ix, gate, a, weights, indices):
-    node, E, logits = gate.topk, a.num_experts, gate.logits
+def feed(w: Wiring) -> str:
+    surgery, b, ix, a, weights, indices = w.surgery, w.builder, w.ix, w.attrs, w.weights, w.indices
+    node, E, logits = w.gate.topk, a.num_experts, w.gate.logits
     ftype = ix.elem_type(logits) or TensorProto.FLOAT
     i64 = lambda v: b.const(np.asarray(v, dtype=np.int64))
     last = i64([-1])
@@ -94,8 +95,9 @@ def feed(surgery, b, ix, gate, a, weights, indices):
     scale = post.op("Reshape", [total, shape])
     surgery.rewire(out, post.op("Mul", [out, scale], hint="rescaled"))
     surgery.insert(post, after=node.name)
+    return weights
 
 
 RULE = Rule("fused_moe", f"{FUSED_DOMAIN} MoE/QMoE (router_probs = logits; softmax -> top-k inside)",
             "ORT GenAI builder: GPT-OSS, Qwen3.5-MoE, Gemma4; ORT transformers optimizer", match,
-            anchors=("MoE", "QMoE"), feed=feed)
+            anchors=("MoE", "QMoE"), wire=feed, fused=True)

@@ -1,8 +1,8 @@
 """Kolibri: TopK ranks the raw logits plus a correction bias; the weights are the sigmoid of the
 chosen logits (GatherElements(logits, ids) -> Sigmoid), optionally renormalized and scaled. As
 DynamicRouter attributes: score_func=sigmoid, select=before_score."""
-from ..patterns import Gate, Miss, Rule, experts_of, gathered, sigmoid_of, topk_k, weights_chain
-from ..schema import gate_defaults
+from .base import Gate, Miss, Rule, experts_of, gathered, sigmoid_of, topk_k, weights_chain
+from ..op.schema import gate_defaults
 
 ORDER = 35
 

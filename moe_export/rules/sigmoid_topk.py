@@ -2,8 +2,8 @@
 (DeepSeek-V3: the best topk_group of n_group expert groups, by the sum of each group's best
 keys, masked with Where), TopK, the weights gathered from the unbiased scores, optionally
 renormalized and scaled."""
-from ..patterns import Gate, Miss, NearMiss, Rule, experts_of, gathered, sigmoid_of, topk_k, weights_chain
-from ..schema import gate_defaults
+from .base import Gate, Miss, NearMiss, Rule, experts_of, gathered, sigmoid_of, topk_k, weights_chain
+from ..op.schema import gate_defaults
 
 ORDER = 30
 

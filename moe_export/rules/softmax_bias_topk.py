@@ -1,8 +1,8 @@
 """Softmax scores with a correction bias added for ranking only (ERNIE 4.5 MoE, ZAYA,
 LongCat-Flash): TopK ranks softmax + bias, the weights are the unbiased probabilities gathered at
 the chosen experts, optionally renormalized and scaled."""
-from ..patterns import Gate, Miss, NearMiss, Rule, experts_of, gathered, last_axis, topk_k, weights_chain
-from ..schema import gate_defaults
+from .base import Gate, Miss, NearMiss, Rule, experts_of, gathered, last_axis, topk_k, weights_chain
+from ..op.schema import gate_defaults
 
 ORDER = 40
 

@@ -1,8 +1,8 @@
 """DeepSeek-V3's group-limited selection over softmax scores (Mistral 4): no bias, the experts
 outside the best topk_group groups masked to 0 (the scores are positive, so that equals -inf),
 TopK, the weights gathered from the scores, optionally renormalized and scaled."""
-from ..patterns import Gate, Miss, NearMiss, Rule, experts_of, gathered, last_axis, topk_k, weights_chain
-from ..schema import gate_defaults
+from .base import Gate, Miss, NearMiss, Rule, experts_of, gathered, last_axis, topk_k, weights_chain
+from ..op.schema import gate_defaults
 from .sigmoid_topk import group_params
 
 ORDER = 50

@@ -1,7 +1,7 @@
 """Softmax over the experts, then TopK of the probabilities; optionally renormalized over the k
 (x / sum(x) [+ eps]) and scaled."""
-from ..patterns import Gate, Miss, Rule, experts_of, last_axis, topk_k, weights_chain
-from ..schema import gate_defaults
+from .base import Gate, Miss, Rule, experts_of, last_axis, topk_k, weights_chain
+from ..op.schema import gate_defaults
 
 ORDER = 10
 

@@ -3,8 +3,11 @@ ArgMax of the logits with the first set to -inf; each one's weight is its softma
 experts within a jitter band of it (masked with Where). The router picks the ids (the same two,
 ranked on the logits; its policies read their softmax); the graph's own weights stay, zeroed
 at the slots the router drops, and a dropped slot's id is E as everywhere else."""
-from ..patterns import Gate, Miss, Rule, experts_of
-from ..schema import gate_defaults
+import numpy as np
+
+from ..model.graph import NodeBuilder
+from .base import Gate, Miss, Rule, Wiring, experts_of
+from ..op.schema import gate_defaults
 
 ORDER = 80
 
@@ -33,9 +36,21 @@ def match(ix, am1):
         raise Miss("the two picks' weights are not gathered at them and concatenated")
     E = experts_of(ix, am1, logits)
     return Gate("sparse_mixer", am1, logits, None, weights.output[0], ids.output[0],
-                gate_defaults(E, 2) | dict(select="before_score", normalize=0), masks=True)
+                gate_defaults(E, 2) | dict(select="before_score", normalize=0))
+
+
+def masked_weights(w: Wiring) -> str:
+    """The router picks the ids; the graph's own weights stay (each pick's weight does not depend
+    on the other's), zeroed where the router drops a slot."""
+    post, weights = NodeBuilder(f"{w.builder.prefix}/mask"), w.gate.weights
+    dropped = post.op("Equal", [w.indices, post.const(np.int64(w.attrs.num_experts))])
+    zero = post.op("CastLike", [post.const(np.float32(0)), weights])
+    masked = post.op("Where", [dropped, zero, weights], hint="masked_weights")
+    w.surgery.rewire(weights, masked)
+    w.surgery.insert(post, after=w.ix.producer[weights].name)
+    return masked
 
 
 RULE = Rule("sparse_mixer", "ArgMax(logits), ArgMax(logits with it scattered out) -> Concat ids; "
             "GatherElements of each pick's jitter-masked softmax -> Concat weights", "PhiMoE", match,
-            anchors=("ArgMax",))
+            anchors=("ArgMax",), wire=masked_weights)

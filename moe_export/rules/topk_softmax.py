@@ -1,6 +1,6 @@
 """TopK of the raw logits, then a Softmax over the k values (the weights); optionally scaled."""
-from ..patterns import Gate, Miss, Rule, experts_of, last_axis, topk_k, weights_chain
-from ..schema import gate_defaults
+from .base import Gate, Miss, Rule, experts_of, last_axis, topk_k, weights_chain
+from ..op.schema import gate_defaults
 
 ORDER = 20
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import MoeExportError, custom_op_library
+from ..errors import MoeExportError
+
+from ..native import custom_op_library
 from .files import Output, model_files, same_file
 from .graph import load_model
-from .schema import DOMAIN
+from ..op.schema import DOMAIN
 
 CONFIG = "genai_config.json"
 
@@ -46,17 +48,18 @@ def resolve(path) -> Path:
     return path
 
 
-def write_folder(src, dst, transform, protect=()):
+def write_folder(src, dst, transform, protect=(), model=None):
     """Writes the GenAI folder `src` to the new folder `dst` with its decoder graph passed through
     `transform` (ModelProto -> ModelProto, in memory); every other file is copied, the
     DynamicRouter library put inside unless the graph needs none (--portable). Returns what
-    transform returned with the model, and notes for the user."""
+    transform returned with the model, and notes for the user. `model`: the decoder graph, when the
+    caller has it loaded already."""
     src, dst = Path(src), Path(dst)
     dec = decoder_file(src)
     if dst.resolve().is_relative_to(src.resolve()):
         raise MoeExportError(f"output {dst} is inside the input folder {src}; moe-export never modifies its inputs")
-    model = load_model(dec)
-    ours = model_files(dec)
+    model = load_model(dec) if model is None else model
+    ours = model_files(dec, model)
     with Output(protected=ours + [Path(p) for p in protect]) as out:
         stage = out.directory(dst)
         model, result = transform(model)

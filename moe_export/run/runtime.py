@@ -10,8 +10,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from . import MoeExportError, custom_op_library
-from .graph import GraphIndex
+from ..errors import MoeExportError
+
+from ..native import custom_op_library
+from ..model.graph import GraphIndex
 
 _NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64,
        TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.BOOL: np.bool_}
@@ -410,7 +412,7 @@ def check_inputs(feeds, model, where="--data", notes=None):
                     continue
                 raise MoeExportError(f"{where}: input {name!r} has shape {list(arr.shape)}, "
                                      f"dimension {j} must be {d.dim_value}")
-        if arr.size == 0 and not _is_cache(name, tt):
+        if arr.size == 0 and not is_cache(name, tt):
             raise MoeExportError(f"{where}: input {name!r} is empty (shape {list(arr.shape)}): give at least one "
                                  "row of at least one token")
         vocab = vocabs.get(name) if np.issubdtype(arr.dtype, np.integer) else None
@@ -429,7 +431,7 @@ def check_inputs(feeds, model, where="--data", notes=None):
     return out
 
 
-def _is_cache(name, tt):
+def is_cache(name, tt):
     """A KV-cache input, empty at a prefill (past length 0)."""
     return "past" in name.lower() or any("past" in d.dim_param.lower() for d in tt.shape.dim)
 

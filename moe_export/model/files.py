@@ -27,9 +27,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import MoeExportError
+from ..errors import MoeExportError
 
 CHUNK = 64 << 20  # bytes per copy call: bounds how long SIGINT waits, and the progress granularity
+
+# The external-data location of an expert's own weight matrix (conversion/experts.py,
+# --per-expert-weights), which Output.model writes when the model is saved, sliced one matrix at a
+# time from the [E, a, b] table named by the tensor's "source".
+EXPERT_SLICE = "moe_export:expert-slice"
 
 
 def data_locations(model: onnx.ModelProto) -> list[str]:
@@ -312,8 +317,6 @@ class Output:
     def model(self, model: onnx.ModelProto, out: Path, src_dir: Path, owned=False) -> None:
         """Stages `model` at `out` with its external data valid beside it. `src_dir`: where the
         data files are now. owned=True: they are this command's own scratch files (moved)."""
-        from .experts import EXPERT_SLICE
-
         out, src_dir = Path(out), Path(src_dir)
         out_dir = out.parent if str(out.parent) else Path(".")
         # relative, inside src_dir (load_model checked them); expert slices are written below

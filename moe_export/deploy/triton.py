@@ -1,5 +1,5 @@
-"""TensorRT engines and Triton Inference Server model repositories for converted graphs and
-ONNX Runtime GenAI folders. Backends: onnxruntime and tensorrt (NVIDIA's server containers),
+"""Triton Inference Server model repositories for converted graphs and ONNX Runtime GenAI
+folders. Backends: onnxruntime and tensorrt (NVIDIA's server containers),
 python (any tritonserver, the pip wheel's included: model.py from triton_models/ beside the model,
 needing only numpy and onnxruntime or onnxruntime-genai in the server's Python)."""
 from __future__ import annotations
@@ -9,11 +9,15 @@ from pathlib import Path
 
 from onnx import TensorProto
 
-from . import MoeExportError, UsageError, custom_op_library, genai, trt_plugin_library
-from .files import Output, model_files
-from .graph import load_model
-from .runtime import _is_cache, graph_inputs, token_bounds
-from .schema import DOMAIN
+from ..errors import MoeExportError, UsageError
+
+from ..native import custom_op_library, trt_plugin_library
+from ..model import genai
+from ..model.files import Output
+from ..model.source import Source
+from ..run.runtime import is_cache, graph_inputs, token_bounds
+from ..op.schema import DOMAIN
+from .tensorrt import build_engine
 
 BACKENDS = ("onnxruntime", "tensorrt", "python")
 MODELS = Path(__file__).parent / "triton_models"
@@ -21,60 +25,6 @@ MODELS = Path(__file__).parent / "triton_models"
 _TRITON_TYPES = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.FLOAT16: "TYPE_FP16", TensorProto.BFLOAT16: "TYPE_BF16",
                  TensorProto.DOUBLE: "TYPE_FP64", TensorProto.INT64: "TYPE_INT64", TensorProto.INT32: "TYPE_INT32",
                  TensorProto.INT8: "TYPE_INT8", TensorProto.UINT8: "TYPE_UINT8", TensorProto.BOOL: "TYPE_BOOL"}
-
-
-def parse_shapes(items):
-    """--shape NAME:MIN,OPT,MAX with dims like 1x16 -> {name: (min, opt, max)}."""
-    out = {}
-    for it in items or []:
-        name, _, spec = it.rpartition(":")
-        parts = spec.split(",")
-        try:
-            dims = [tuple(int(d) for d in p.split("x")) for p in parts]
-        except ValueError:
-            dims = []
-        if not name or len(dims) != 3 or len({len(d) for d in dims}) != 1 or any(v < 0 for d in dims for v in d):
-            raise MoeExportError(f"--shape wants NAME:MIN,OPT,MAX with dims like 1x16, got {it!r}")
-        out[name] = tuple(dims)
-    return out
-
-
-def _tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise MoeExportError("TensorRT is not installed: install it from NVIDIA (pip install tensorrt with "
-                             "NVIDIA's package index, or the TensorRT tarball) on a machine with an NVIDIA GPU") from None
-    return trt
-
-
-def build_engine(onnx_path, out, fp16=False, shapes=None, workspace_mb=4096):
-    """Builds a TensorRT engine with the DynamicRouter plugin loaded (polygraphy's loaders)."""
-    out = Path(out)
-    with Output(protected=model_files(onnx_path)) as staged:
-        staged.check_model_path(out)
-        trt = _tensorrt()
-        from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
-
-        model = load_model(onnx_path)  # one-line errors for bad files before TensorRT sees them
-        trt.get_plugin_registry().load_library(trt_plugin_library())
-        profile = Profile()
-        for name, (lo, opt, hi) in (shapes or {}).items():
-            profile.add(name, min=lo, opt=opt, max=hi)
-        missing = [i.name for i in model.graph.input
-                   if any(d.dim_param or not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)
-                   and i.name not in (shapes or {})]
-        if missing:
-            raise MoeExportError(f"dynamic inputs need --shape NAME:MIN,OPT,MAX: {', '.join(missing)}")
-        config = CreateConfig(fp16=fp16, profiles=[profile] if shapes else None,
-                              memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace_mb << 20})
-        try:
-            SaveEngine(EngineFromNetwork(NetworkFromOnnxPath(str(onnx_path)), config=config), str(staged.temp(out)))()
-        except MoeExportError:
-            raise
-        except Exception as e:
-            raise MoeExportError(f"TensorRT could not build the engine: {str(e).splitlines()[0]}") from None
-    return out
 
 
 def _io_config(model, max_batch):
@@ -96,7 +46,7 @@ def _unbatchable(model) -> str | None:
     """Why Triton must not batch the graph, or None: it may when every input and output has a
     dynamic leading (batch) dimension and the graph keeps no state between requests (a KV-cache
     decoder's past is the client's, and requests at different past lengths cannot be stacked)."""
-    if any(_is_cache(i.name, i.type.tensor_type) for i in graph_inputs(model)):
+    if any(is_cache(i.name, i.type.tensor_type) for i in graph_inputs(model)):
         return "a KV-cache decoder, its state is in each request's inputs"
     vals = graph_inputs(model) + list(model.graph.output)
     def lead_dynamic(v):
@@ -108,12 +58,13 @@ def _unbatchable(model) -> str | None:
 
 
 def serving_mode(model_path, max_batch_size) -> str:
-    """How the repository entry for the model serves requests, in words."""
-    if genai.is_folder(model_path):
+    """How the repository entry for the model (a path or a Source) serves requests, in words."""
+    src = Source.of(model_path)
+    if src.is_folder:
         return "text generation, decoupled: /generate and /generate_stream"
     if not max_batch_size:
         return "no dynamic batching: --max-batch-size 0"
-    why = _unbatchable(load_model(model_path))
+    why = _unbatchable(src.model)
     return f"no dynamic batching: {why}" if why else f"dynamic batching up to {max_batch_size}"
 
 
@@ -141,7 +92,7 @@ def _python_graph(out, stage, model, onnx_path, name, max_batch, instances, thre
     if needs_lib:
         out.copy(lib, stage / lib.name)
     vocab = token_bounds(model)
-    inputs = [{"name": i.name, "cache": _is_cache(i.name, i.type.tensor_type), "vocab": vocab.get(i.name),
+    inputs = [{"name": i.name, "cache": is_cache(i.name, i.type.tensor_type), "vocab": vocab.get(i.name),
                "dims": [d.dim_value if d.HasField("dim_value") else d.dim_param for d in i.type.tensor_type.shape.dim]}
               for i in graph_inputs(model)]
     meta = {"max_batch_size": max_batch, "inputs": inputs, "op_library": lib.name if needs_lib else None,
@@ -189,12 +140,12 @@ def triton_repository(model_path, repo, name, backend="onnxruntime", plan=None, 
         raise UsageError(f"unknown backend {backend!r} ({', '.join(BACKENDS)})")
     if not name or "/" in name or name in (".", ".."):
         raise UsageError(f"invalid model name {name!r}")
-    folder = genai.is_folder(model_path)
+    src = Source.of(model_path)
+    folder = src.is_folder
     if folder and backend != "python":
-        raise UsageError(f"{model_path} is an ONNX Runtime GenAI folder: serve it with --backend python "
+        raise UsageError(f"{src} is an ONNX Runtime GenAI folder: serve it with --backend python "
                          "(text generation); Triton's onnxruntime and tensorrt backends run one graph call per request")
-    source = genai.decoder_file(model_path) if folder else Path(model_path)
-    model = load_model(source)
+    source, model = src.graph, src.model
     repo = Path(repo)
     if not repo.parent.is_dir():
         raise MoeExportError(f"directory {repo.parent} does not exist")
@@ -203,11 +154,11 @@ def triton_repository(model_path, repo, name, backend="onnxruntime", plan=None, 
     max_batch = max_batch_size if (max_batch_size and _unbatchable(model) is None) else 0
     server_dir = Path(server_repo_path) / name
     final = repo / name
-    with Output(protected=model_files(source)) as out:
+    with Output(protected=src.files()) as out:
         stage = out.directory(final)  # the model appears in the repository whole, or not at all
         (stage / "1").mkdir()
         if backend == "python" and folder:
-            config = _python_genai(out, stage, Path(model_path), name, instances, max_concurrent, max_tokens)
+            config = _python_genai(out, stage, src.path, name, instances, max_concurrent, max_tokens)
         elif backend == "python":
             config = _python_graph(out, stage, model, source, name, max_batch, instances, threads, delay_us)
         elif backend == "onnxruntime":

@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .graph import GraphIndex, NodeBuilder, Surgery, attr, node_axes
+from ..model.files import EXPERT_SLICE
+from ..model.graph import GraphIndex, NodeBuilder, Surgery, attr, node_axes
 
 class _Skip(Exception):
     """The section is not of the batched shape this pass understands."""
@@ -71,11 +72,6 @@ def _section(ix, ids_flat, w_flat):
     if feeds != inside:
         raise _Skip("the section's tensors are used outside it")
     return nodes, wmul
-
-
-# The external-data location of an expert's own weight matrix that files.Output writes when the
-# model is saved (from the [E, a, b] table it is sliced from, one matrix at a time).
-EXPERT_SLICE = "moe_export:expert-slice"
 
 
 def expert_weight(table: onnx.TensorProto, e: int, transpose: bool) -> onnx.TensorProto:
@@ -207,14 +203,14 @@ def _routed(b, ix, prefix, ids_flat, E, wmul, tables, expert):
 
 
 def _group(model, ix, router, prefix, per_expert_weights=False):
-    E = router["attrs"]["num_experts"]
-    ids_flat, w_flat = _flat(ix, router["indices"]), _flat(ix, router["weights"])
+    E = router.num_experts
+    ids_flat, w_flat = _flat(ix, router.indices), _flat(ix, router.weights)
     if ids_flat is None or w_flat is None:
         raise _Skip("no flat pair view of the routing")
     nodes, wmul = _section(ix, ids_flat, w_flat)
-    a = router["attrs"]
-    width = max(a["k"], a["max_experts"])
-    widen = _combine_shape(ix, wmul, a["k"], width) if width != a["k"] else None
+    k = router.k
+    width = max(k, router.attrs.max_experts)
+    widen = _combine_shape(ix, wmul, k, width) if width != k else None
     inside = {o for n in nodes for o in n.output}
     tables = {}  # GatherND output -> weight table, for tables indexed by Unsqueeze(ids_flat)
     for n in nodes:
@@ -255,7 +251,7 @@ def _group(model, ix, router, prefix, per_expert_weights=False):
             eid = op("Gather", [ids_flat, op("Slice", [pos, i64([0]), i64([1])])], axis=0)  # [e] or []
         # With more slots than the graph's k, pair p is (token p // width, slot p % width), while
         # tensors from outside the section still hold k rows per token.
-        src_pos = op("Mul", [op("Div", [pos, i64(width)]), i64(a["k"])]) if widen else pos
+        src_pos = op("Mul", [op("Div", [pos, i64(width)]), i64(k)]) if widen else pos
         m = {}          # section tensor -> this expert's tensor
         gathered = {}   # outside pair tensor -> its rows for this expert
 
@@ -266,7 +262,7 @@ def _group(model, ix, router, prefix, per_expert_weights=False):
                 return m.get(t, t)
             if t not in gathered:
                 routed = t in (ids_flat, w_flat)  # the router's own outputs have width rows per token
-                if widen and not routed and not _is_slot_repeat(ix, t, a["k"]):
+                if widen and not routed and not _is_slot_repeat(ix, t, k):
                     raise _Skip("a pair tensor from outside the section is not a per-token repeat")
                 gathered[t] = op("Gather", [t, pos if routed else src_pos], axis=0)
             return gathered[t]

@@ -1,15 +1,16 @@
 """Expert FLOPs, experts per token and per-expert load of a converted model, static vs dynamic."""
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import asdict
 
 import numpy as np
 
-from . import MoeExportError
-from .graph import load_model
-from .rewrite import routers_metadata
-from .spec import dynamic_router
+from ..errors import MoeExportError
+from ..conversion.record import Routing
+from ..model.source import Source
+from ..op.spec import dynamic_router
 from .runtime import load_inputs, run_exposed
+from .stats import routed_pairs
 
 
 def flops_per_pair(model, E, n_layers):
@@ -20,35 +21,34 @@ def flops_per_pair(model, E, n_layers):
 
 
 def profile(model_path, data_path, flops_per_pair_override=None, batch=16):
-    model = load_model(model_path)
-    meta = routers_metadata(model)
-    if meta is None:
-        raise MoeExportError(f"{model_path}: not written by moe-export convert; profile a converted model")
+    src = Source.of(model_path)
+    model = src.model
+    routing = Routing.read(model)
+    if routing is None:
+        raise MoeExportError(f"{src}: not written by moe-export convert; profile a converted model")
     notes = []
-    feeds = load_inputs(data_path, model, Path(model_path).parent, notes)
-    tensors = [t for r in meta["routers"] for t in (r["indices"], r["logits"], r.get("bias")) if t]
-    got = dict(zip(tensors, run_exposed(model, Path(model_path).parent, tensors, feeds, batch,
-                                        custom_ops=not meta["portable"])))
+    feeds = load_inputs(data_path, model, src.base_dir, notes)
+    tensors = routing.tensors("indices", "logits", "bias")
+    got = dict(zip(tensors, run_exposed(model, src.base_dir, tensors, feeds, batch, custom_ops=not routing.portable)))
     layers, by_e = [], {}
-    for r in meta["routers"]:
-        by_e[r["attrs"]["num_experts"]] = by_e.get(r["attrs"]["num_experts"], 0) + 1
-    for r in meta["routers"]:
-        a = r["attrs"]
-        E, k = a["num_experts"], a["k"]
-        idx = np.concatenate([x.reshape(-1, x.shape[-1]) for x in got[r["indices"]]])
-        logits = np.concatenate([x.reshape(-1, E) for x in got[r["logits"]]]).astype(np.float32)
-        bias = got[r["bias"]][0].astype(np.float32) if r.get("bias") else None
-        static_attrs = dict(a, policy="static", threshold=0.0, max_experts=k, min_experts=1)
-        _, sidx = dynamic_router(logits, bias, **static_attrs)
+    for r in routing.routers:
+        by_e[r.num_experts] = by_e.get(r.num_experts, 0) + 1
+    for r in routing.routers:
+        a = r.attrs
+        E, k = r.num_experts, r.k
+        idx = np.concatenate([x.reshape(-1, x.shape[-1]) for x in got[r.indices]])
+        logits = np.concatenate([x.reshape(-1, E) for x in got[r.logits]]).astype(np.float32)
+        bias = got[r.bias][0].astype(np.float32) if r.bias else None
+        _, sidx = dynamic_router(logits, bias, **asdict(r.with_policy("static", 0.0, max_experts=k, min_experts=1)))
         # a fused op's experts were measured at conversion (quantized weights unpacked)
-        fpp = flops_per_pair_override or r.get("flops_per_pair") or flops_per_pair(model, E, by_e[E])
+        fpp = flops_per_pair_override or r.flops_per_pair or flops_per_pair(model, E, by_e[E])
         load = np.bincount(idx[idx < E], minlength=E)
         sload = np.bincount(sidx[sidx < E], minlength=E)
-        pairs, spairs = int(load.sum()), int(sload.sum())
+        pairs, spairs = routed_pairs(idx, E), routed_pairs(sidx, E)
         tokens = idx.shape[0]
         layers.append({
-            "layer": r["layer"], "tokens": tokens, "num_experts": E, "k": k, "policy": a["policy"],
-            "threshold": a["threshold"], "pairs_static": spairs, "pairs": pairs,
+            "layer": r.layer, "tokens": tokens, "num_experts": E, "k": k, "policy": a.policy,
+            "threshold": a.threshold, "pairs_static": spairs, "pairs": pairs,
             "mean_experts_static": spairs / max(tokens, 1), "mean_experts": pairs / max(tokens, 1),
             "experts_per_token_hist": np.bincount((idx < E).sum(axis=1), minlength=idx.shape[1] + 1).tolist(),
             "expert_gflops_static": None if fpp is None else spairs * fpp / 1e9,

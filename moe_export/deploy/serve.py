@@ -22,7 +22,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import MoeExportError, UsageError
+from ..errors import MoeExportError, UsageError
 
 SHM = Path("/dev/shm")
 SHM_PREFIX = "moe_export_triton_"

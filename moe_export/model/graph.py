@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import MoeExportError
+from ..errors import MoeExportError
 from .files import data_locations
 
 
@@ -246,6 +246,12 @@ class NodeBuilder:
         outs = [self.name((hint or op_type.lower()) + f"_o{i}") for i in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), **kw))
         return outs if n_out > 1 else outs[0]
+
+    def filled(self, like, last, value, dtype):
+        """A tensor of `value` shaped as `like` but with `last` elements on the last axis."""
+        i64 = lambda v: self.const(v, np.int64)
+        shape = self.op("Concat", [self.op("Slice", [self.op("Shape", [like]), i64([0]), i64([-1])]), i64([last])], axis=0)
+        return self.op("ConstantOfShape", [shape], value=helper.make_tensor("value", dtype, [1], [value]))
 
 
 def _reads(graph: onnx.GraphProto, acc: set) -> set:

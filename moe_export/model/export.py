@@ -7,10 +7,10 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import MoeExportError
+from ..errors import MoeExportError
 from .files import Output, Spinner
 from .graph import load_model
-from .runtime import SLIDING_WINDOW
+from ..run.runtime import SLIDING_WINDOW
 
 
 

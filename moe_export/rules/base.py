@@ -1,12 +1,15 @@
 """Gating-subgraph rules, one per gate form (``moe_export/rules/``), anchored at the TopK that
-picks the experts.
+picks the experts (or another op a rule names, such as a fused MoE op).
 
-A rule reads a gate's parameters off the graph and returns a :class:`Gate`; none touches the
-graph. Its main path is declarative (``GraphIndex.path_up``); when a TopK is not of its form it
-raises :class:`Miss` with the reason, and :class:`NearMiss` when the form is there but a required
-piece is not (inspect reports both). Rules follow dataflow, not node order or names, so they hold
-across the dynamo and TorchScript exporters and transformers 4.x/5.x. Adding a gate form is adding
-a module to ``moe_export/rules/`` that defines ``RULE``, with its tests.
+A rule reads a gate's parameters off the graph and returns a :class:`Gate` (``match``); when a
+TopK is not of its form it raises :class:`Miss` with the reason, and :class:`NearMiss` when the
+form is there but a required piece is not (inspect reports both). Rules follow dataflow, not
+node order or names, so they hold across the dynamo and TorchScript exporters and transformers
+4.x/5.x. A rule also owns how the router's outputs are wired in its gate's place (``wire``):
+the default puts the router's weights where the gate's were; a rule whose graph weighs its
+experts otherwise gives its own hook. What every rule shares, the expert ids kept right where a
+slot is dropped, is one pass after it (conversion/ids.py). Adding a gate form is adding a module
+to ``moe_export/rules/`` that defines ``RULE``, with its tests (docs/adding_a_gate_form.md).
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Callable
 
-from .graph import PASS_THROUGH, GraphIndex, attr, node_axes
+from ..model.graph import PASS_THROUGH, GraphIndex, NodeBuilder, Surgery, attr, node_axes
+from ..op.spec import RouterAttrs
 
 
 class Miss(Exception):
@@ -26,6 +30,33 @@ class NearMiss(Exception):
     """A TopK that looks like gating but a required piece is missing (reported by inspect)."""
 
 
+@dataclass
+class Wiring:
+    """What a rule's `wire` hook connects: the router, built where the gate's TopK stood."""
+    surgery: Surgery
+    ix: GraphIndex
+    gate: "Gate"
+    attrs: RouterAttrs
+    builder: NodeBuilder   # the router's nodes (inserted before the gate's TopK)
+    logits: str            # the router's input (the gate's logits, its views re-applied)
+    weights: str           # the router's weights, in the type of the gate's
+    indices: str           # the router's expert ids (num_experts at a dropped slot)
+    dtype: int             # the element type of `weights`
+
+
+def replace_weights(w: Wiring) -> str:
+    """The common wiring: the router's weights replace the gate's. Returns the weights the expert
+    section reads (recorded for validate, calibrate and the expert regrouping)."""
+    w.surgery.rewire(w.gate.weights, w.weights)
+    return w.weights
+
+
+def keep_graph_weights(w: Wiring) -> str:
+    """For a gate whose router only selects (Gate.gathers): the graph weighs the experts itself
+    from what it gathers at the ids, so its weights stay and the router's go unused."""
+    return w.gate.weights
+
+
 @dataclass(frozen=True)
 class Rule:
     family: str
@@ -33,18 +64,20 @@ class Rule:
     models: str                                 # where it is found
     match: Callable[[GraphIndex, object], "Gate"]  # (index, anchor node) -> Gate; raises Miss / NearMiss
     anchors: tuple = ("TopK",)                  # the ops a gate of this form is anchored at
-    # For a gate whose experts are computed by a fused op (no weights / ids tensors to rewire):
-    # (surgery, builder, index, gate, RouterAttrs, weights, indices) feeds the router's choice to it.
-    feed: Callable | None = None
+    wire: Callable[[Wiring], str] = replace_weights
+    # The anchor computes the experts itself (a fused MoE op): `wire` feeds it the router's
+    # choice, and there are no expert ids in the graph to keep right.
+    fused: bool = False
 
 
 def rules() -> tuple:
     """Every rule in moe_export/rules/, in the order of their `ORDER` (then module name)."""
     global _RULES
     if _RULES is None:
-        from . import rules as pkg
+        from .. import rules as pkg
 
-        mods = [importlib.import_module(f"{pkg.__name__}.{m.name}") for m in pkgutil.iter_modules(pkg.__path__)]
+        mods = [importlib.import_module(f"{pkg.__name__}.{m.name}") for m in pkgutil.iter_modules(pkg.__path__)
+                if m.name != "base"]
         _RULES = tuple(m.RULE for m in sorted(mods, key=lambda m: (getattr(m, "ORDER", 100), m.__name__)))
     return _RULES
 
@@ -68,15 +101,11 @@ class Gate:
     expert_form: str = "unknown"  # how indices are consumed: "batched" (gather), "loop" (one-hot), "fused"
     cast_to: int | None = None   # a Cast between scores and TopK: the weights' element type
     logits_views: tuple = ()     # view ops between the scores and the ranking, re-applied to the logits
-    dense: bool = False          # weights is a [tokens, experts] table, 0 at the experts not chosen
     # The router only selects; the graph weighs the chosen experts itself from the tensors it
     # gathers at the ids: {tensor: what a dropped slot gathers} (0 for scores summed, -inf for
     # logits that go through a sigmoid or an exp). weights is then the graph's own weights (the
     # experts' regrouping reads them) or, where they are not one tensor, the TopK's unused values.
     gathers: dict | None = None
-    # The router picks the ids; the graph's own weights (`weights`) stay, zeroed where it drops a
-    # slot (PhiMoE's sparse mixer: each pick's weight does not depend on the other's).
-    masks: bool = False
 
     @property
     def name(self):
@@ -85,7 +114,7 @@ class Gate:
     @property
     def fused(self) -> bool:
         """The gate is inside a fused MoE op: the router's choice is fed to that op."""
-        return family(self.family).feed is not None
+        return family(self.family).fused
 
     def describe(self) -> dict:
         a = self.attrs

@@ -33,7 +33,7 @@ class SessionWithMoeOps(BaseLoader):
     def call_impl(self):
         import onnxruntime as ort
 
-        from .runtime import session
+        from ..run.runtime import session
 
         model, _ = util.invoke_if_callable(self.model)
         available = ort.get_available_providers()
@@ -72,7 +72,7 @@ class MoeOnnxrtRunnerArgs(BaseRunnerArgs):
         if sess_args.graph_optimization_level is not None:
             script.add_import(imports=["onnxruntime"], imp_as="onnxrt")
             level = inline(safe("onnxrt.GraphOptimizationLevel.{:}", inline_identifier(sess_args.graph_optimization_level)))
-        script.add_import(imports=["SessionWithMoeOps"], frm="moe_export.polygraphy_plugin")
+        script.add_import(imports=["SessionWithMoeOps"], frm="moe_export.deploy.polygraphy_plugin")
         script.add_import(imports=["OnnxrtRunner"], frm="polygraphy.backend.onnxrt")
         data_dir = os.path.dirname(os.path.abspath(model_path)) if model_path else None
         loader = script.add_loader(

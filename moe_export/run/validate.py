@@ -1,15 +1,18 @@
 """Parity and routing statistics of a converted graph against its original, through polygraphy."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from onnx import TensorProto
 
-from . import MoeExportError
-from .graph import GraphIndex, load_model
-from .patterns import find_gates
-from .rewrite import routers_metadata
+from ..errors import MoeExportError
+from ..conversion.record import Routing
+from ..model.graph import GraphIndex, attr
+from ..model.source import Source
+from ..rules.base import find_gates
+from .stats import routed_pairs
 from .runtime import batches, check_inputs, expose, gathered_per_token, load_inputs, make_feeds, session_from_proto
 
 PAIRS_PREFIX = "moe_export.indices."
@@ -21,9 +24,9 @@ def with_routing_outputs(model, index_tensors):
 
 def routing_indices(model):
     """Index tensors of the gates: from the converter's metadata, else matched in the graph."""
-    meta = routers_metadata(model)
-    if meta is not None:
-        return [r["indices"] for r in meta["routers"]], [r["attrs"] for r in meta["routers"]]
+    routing = Routing.read(model)
+    if routing is not None:
+        return [r.indices for r in routing.routers], [asdict(r.attrs) for r in routing.routers]
     gates, _ = find_gates(model)
     # A fused MoE op keeps its choice inside: its logits are exposed and the choice recomputed.
     return ([g.logits if g.fused else g.indices for g in gates],
@@ -39,7 +42,7 @@ def fused_choice(logits, k):
 
 def count_pairs(index_arrays, attrs):
     """Routed (token, expert) pairs per layer: slots whose index is a real expert."""
-    return [int((np.asarray(ix) < a["num_experts"]).sum()) for ix, a in zip(index_arrays, attrs)]
+    return [routed_pairs(ix, a["num_experts"]) for ix, a in zip(index_arrays, attrs)]
 
 
 # Default tolerances: for float32 models, and for models that compute in float16/bfloat16 anywhere
@@ -73,16 +76,17 @@ def validate(original, converted, feeds=None, atol=None, rtol=None, dims=None, s
 
     G_LOGGER.module_severity = G_LOGGER.CRITICAL  # expected differences (dynamic policies) are reported by us
     np.seterr(divide="ignore", invalid="ignore")  # polygraphy's relative error divides by zeros
-    orig_m, conv_m = load_model(original), load_model(converted)
+    orig, conv = Source.of(original), Source.of(converted)
+    orig_m, conv_m = orig.model, conv.model
     oi, oattrs = routing_indices(orig_m)
     ci, cattrs = routing_indices(conv_m)
-    if routers_metadata(conv_m) is None:
-        raise MoeExportError(f"{converted}: not written by moe-export convert (no router metadata)")
+    if Routing.read(conv_m) is None:
+        raise MoeExportError(f"{conv.graph}: not written by moe-export convert (no router metadata)")
     notes = []
     if feeds is None:
-        feeds = make_feeds(orig_m, dims=dims, seed=seed, base=Path(original).parent)
+        feeds = make_feeds(orig_m, dims=dims, seed=seed, base=orig.base_dir)
     elif isinstance(feeds, (str, Path)):
-        feeds = load_inputs(feeds, orig_m, Path(original).parent, notes)
+        feeds = load_inputs(feeds, orig_m, orig.base_dir, notes)
     else:
         feeds = check_inputs(feeds, orig_m, notes=notes)
     names_o = {o.name for o in orig_m.graph.output}
@@ -93,10 +97,10 @@ def validate(original, converted, feeds=None, atol=None, rtol=None, dims=None, s
     # arena each batch's memory is returned: with it, an original batched section's weight gathers
     # (7 GB for one 512-token sequence of a 1 GB Qwen3-MoE export) grew the arena again per batch.
     sess = lambda m, d: session_from_proto(m, d, enable_cpu_mem_arena=False)
-    runners = [OnnxrtRunner(sess(with_routing_outputs(orig_m, oi), Path(original).parent), name="original"),
-               OnnxrtRunner(sess(with_routing_outputs(conv_m, ci), Path(converted).parent), name="converted")]
+    runners = [OnnxrtRunner(sess(with_routing_outputs(orig_m, oi), orig.base_dir), name="original"),
+               OnnxrtRunner(sess(with_routing_outputs(conv_m, ci), conv.base_dir), name="converted")]
     if trt:
-        runners.append(_trt_runner(converted))
+        runners.append(_trt_runner(conv.graph))
     # The static policy keeps exactly k whatever the cap; only a router wider than k changes shapes.
     static = all(a.get("policy", "static") == "static" and a.get("max_experts", a["k"]) <= a["k"] for a in cattrs)
     graph_outputs = [o.name for o in orig_m.graph.output]
@@ -133,7 +137,7 @@ def validate(original, converted, feeds=None, atol=None, rtol=None, dims=None, s
         pc += count_pairs(c_idx, cattrs)
         tokens += [a.size // a.shape[-1] if a.ndim else 0 for a in c_idx]
         same_experts &= all(np.array_equal(a, b) for a, b in zip(o_idx, c_idx))
-    report = {"original": str(original), "converted": str(converted), "atol": atol, "rtol": rtol,
+    report = {"original": str(orig.graph), "converted": str(conv.graph), "atol": atol, "rtol": rtol,
               "static_policy": static, "batches": len(parts), "notes": notes}
     report["outputs"] = {name: _final(v) for name, v in stats[pairs[0]].items()}
     if trt:
@@ -168,9 +172,7 @@ def _canonical_slot_order(results, orig_m, n_routers):
     """Where the original's TopK has sorted=0 (DeepSeek-V3), the order of a token's slots is
     unspecified: every runner's (index, weight) pairs are put in index order before comparing,
     in the exposed indices and in graph outputs that are that gate's weights or indices."""
-    from .graph import attr
-
-    if routers_metadata(orig_m) is not None:
+    if Routing.read(orig_m) is not None:
         return
     ix = GraphIndex(orig_m.graph)
     gates, _ = find_gates(orig_m, ix)
@@ -194,7 +196,7 @@ def _trt_runner(converted):
         raise MoeExportError("--trt needs TensorRT (pip install tensorrt, with NVIDIA's index) and a GPU") from None
     from polygraphy.backend.trt import EngineFromNetwork, NetworkFromOnnxPath, TrtRunner
     from polygraphy.backend.trt import load_plugins
-    from . import trt_plugin_library
+    from ..native import trt_plugin_library
 
     load_plugins(plugins=[trt_plugin_library()])
     # the engine built once (not a loader): the runner is activated once per batch

@@ -30,16 +30,15 @@ Policy "auto" pools every policy's points, so each layer gets the policy that se
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 
 import numpy as np
-from onnx import helper
-
-from . import MoeExportError
-from .files import Progress
-from .rewrite import Policy, rewrite_model, routers_metadata, router_nodes, set_policy
+from ..errors import MoeExportError
+from ..conversion.policy import Policy
+from ..conversion.record import Routing
+from ..conversion.rewrite import router_nodes, set_attrs
+from ..model.files import Progress
 from .runtime import BATCH_TOKENS, expose, fixed_batch, run_guarded, session_from_proto, take_rows
-from .spec import RouterAttrs, policy_counts, policy_view
+from .stats import Thresholds, routed_pairs, router_logits, static_copy
 
 DYNAMIC = ("top-p", "ratio", "entropy")
 RENORMALIZE = (1.0, 0.5, 0.0)  # the kept experts' share of the dropped ones' weight, searched per layer
@@ -50,15 +49,14 @@ class Evaluator:
     """Runs one converted graph under per-layer routings: next-token NLL and routed pairs."""
 
     def __init__(self, model, base_dir, feeds, batch=16):
-        meta = routers_metadata(model)
         self.model, self.base_dir = model, base_dir
-        self.routers = meta["routers"]
+        self.routers = Routing.read(model).routers
         self.ids = feeds["input_ids"]
         # as runtime.batches(): the graph's own batch size, else bounded in rows and tokens
         self.batch = fixed_batch(model) or max(1, min(batch, BATCH_TOKENS // max(1, self.ids.shape[1])))
         self.feeds = feeds
         out0 = model.graph.output[0].name
-        self.exposed = expose(model, [out0] + [r["indices"] for r in self.routers], "moe_export.budget.")
+        self.exposed = expose(model, [out0] + [r.indices for r in self.routers], "moe_export.budget.")
         self.names = [f"moe_export.budget.{i}" for i in range(len(self.routers) + 1)]
         self.exposed_nodes = router_nodes(self.exposed)
 
@@ -67,10 +65,7 @@ class Evaluator:
         routing {layer: (policy, threshold, renormalize)} (layers absent: static) on the sequences
         `rows`."""
         for r, node in zip(self.routers, self.exposed_nodes):
-            policy, t, rn = routing.get(r["layer"], ("static", 0.0, 1.0))
-            attrs = dict(r["attrs"], policy=policy, threshold=float(t), renormalize=float(rn))
-            del node.attribute[:]
-            node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+            set_attrs(node, r.with_policy(*routing.get(r.layer, ("static", 0.0, 1.0))))
         sess = session_from_proto(self.exposed, self.base_dir)
         nll, count, pairs, per_seq = 0.0, 0, np.zeros(len(self.routers)), []
         for s in range(0, len(rows), self.batch):
@@ -84,7 +79,7 @@ class Evaluator:
             count += tgt.size
             per_seq.extend((lse[:, :-1] - tgt).mean(axis=1))
             for i, (r, idx) in enumerate(zip(self.routers, outs[1:])):
-                pairs[i] += int((idx < r["attrs"]["num_experts"]).sum())
+                pairs[i] += routed_pairs(idx, r.num_experts)
         return nll / count, pairs, np.array(per_seq)
 
 
@@ -109,23 +104,13 @@ def check_causal_lm(model, feeds):
 def _thresholds(router, policy, logits, bias, min_experts, max_experts):
     """(fraction, threshold) pairs: the thresholds bringing this layer to k x fraction mean
     experts per token on these logits, for the FRACTIONS it can reach."""
-    from .calibrate import _solve
-
-    a = RouterAttrs(**dict(router["attrs"], policy=policy, threshold=0.5, min_experts=min_experts,
-                           max_experts=max_experts or router["attrs"]["max_experts"])).resolved()
-    view = policy_view(logits, bias, **asdict(a))
-    k = a.k
-
-    def mean(t):
-        a.threshold = float(t)
-        return float(policy_counts(a, view)[0].mean())
-    hi = 0.999 if policy == "entropy" else 1.0
-    out = []
+    th = Thresholds(router, policy, logits, bias, min_experts, max_experts)
+    k, out = th.attrs.k, []
     for f in FRACTIONS:
         target = k * f
-        if target < a.min_experts:
+        if target < th.attrs.min_experts:
             break
-        t, got = _solve(mean, target, policy == "top-p", hi=hi)
+        t, got = th.solve(target)
         if abs(got - target) <= 0.025 * k and all(abs(t - u) > 1e-6 for _, u in out):  # within half a step
             out.append((f, t))
     return out
@@ -186,7 +171,7 @@ def _renormalizations(router, renormalize=None):
     (None: RENORMALIZE)."""
     if renormalize is not None and np.ndim(renormalize) == 0:
         return (float(renormalize),)
-    return tuple(renormalize or RENORMALIZE) if RouterAttrs(**router["attrs"]).sums_to_one else (1.0,)
+    return tuple(renormalize or RENORMALIZE) if router.attrs.sums_to_one else (1.0,)
 
 
 class BudgetSearch:
@@ -208,14 +193,14 @@ class BudgetSearch:
             raise MoeExportError("--max-ppl-increase needs at least 2 sequences in --data (one is held out)")
         order = np.random.default_rng(0).permutation(n)
         self.hold, self.fit = np.sort(order[:n_hold]), np.sort(order[n_hold:])
-        m = _converted_copy(model, max_experts)
+        m = static_copy(model, max_experts)
         self.ev = ev = Evaluator(m, base_dir, feeds, batch)
         self.policy = policy
         policies = DYNAMIC if policy == "auto" else (policy,)
         with Progress("measuring each layer's perplexity cost", 1) as bar:
             self.base_fit, self.static_pairs, self.fit_rows = ev.run({}, self.fit)
             self.base_hold, self.static_hold, self.hold_rows = ev.run({}, self.hold)
-            logits = _router_logits(m, base_dir, take_rows(m, feeds, self.fit), ev.routers)
+            logits = router_logits(m, base_dir, take_rows(m, feeds, self.fit))
             plan, self.uniform = [], {}
             for r, (lg, b) in zip(ev.routers, logits):
                 rns = _renormalizations(r, renormalize)
@@ -223,13 +208,13 @@ class BudgetSearch:
                     for f, t in _thresholds(r, p, lg, b, min_experts, max_experts):
                         plan += [(r, (p, t, rn)) for rn in rns]
                         # every layer at the same fraction of k: what target calibration gives
-                        self.uniform.setdefault((p, f), {})[r["layer"]] = (p, t, 1.0 if 1.0 in rns else rns[0])
+                        self.uniform.setdefault((p, f), {})[r.layer] = (p, t, 1.0 if 1.0 in rns else rns[0])
             bar.total = len(plan)
-            measured = {r["layer"]: [] for r in ev.routers}
+            measured = {r.layer: [] for r in ev.routers}
             total = self.static_pairs.sum()
             for j, (r, choice) in enumerate(plan):
-                nll, pairs, _ = ev.run({r["layer"]: choice}, self.fit)
-                measured[r["layer"]].append(((total - pairs.sum()) / total, nll - self.base_fit, choice))
+                nll, pairs, _ = ev.run({r.layer: choice}, self.fit)
+                measured[r.layer].append(((total - pairs.sum()) / total, nll - self.base_fit, choice))
                 bar.update(j + 1)
             self.curves = {layer: _monotone(pts) for layer, pts in measured.items()}
         self.measured = len(plan) + 2
@@ -285,10 +270,10 @@ class BudgetSearch:
         fit, hold = self.fit, self.hold
         layers = []
         for i, r in enumerate(ev.routers):
-            ch = routing.get(r["layer"])
-            est = next((c for s, c, x in curves[r["layer"]] if x == ch), 0.0)
-            layers.append({"layer": r["layer"], "policy": ch[0] if ch else "static", "threshold": ch[1] if ch else 0.0,
-                           "renormalize": ch[2] if ch else 1.0, "k": r["attrs"]["k"],
+            ch = routing.get(r.layer)
+            est = next((c for s, c, x in curves[r.layer] if x == ch), 0.0)
+            layers.append({"layer": r.layer, "policy": ch[0] if ch else "static", "threshold": ch[1] if ch else 0.0,
+                           "renormalize": ch[2] if ch else 1.0, "k": r.k,
                            "mean_experts": float(f_pairs[i] / ev.ids[fit].size), "est_ppl_cost": math.expm1(est)})
         return {"max_ppl_increase": max_ppl_increase, "policy": self.policy, "routing": routing, "layers": layers,
                 "fit": {"sequences": int(len(fit)), "ppl_increase": math.expm1(fc),
@@ -312,33 +297,6 @@ def calibrate_budget(model, base_dir, feeds, max_ppl_increase, policy="top-p", m
         raise MoeExportError(f"--max-ppl-increase {max_ppl_increase}: a fraction, e.g. 0.01 for +1% perplexity")
     return BudgetSearch(model, base_dir, feeds, policy, min_experts, max_experts, holdout, batch,
                         renormalize).run(max_ppl_increase, se, check)
-
-
-def _converted_copy(model, max_experts):
-    import onnx
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    if routers_metadata(m) is None:
-        rewrite_model(m, Policy("static", max_experts=max_experts))
-    elif max_experts is not None:
-        set_policy(m, Policy("static", max_experts=max_experts))
-    return m
-
-
-def _router_logits(model, base_dir, feeds, routers):
-    """Each router's [tokens, E] logits and bias on `feeds`, routing statically."""
-    from .runtime import run_exposed
-
-    tensors = [t for r in routers for t in (r["logits"], r.get("bias")) if t]
-    got = dict(zip(tensors, run_exposed(model, base_dir, tensors, feeds)))
-    out = []
-    for r in routers:
-        E = r["attrs"]["num_experts"]
-        lg = np.concatenate([c.reshape(-1, E) for c in got[r["logits"]]]).astype(np.float32)
-        b = got[r["bias"]][0].reshape(E).astype(np.float32) if r.get("bias") else None
-        out.append((lg, b))
-    return out
 
 
 def budget_policy(report, min_experts=1, max_experts=None) -> Policy:

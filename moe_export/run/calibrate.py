@@ -1,0 +1,104 @@
+"""Per-layer thresholds from router statistics on calibration data, to hit a compute budget
+(--target-experts), or the cheapest routing within a quality budget (--max-ppl-increase, budget.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import MoeExportError, UsageError
+from ..conversion.convert import convert_model, repolicy
+from ..conversion.policy import Policy
+from ..conversion.record import Routing
+from ..model.files import Output, Progress
+from ..model.source import Source
+from .budget import budget_policy, calibrate_budget
+from .runtime import load_inputs
+from .stats import Thresholds, router_logits, solve, static_copy
+
+
+def calibrate(model, feeds, target, policy="top-p", mode="per-layer", min_experts=1, max_experts=None, base_dir=None):
+    """Thresholds (per layer, or one global) that give `target` experts per token on the data.
+    `model`: a path, a Source or a ModelProto (then `base_dir` is where its data lives)."""
+    if policy == "static":
+        raise MoeExportError("calibration needs a dynamic policy (top-p, ratio or entropy)")
+    if mode not in ("per-layer", "global"):
+        raise MoeExportError(f"unknown mode {mode!r} (per-layer or global)")
+    if not isinstance(model, onnx.ModelProto):
+        src = Source.of(model)
+        model, base_dir = src.model, src.base_dir
+    static = static_copy(model)
+    routers = Routing.read(static).routers
+    with Progress("running the model on the calibration data", 1) as bar:
+        logits = router_logits(static, base_dir, feeds, progress=bar)
+    layers = []
+    for r, (lg, b) in zip(routers, logits):
+        th = Thresholds(r, policy, lg, b, min_experts, max_experts)
+        if not (th.attrs.min_experts <= target <= th.attrs.max_experts):
+            raise MoeExportError(f"--target-experts {target} outside [{th.attrs.min_experts}, {th.attrs.max_experts}] "
+                                 f"at {r.layer}")
+        layers.append(th)
+    if mode == "per-layer":
+        chosen = [th.solve(target) for th in layers]
+    else:
+        th0 = layers[0]
+        t, _ = solve(lambda t: np.mean([th.mean(t) for th in layers]), target, th0.increasing, hi=th0.hi)
+        chosen = [(t, th.mean(t)) for th in layers]
+    return [{"layer": r.layer, "threshold": t, "mean_experts": c, "k": r.k}
+            for r, (t, c) in zip(routers, chosen)]
+
+
+def unreachable(layers, target, mode, tolerance=0.05):
+    """Warnings for layers whose routing on this data cannot come near the target."""
+    out = []
+    for r in layers:
+        if abs(r["mean_experts"] - target) > max(tolerance, tolerance * target):
+            why = ("one threshold serves every layer (--mode global)" if mode == "global" else
+                   "the router's scores on this data leave no threshold in between")
+            out.append(f"{r['layer']}: {r['mean_experts']:.3f} experts/token at best, target {target} ({why})")
+    return out
+
+
+def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p", mode="per-layer",
+                          min_experts=1, max_experts=None, portable=False, max_ppl_increase=None, holdout=0.25,
+                          renormalize=None):
+    """Calibrates and writes the model: to `target` experts per token, or (max_ppl_increase) to
+    the cheapest routing within that perplexity budget (budget.py; `renormalize` None: searched
+    per layer, else fixed). Returns (layers, warnings,
+    notes about the written files, the budget search's report or None)."""
+    if (target is None) == (max_ppl_increase is None):
+        raise UsageError("give one of --target-experts (a compute budget) or --max-ppl-increase (a quality budget)")
+    if policy == "auto" and max_ppl_increase is None:
+        raise UsageError("--policy auto picks each layer's policy by perplexity: it needs --max-ppl-increase")
+    src, out = Source.of(model_path), Path(out)
+    protect = src.files() + [Path(data_path)]
+    if src.is_folder:  # before the long part
+        if out.exists():
+            raise MoeExportError(f"{out} exists; remove it or choose another name")
+    else:
+        Output(protected=protect).check_model_path(out)
+    converted = Routing.read(src.model) is not None
+    if converted and portable:
+        raise MoeExportError("--portable applies to converting an original model; this one is converted")
+    data_notes = []
+    feeds = load_inputs(data_path, src.model, src.base_dir, data_notes)
+    report, warnings = None, []
+    if max_ppl_increase is not None:
+        report = calibrate_budget(src.model, src.base_dir, feeds, max_ppl_increase, policy, min_experts, max_experts,
+                                  holdout, renormalize=renormalize)
+        layers, pol = report["layers"], budget_policy(report, min_experts, max_experts)
+        if not report["routing"]:
+            warnings.append(f"no layer's routing could change within +{100 * max_ppl_increase:g}% perplexity on "
+                            "this data: the output routes statically")
+    else:
+        layers = calibrate(src, feeds, target, policy, mode, min_experts, max_experts)
+        pol = Policy(policy, layers[0]["threshold"], min_experts, max_experts,
+                     per_layer={r["layer"]: r["threshold"] for r in layers},
+                     renormalize=1.0 if renormalize is None else renormalize)
+        warnings = unreachable(layers, target, mode)
+    if converted:
+        _, notes = repolicy(src, out, pol, protect=[data_path])
+    else:
+        _, notes = convert_model(src, out, pol, portable=portable, protect=[data_path])
+    return layers, warnings, data_notes + notes, report
