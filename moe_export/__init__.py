@@ -25,13 +25,17 @@ _API = {"convert": "conversion", "convert_model": "conversion", "repolicy": "con
 
 
 def __getattr__(name):
-    if name not in _API:
-        raise AttributeError(f"module 'moe_export' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
+    if name in _API:
+        return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
+    if name in _MOVED:  # moe_export.runtime and the like, as 0.1's `import moe_export` gave them
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'moe_export' has no attribute {name!r}")
 
 
 # Module paths of moe-export 0.1 (scripts, polygraphy --gen-script output), before the layout
-# grouped modules by layer: each imports the module or package that holds its code now.
+# grouped modules by layer: each imports the module or package that holds its code now, so the
+# names 0.1 documented import as they did (moe_export.rewrite's Policy, convert, convert_model,
+# routers_metadata; moe_export.validate's validate; ...).
 _MOVED = {"rewrite": "conversion", "experts": "conversion.experts", "patterns": "rules.base", "schema": "op.schema",
           "spec": "op.spec", "graph": "model.graph", "files": "model.files", "genai": "model.genai",
           "export": "model.export", "runtime": "run.runtime", "validate": "run.validate", "calibrate": "run.calibrate",
@@ -46,13 +50,15 @@ class _MovedModules:
             return importlib.util.spec_from_loader(name, self)
         return None
 
+    own_specs = {}  # alias -> the module's own spec, which the import system replaces with the alias's
+
     def create_module(self, spec):
         module = importlib.import_module(f"{__name__}.{_MOVED[spec.name.rpartition('.')[2]]}")
-        self.own_spec = module.__spec__  # the import system sets the alias's spec on it next
+        self.own_specs[spec.name] = module.__spec__
         return module
 
     def exec_module(self, module):
-        module.__spec__ = self.own_spec
+        module.__spec__ = self.own_specs.pop(module.__spec__.name)
 
 
 sys.meta_path.append(_MovedModules())

@@ -166,7 +166,7 @@ def _convert_args(c):
 
 @command("convert", "replace static top-k gating with DynamicRouter", _convert_args)
 def cmd_convert(args):
-    from .conversion.convert import convert_model, repolicy
+    from .conversion.write import convert_model, repolicy
 
     pol = _policy(args)
     if args.repolicy:

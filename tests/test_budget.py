@@ -191,3 +191,18 @@ def test_the_search_is_never_worse_than_target_calibration_on_every_gate_form(gr
             passed += 1
             assert rep["routing"] and got <= pairs(routing)
     assert passed  # the budget leaves room for some uniform routing on every form: the check above ran
+
+
+def test_a_converted_model_is_searched_as_its_original():
+    """The search measures every layer with the others static: on a model already converted to a
+    dynamic policy it finds what it finds on the original (the routers are set static first,
+    whatever policy the model was written with)."""
+    from moe_export.conversion import Policy, rewrite_model
+    from moe_export.run.budget import BudgetSearch
+
+    original = onnx.load(str(GRAPHS / "mixtral.onnx"))
+    converted, _ = rewrite_model(onnx.load(str(GRAPHS / "mixtral.onnx")), Policy("top-p", 0.3))
+    ids = np.random.default_rng(2).integers(0, 128, (8, 16))
+    a = BudgetSearch(original, GRAPHS, {"input_ids": ids}).run(0.05)
+    b = BudgetSearch(converted, GRAPHS, {"input_ids": ids}).run(0.05)
+    assert a["routing"] == b["routing"] and a["heldout"] == b["heldout"]

@@ -22,7 +22,8 @@ class Router:
     bias: str | None
     attrs: RouterAttrs         # the DynamicRouter node's attributes
     flops_per_pair: float | None = None  # measured at conversion for fused expert ops
-    expert_section: str = ""   # what the conversion did with the experts, for people
+    expert_section: str | None = None  # what the conversion did with the experts, for people
+    extra: dict = field(default_factory=dict)  # keys another version wrote, kept as they were
 
     @property
     def num_experts(self) -> int:
@@ -38,17 +39,19 @@ class Router:
         return replace(self.attrs, policy=policy, threshold=float(threshold), renormalize=float(rn), **more)
 
     def to_json(self) -> dict:
-        d = asdict(self)
+        d = {k: v for k, v in asdict(self).items() if k != "extra"}
         d["attrs"] = node_attributes(self.attrs)
-        if d["flops_per_pair"] is None:
-            del d["flops_per_pair"]
-        return d
+        for optional in ("flops_per_pair", "expert_section"):
+            if d[optional] is None:
+                del d[optional]
+        return {**d, **self.extra}
 
     @classmethod
     def from_json(cls, d: dict) -> "Router":
-        d = dict(d)
-        d["attrs"] = RouterAttrs(**d["attrs"])
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "extra"}
+        attrs = {k: v for k, v in d["attrs"].items() if k in RouterAttrs.__dataclass_fields__}
+        return cls(**(known | {"attrs": RouterAttrs(**attrs)}),
+                   extra={k: v for k, v in d.items() if k not in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -57,7 +60,7 @@ class Routing:
     routers: list[Router]
     portable: bool = False           # routers in standard ONNX ops: no DynamicRouter nodes to re-set
     grouped_expert_sections: int = 0
-    extra: dict = field(default_factory=dict)  # keys a later version wrote, kept on rewrite
+    extra: dict = field(default_factory=dict)  # keys another version wrote, kept as they were
 
     @classmethod
     def read(cls, model) -> "Routing | None":

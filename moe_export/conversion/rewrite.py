@@ -87,10 +87,10 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
         fused = [gate.topk] if rule.fused else fused_after(ix, gate.indices)
         routers.append(Router(gate.name, gate.family, weights, idx, gate.logits, gate.bias, a,
                               flops_per_pair(ix, fused[0]) if fused else None))
-        for f in fused:  # the op runs as many experts as the router keeps
-            k = next(x for x in f.attribute if x.name == "k")
-            k.i = max(k.i, a.width)
-        if not rule.fused:
+        if not rule.fused:  # (a fused rule's wire raises its op's k itself)
+            for f in fused:  # an in-graph selection scattered into a fused op: it runs as many as kept
+                k = next(x for x in f.attribute if x.name == "k")
+                k.i = max(k.i, a.width)
             keep_ids_right(surgery, ix, gate, a, b, idx)
         # The router goes where the gate's TopK stood: after logits and bias, before any user.
         surgery.insert(b, before=gate.topk.name)

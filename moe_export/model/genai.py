@@ -48,18 +48,18 @@ def resolve(path) -> Path:
     return path
 
 
-def write_folder(src, dst, transform, protect=(), model=None):
+def write_folder(src, dst, transform, protect=(), load=None):
     """Writes the GenAI folder `src` to the new folder `dst` with its decoder graph passed through
     `transform` (ModelProto -> ModelProto, in memory); every other file is copied, the
     DynamicRouter library put inside unless the graph needs none (--portable). Returns what
-    transform returned with the model, and notes for the user. `model`: the decoder graph, when the
-    caller has it loaded already."""
+    transform returned with the model, and notes for the user. `load`: returns the decoder graph
+    (a copy of one the caller has loaded)."""
     src, dst = Path(src), Path(dst)
     dec = decoder_file(src)
     if dst.resolve().is_relative_to(src.resolve()):
         raise MoeExportError(f"output {dst} is inside the input folder {src}; moe-export never modifies its inputs")
-    model = load_model(dec) if model is None else model
-    ours = model_files(dec, model)
+    model = load_model(dec) if load is None else load()
+    ours = model_files(dec)
     with Output(protected=ours + [Path(p) for p in protect]) as out:
         stage = out.directory(dst)
         model, result = transform(model)

@@ -14,9 +14,18 @@ from .graph import load_model
 class Source:
     def __init__(self, path):
         self.path = Path(path)
-        self.is_folder = genai.is_folder(self.path)
-        self.graph = genai.resolve(self.path)  # the .onnx file: a folder's decoder, else the path
-        self._model = None
+        self._graph = self._model = None
+
+    @property
+    def is_folder(self) -> bool:
+        return genai.is_folder(self.path)
+
+    @property
+    def graph(self) -> Path:
+        """The .onnx file: a folder's decoder, else the path (one-line errors for neither)."""
+        if self._graph is None:
+            self._graph = genai.resolve(self.path)
+        return self._graph
 
     @classmethod
     def of(cls, x) -> "Source":
@@ -40,8 +49,10 @@ class Source:
         return m
 
     def files(self) -> list[Path]:
-        """The graph and every data file it references: what no output may replace."""
-        return model_files(self.graph, self.model)
+        """The graph and every data file it references: what no output may replace. Read off the
+        file, not `model`: loading takes small external tensors into the graph."""
+        self.model  # one-line errors for a bad file first
+        return model_files(self.graph)
 
     def __str__(self):
         return str(self.path)

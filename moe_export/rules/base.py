@@ -46,15 +46,13 @@ class Wiring:
 
 def replace_weights(w: Wiring) -> str:
     """The common wiring: the router's weights replace the gate's. Returns the weights the expert
-    section reads (recorded for validate, calibrate and the expert regrouping)."""
+    section reads (recorded for validate, calibrate and the expert regrouping). A gate whose
+    router only selects (Gate.gathers: the graph weighs the experts itself from what it gathers
+    at the ids) keeps its weights, and the router's go unused."""
+    if w.gate.gathers:
+        return w.gate.weights
     w.surgery.rewire(w.gate.weights, w.weights)
     return w.weights
-
-
-def keep_graph_weights(w: Wiring) -> str:
-    """For a gate whose router only selects (Gate.gathers): the graph weighs the experts itself
-    from what it gathers at the ids, so its weights stay and the router's go unused."""
-    return w.gate.weights
 
 
 @dataclass(frozen=True)

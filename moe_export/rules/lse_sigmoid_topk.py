@@ -3,7 +3,7 @@ correction bias ranks; the chosen routed logits, with the shared ones, are weigh
 through log-sigmoids normalized by their log-sum-exp (the shared experts' weights depend on the
 choice too). The router only selects (sigmoid scores + bias, as DeepSeek-V3's); a dropped slot
 gathers a logit of -inf, whose sigmoid is 0: it weighs nothing and leaves the normalization."""
-from .base import Gate, Miss, Rule, keep_graph_weights, experts_of, sigmoid_of, topk_k
+from .base import Gate, Miss, Rule, experts_of, sigmoid_of, topk_k
 from ..op.schema import gate_defaults
 
 ORDER = 38
@@ -55,4 +55,4 @@ def match(ix, tk):
 
 
 RULE = Rule("lse_sigmoid_topk", "Sigmoid(logits)[:E] + bias -> TopK; GatherElements(logits[:E]) [-> Concat(shared)] -> "
-            "Sigmoid -> the graph's log-sum-exp weighting", "Inkling", match, wire=keep_graph_weights)
+            "Sigmoid -> the graph's log-sum-exp weighting", "Inkling", match)

@@ -3,7 +3,7 @@ unbiased scores it gathers, summed or scaled (DeepSeek-V4: Sqrt(Softplus(x)), x 
 threshold taken as is). The router only selects (select=before_score on the scores and the
 bias: the same ranking; its policies read the softmax of the scores); the graph's own weighting
 stays, and a dropped slot gathers 0, so it weighs nothing and adds nothing to a sum."""
-from .base import Gate, Miss, Rule, keep_graph_weights, experts_of, gathered, topk_k, weights_chain
+from .base import Gate, Miss, Rule, experts_of, gathered, topk_k, weights_chain
 from ..op.schema import gate_defaults
 
 ORDER = 90  # after every rule that computes the weights in the router
@@ -33,4 +33,4 @@ def match(ix, tk):
 
 
 RULE = Rule("scores_bias_topk", "scores + bias -> TopK; GatherElements(scores) -> the graph's sums and scaling",
-            "DeepSeek-V4", match, wire=keep_graph_weights)
+            "DeepSeek-V4", match)

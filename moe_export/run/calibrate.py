@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from ..errors import MoeExportError, UsageError
-from ..conversion.convert import convert_model, repolicy
+from ..conversion.write import convert_model, repolicy
 from ..conversion.policy import Policy
 from ..conversion.record import Routing
 from ..model.files import Output, Progress

@@ -25,7 +25,7 @@ def profile(model_path, data_path, flops_per_pair_override=None, batch=16):
     model = src.model
     routing = Routing.read(model)
     if routing is None:
-        raise MoeExportError(f"{src}: not written by moe-export convert; profile a converted model")
+        raise MoeExportError(f"{src.graph}: not written by moe-export convert; profile a converted model")
     notes = []
     feeds = load_inputs(data_path, model, src.base_dir, notes)
     tensors = routing.tensors("indices", "logits", "bias")
@@ -64,7 +64,7 @@ def profile(model_path, data_path, flops_per_pair_override=None, batch=16):
         total["expert_gflops_static"] = sum(x["expert_gflops_static"] for x in layers)
         total["expert_gflops"] = sum(x["expert_gflops"] for x in layers)
         total["flops_reduction"] = 1 - total["expert_gflops"] / total["expert_gflops_static"]
-    return {"model": str(model_path), "layers": layers, "total": total, "notes": notes,
+    return {"model": str(src.graph), "layers": layers, "total": total, "notes": notes,
             "flops_source": "--flops-per-pair" if flops_per_pair_override else "expert weights"}
 
 

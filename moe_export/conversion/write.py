@@ -19,7 +19,7 @@ def _write(src: Source, dst, transform, protect=()):
     set, ...). Returns (result, notes about the written files)."""
     dst = Path(dst)
     if src.is_folder:
-        return genai.write_folder(src.path, dst, transform, protect, model=src.copy())
+        return genai.write_folder(src.path, dst, transform, protect, load=src.copy)
     with Output(protected=src.files() + [Path(p) for p in protect]) as out:
         out.check_model_path(dst)
         model, result = transform(src.copy())
