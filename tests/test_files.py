@@ -18,7 +18,7 @@ import pytest
 from moe_export.model.graph import _reads_of
 
 import moe_export
-from helpers import FAMILY_GRAPHS, ROOT, benchmark, input_feeds, run_cli
+from helpers import FAMILY_GRAPHS, GRAPHS, ROOT, benchmark, input_feeds, run_cli
 
 make_graph = benchmark("scale").make_graph
 
@@ -152,6 +152,20 @@ def test_small_initializers_stored_outside_are_read(tmp_path):
     # ORT cannot load the original as it is (shape inference wants axes inside the graph); the
     # output carries its small constants inside, so it loads everywhere.
     loads_everywhere(out)
+
+
+def test_a_data_file_of_small_tensors_only_is_still_the_inputs(tmp_path):
+    """Loading takes small external tensors into the graph; the file they came from (here in a
+    subfolder, where no other check sees it) is still the input's, and no output replaces it."""
+    src = tmp_path / "g.onnx"
+    (tmp_path / "sub").mkdir()
+    m = onnx.load(str(GRAPHS / "gate_grouped_sigmoid_e64k8.onnx"))
+    onnx.save_model(m, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="sub/small.data", size_threshold=0)
+    data = tmp_path / "sub" / "small.data"
+    before = data.read_bytes()
+    assert_one_line_error(run_cli("convert", src, "-o", data), "never modifies its inputs")
+    assert data.read_bytes() == before
 
 
 def test_no_unused_initializers_or_dead_nodes_in_converted_graphs(tmp_path):

@@ -18,8 +18,8 @@ class Router:
     family: str                # the rule that matched it
     weights: str               # the routing weights the expert section reads
     indices: str               # the router's expert ids (num_experts where a slot is dropped)
-    logits: str                # the router's input, and its correction bias if any
-    bias: str | None
+    logits: str                # the router's input
+    bias: str | None           # its correction bias, if any
     attrs: RouterAttrs         # the DynamicRouter node's attributes
     flops_per_pair: float | None = None  # measured at conversion for fused expert ops
     expert_section: str | None = None  # what the conversion did with the experts, for people
