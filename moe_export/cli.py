@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 from . import __version__
-
 from .errors import MoeExportError, UsageError
 from .model.source import Source
 from .op.spec import POLICIES
