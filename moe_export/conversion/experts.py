@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from ..model.files import EXPERT_SLICE
-from ..model.graph import GraphIndex, NodeBuilder, Surgery, attr, node_axes
+from ..model.graph import GraphIndex, NodeBuilder, Surgery, attr, node_axes, opset_version
 
 class _Skip(Exception):
     """The section is not of the batched shape this pass understands."""
@@ -101,7 +101,7 @@ def group_by_expert(model: onnx.ModelProto, routers, per_expert_weights=False) -
     Returns, per router index, None where its section was grouped, else why it was kept.
     per_expert_weights: each expert's MatMuls take their own initializer (expert_weight)
     instead of a slice gathered from the table at run time."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = opset_version(model)
     if opset < 15:
         return {i: f"opset {opset} < 15" for i in range(len(routers))}
     out = {}  # (rewrite_model has named every node: sections are tracked by name)

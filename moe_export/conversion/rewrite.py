@@ -8,7 +8,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import MoeExportError
-from ..model.graph import GraphIndex, NodeBuilder, Surgery
+from ..model.graph import GraphIndex, NodeBuilder, Surgery, opset_version
 from ..op.schema import DOMAIN, OP_TYPE, VERSION, node_attributes
 from ..op.spec import RouterAttrs, SpecError
 from ..rules.base import Gate, Wiring, family, find_gates, fused_after, no_gates_message
@@ -43,10 +43,6 @@ def _float_type(ix: GraphIndex, gate: Gate):
     return t or TensorProto.FLOAT
 
 
-def _opset(model):
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def _router(b: NodeBuilder, a: RouterAttrs, logits, bias, ftype, portable):
     """The router's (weights, indices): one DynamicRouter node, or its expansion."""
     if portable:
@@ -68,8 +64,8 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
     gates, misses = find_gates(model, ix)
     if not gates:
         raise MoeExportError(no_gates_message(model, misses))
-    if portable and _opset(model) < 13:
-        raise MoeExportError(f"--portable needs ONNX opset >= 13, the model has {_opset(model)}")
+    if portable and opset_version(model) < 13:
+        raise MoeExportError(f"--portable needs ONNX opset >= 13, the model has {opset_version(model)}")
     surgery = Surgery(model.graph)
     routers = []
     for gi, gate in enumerate(gates):

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import MoeExportError
-
 from ..native import trt_plugin_library
 from ..model.files import Output, model_files
 from ..model.graph import load_model

@@ -10,7 +10,6 @@ from pathlib import Path
 from onnx import TensorProto
 
 from ..errors import MoeExportError, UsageError
-
 from ..native import custom_op_library, trt_plugin_library
 from ..model import genai
 from ..model.files import Output

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 from ..errors import MoeExportError
-
 from ..native import custom_op_library
 from .files import Output, model_files, same_file
 from .graph import load_model

@@ -44,6 +44,11 @@ def load_model(path) -> onnx.ModelProto:
     return model
 
 
+def opset_version(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset (0 if it imports none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 _PACKED = {onnx.TensorProto.STRING, onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
            getattr(onnx.TensorProto, "FLOAT4E2M1", -1)}  # no fixed byte size per element
 INLINE_MAX = 4096  # elements: k, axes, shapes, scales, a correction bias [E]; every weight is larger

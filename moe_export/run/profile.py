@@ -10,7 +10,7 @@ from ..conversion.record import Routing
 from ..model.source import Source
 from ..op.spec import dynamic_router
 from .runtime import load_inputs, run_exposed
-from .stats import routed_pairs
+from .stats import routed_pairs, router_inputs
 
 
 def flops_per_pair(model, E, n_layers):
@@ -37,8 +37,7 @@ def profile(model_path, data_path, flops_per_pair_override=None, batch=16):
         a = r.attrs
         E, k = r.num_experts, r.k
         idx = np.concatenate([x.reshape(-1, x.shape[-1]) for x in got[r.indices]])
-        logits = np.concatenate([x.reshape(-1, E) for x in got[r.logits]]).astype(np.float32)
-        bias = got[r.bias][0].astype(np.float32) if r.bias else None
+        logits, bias = router_inputs(got, r)
         _, sidx = dynamic_router(logits, bias, **asdict(r.with_policy("static", 0.0, max_experts=k, min_experts=1)))
         # a fused op's experts were measured at conversion (quantized weights unpacked)
         fpp = flops_per_pair_override or r.flops_per_pair or flops_per_pair(model, E, by_e[E])

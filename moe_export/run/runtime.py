@@ -11,7 +11,6 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import MoeExportError
-
 from ..native import custom_op_library
 from ..model.graph import GraphIndex
 
@@ -444,8 +443,6 @@ def expose(model, tensors, prefix):
         m.graph.node.append(helper.make_node("Identity", [t], [f"{prefix}{i}"], name=f"moe_export/expose_{prefix}{i}"))
         m.graph.output.append(helper.make_empty_tensor_value_info(f"{prefix}{i}"))
     return m
-
-
 
 
 def greedy(sess, prompt, new_tokens):

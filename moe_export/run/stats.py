@@ -39,16 +39,18 @@ def static_copy(model: onnx.ModelProto, max_experts=None) -> onnx.ModelProto:
 def router_logits(model, base_dir, feeds, batch=16, progress=None) -> list[tuple]:
     """Per router of the converted `model` (static_copy): ([tokens, E] float32 logits, its bias or
     None) on `feeds`."""
-    routers = Routing.read(model).routers
-    tensors = [t for r in routers for t in (r.logits, r.bias) if t]
+    routing = Routing.read(model)
+    tensors = routing.tensors("logits", "bias")
     got = dict(zip(tensors, run_exposed(model, base_dir, tensors, feeds, batch, progress=progress)))
-    out = []
-    for r in routers:
-        E = r.num_experts
-        lg = np.concatenate([c.reshape(-1, E) for c in got[r.logits]]).astype(np.float32)
-        b = got[r.bias][0].reshape(E).astype(np.float32) if r.bias else None
-        out.append((lg, b))
-    return out
+    return [router_inputs(got, r) for r in routing.routers]
+
+
+def router_inputs(got: dict, r: Router) -> tuple:
+    """A router's ([tokens, E] float32 logits, [E] bias or None) from the batches of a run that
+    exposed them ({tensor: [per-batch arrays]})."""
+    E = r.num_experts
+    logits = np.concatenate([c.reshape(-1, E) for c in got[r.logits]]).astype(np.float32)
+    return logits, got[r.bias][0].reshape(E).astype(np.float32) if r.bias else None
 
 
 def routed_pairs(indices: np.ndarray, num_experts: int) -> int:

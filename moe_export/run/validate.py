@@ -17,6 +17,7 @@ from .runtime import batches, check_inputs, expose, gathered_per_token, load_inp
 
 PAIRS_PREFIX = "moe_export.indices."
 
+
 def with_routing_outputs(model, index_tensors):
     """A copy of `model` whose router index tensors are also graph outputs, under fixed names."""
     return expose(model, index_tensors, PAIRS_PREFIX)
@@ -114,6 +115,7 @@ def validate(original, converted, feeds=None, atol=None, rtol=None, dims=None, s
     po, pc = np.zeros(len(oi), dtype=np.int64), np.zeros(len(ci), dtype=np.int64)
     tokens, same_experts = np.zeros(len(ci), dtype=np.int64), True
     parts = batches(orig_m, feeds, token_bytes=gathered_per_token(orig_m, oattrs))
+    unsorted = _unsorted_gates(orig_m, len(oi))  # matched once, not per batch
     for part in parts:
         try:
             results = Comparator.run(runners, data_loader=[part])
@@ -121,7 +123,7 @@ def validate(original, converted, feeds=None, atol=None, rtol=None, dims=None, s
             raise
         except Exception as e:
             raise MoeExportError(f"running the graphs failed: {str(e).splitlines()[0]}") from None
-        _canonical_slot_order(results, orig_m, len(oi))
+        _canonical_slot_order(results, unsorted)
         accuracy = Comparator.compare_accuracy(results, compare_func=simple(atol=atol, rtol=rtol, check_shapes=True))
         if not hasattr(accuracy, "keys"):  # polygraphy >= 0.50 returns one AccuracyResult per compare func
             accuracy = accuracy[0]
@@ -168,19 +170,22 @@ def _final(a):
             "mean_rel": a["sum_rel"] / n, "passed": a["passed"]}
 
 
-def _canonical_slot_order(results, orig_m, n_routers):
-    """Where the original's TopK has sorted=0 (DeepSeek-V3), the order of a token's slots is
-    unspecified: every runner's (index, weight) pairs are put in index order before comparing,
-    in the exposed indices and in graph outputs that are that gate's weights or indices."""
+def _unsorted_gates(orig_m, n_routers):
+    """[(router position, graph outputs that are its weights or indices)] for the original's gates
+    whose TopK has sorted=0 (DeepSeek-V3): there the order of a token's slots is unspecified."""
     if Routing.read(orig_m) is not None:
-        return
+        return []
     ix = GraphIndex(orig_m.graph)
     gates, _ = find_gates(orig_m, ix)
     outs = {o.name for o in orig_m.graph.output}
-    for i, g in enumerate(gates[:n_routers]):
-        if attr(g.topk, "sorted", 1) != 0:
-            continue
-        gate_outs = [t for t in (ix.through_casts(g.weights)[0], ix.through_casts(g.indices)[0]) if t in outs]
+    return [(i, [t for t in (ix.through_casts(g.weights)[0], ix.through_casts(g.indices)[0]) if t in outs])
+            for i, g in enumerate(gates[:n_routers]) if attr(g.topk, "sorted", 1) == 0]
+
+
+def _canonical_slot_order(results, unsorted):
+    """Every runner's (index, weight) pairs of the `unsorted` gates put in index order before
+    comparing, in the exposed indices and in graph outputs that are that gate's weights or indices."""
+    for i, gate_outs in unsorted:
         for _, iterations in results.items():
             for res in iterations:
                 order = np.argsort(res[f"{PAIRS_PREFIX}{i}"], axis=-1, kind="stable")
