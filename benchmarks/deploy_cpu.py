@@ -6,8 +6,8 @@ prefill and decode speed, by batch and threads.
 
 Each shape is a random-weight checkpoint with the layer shapes of a published model (its hidden
 size, experts, top-k, expert intermediate size, attention heads), as few layers as memory needs
-and a small vocabulary (so the LM head does not swamp two layers), routers drawn peaked as
-make_genai.py does. It is built by the ONNX Runtime GenAI model builder (fused MoE / QMoE ops;
+and a small vocabulary (so the LM head does not swamp two layers), routers drawn with the logit
+spread of trained ones (ROUTER_LOGIT_STD). It is built by the ONNX Runtime GenAI model builder (fused MoE / QMoE ops;
 both architectures are ones it supports), cached under build/deploy_bench/, and calibrated with
 `moe-export calibrate FOLDER --target-experts k x (1 - cut)` on token ids of real text (the
 Python license through the model's tokenizer) to cut about 35% of the routed pairs.
@@ -45,6 +45,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "graphs"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 WORK = ROOT / "build" / "deploy_bench"
+# The routers' logit spread per token. Trained routers measure 1.5-3.8 (samples/train_moe.py's
+# models); the default draw of make_genai.py (weights of std 0.5) gives 20-30 at these widths,
+# where about a quarter of the original's top-k weights are below 1e-8 and onnxruntime's QMoE
+# skips them: the original then computes fewer pairs than the pair count says.
+ROUTER_LOGIT_STD = 3.0
 
 # Layer shapes of published models (config.json of each), two layers each (one of each attention kind).
 SHAPES = {
@@ -72,13 +77,15 @@ TORCH_SHAPES = {
                           max_position_embeddings=4096),
 }
 
+# Peak RSS as VmHWM, this process image's own: ru_maxrss survives exec, so a child of a parent that
+# just ran the builder would report the parent's peak.
 LOAD_CHILD = r"""
-import json, resource, sys, time
+import json, re, sys, time
 import moe_export
 t = time.perf_counter()
 moe_export.session(sys.argv[1], intra_op_num_threads=int(sys.argv[2]))
-print(json.dumps({"load_s": time.perf_counter() - t,
-                  "load_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+hwm = re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read())
+print(json.dumps({"load_s": time.perf_counter() - t, "load_rss_gb": int(hwm.group(1)) / 2**20}))
 """
 
 
@@ -88,16 +95,44 @@ def build(shape, precision):
     arch, sizes = SHAPES[shape]
     ckpt = WORK / f"{shape}_checkpoint"
     if not (ckpt / "config.json").is_file():
-        checkpoint(arch, ckpt, **sizes)
+        checkpoint(arch, ckpt, router_logit_std=ROUTER_LOGIT_STD, **sizes)
     dst = WORK / f"{shape}_{precision}"
     if not (dst / "genai_config.json").is_file():
         builder(ckpt, dst, precision, "cpu")
     return dst
 
 
+def underflow_share(folder, prompt, floor=1e-8):
+    """The share of the original's top-k route weights below `floor` on `prompt` (every fused op):
+    routes the fused CPU kernels skip by themselves, which a cut of routed pairs cannot save again."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    ops = [n for n in model.graph.node if n.op_type in ("MoE", "QMoE")]
+    for n in ops:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(n.input[1]))
+    probe = folder / "underflow_probe.onnx"  # beside the weights it references (the builds are ours)
+    onnx.save(model, str(probe))
+    try:
+        sess = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+    finally:
+        probe.unlink()
+    feeds = feeds_for(folder, model, 1, prompt.shape[1], False)
+    feeds["input_ids"] = prompt[:1].astype(feeds["input_ids"].dtype)
+    low = total = 0
+    for n, logits in zip(ops, sess.run([n.input[1] for n in ops], feeds)):
+        k = next(a.i for a in n.attribute if a.name == "k")
+        top = -np.sort(-logits.reshape(-1, logits.shape[-1]), axis=1)[:, :k].astype(np.float64)
+        w = np.exp(top - top[:, :1])
+        w /= w.sum(1, keepdims=True)
+        low, total = low + int((w < floor).sum()), total + w.size
+    return low / total
+
+
 def build_torch(shape):
-    """A random-weight checkpoint of the shape (routers peaked as make_genai.py draws them),
-    exported with its KV cache."""
+    """A random-weight checkpoint of the shape (routers drawn as make_genai.py's default: the
+    export computes every routed pair whatever its weight), exported with its KV cache."""
     import torch
     import transformers as tf
 
@@ -254,6 +289,7 @@ def main():
         else:
             f = torch_flop_fraction(sizes, prefill + args.decode / 2)
         ideal = 1 / (1 - f * cut)
+        underflow = underflow_share(original.parent, prompt) if shape in SHAPES else None
         graphs = {"original": original, "converted": conv}
         for threads in args.threads:
             load = load_cost(graphs, threads)
@@ -262,7 +298,8 @@ def main():
                 row = {"shape": shape, "architecture": arch, "precision": precision, "batch": batch,
                        "prefill_tokens": prefill,
                        "threads": threads, "pair_reduction": cut, "expert_flop_fraction": f,
-                       "ideal_speedup": ideal,
+                       "ideal_speedup": ideal, "router_logit_std": ROUTER_LOGIT_STD if shape in SHAPES else None,
+                       "original_topk_weights_below_1e-8": underflow,
                        "prefill_speedup": med["original"][0] / med["converted"][0],
                        "decode_speedup": med["original"][1] / med["converted"][1],
                        "prefill_s": {n: m[0] for n, m in med.items()},

@@ -17,10 +17,10 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -29,16 +29,19 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = Path.home() / ".cache" / "moe-export" / "load"
 EXE = Path(sys.executable).parent / "moe-export"
 
+# Peak RSS: ru_maxrss survives exec (a child reports at least its parent's peak at the fork), so a
+# measured child reads VmHWM, its own image's, and a command is run under a small relay whose
+# child's ru_maxrss is the command's alone.
 CHILD = r"""
-import json, resource, sys, time
+import json, re, sys, time
 import numpy as np
 import moe_export
 path, reps = sys.argv[1], int(sys.argv[2])
 t = time.perf_counter()
 sess = moe_export.session(path)
 load = time.perf_counter() - t
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-out = {"load_s": load, "load_rss_gb": rss}
+hwm = lambda: int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 2**20
+out = {"load_s": load, "load_rss_gb": hwm()}
 rng = np.random.default_rng(0)
 for name, shape in (("one_token_ms", (1, 1)), ("seq128_ms", (1, 128))):
     ids = rng.integers(0, 32000, shape).astype(np.int64)
@@ -49,8 +52,15 @@ for name, shape in (("one_token_ms", (1, 1)), ("seq128_ms", (1, 128))):
         sess.run(None, {"input_ids": ids})
         ts.append(time.perf_counter() - t)
     out[name] = 1e3 * sorted(ts)[len(ts) // 2]
-out["run_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+out["run_rss_gb"] = hwm()
 print(json.dumps(out))
+"""
+RELAY = r"""
+import os, subprocess, sys
+p = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(p.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
@@ -74,12 +84,14 @@ def build(work: Path, layers: int) -> Path:
 
 def child(args) -> tuple[float, float]:
     """(wall seconds, peak RSS GB) of a child process."""
-    t = time.perf_counter()
-    pid = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(pid.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{args[1]} failed: {pid.stderr.read().decode()[-500:]}")
-    return time.perf_counter() - t, usage.ru_maxrss / 2**20
+    with tempfile.NamedTemporaryFile() as f:
+        t = time.perf_counter()
+        run = subprocess.run([sys.executable, "-c", RELAY, f.name, *map(str, args)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wall = time.perf_counter() - t
+        if run.returncode:
+            raise SystemExit(f"{args[1]} failed: {run.stderr.decode()[-500:]}")
+        return wall, int(Path(f.name).read_text()) / 2**20
 
 
 def main():

@@ -39,11 +39,13 @@ CACHE = Path.home() / ".cache" / "moe-export"
 SEQ = 128
 BUDGETS = (0.005, 0.01)
 # (policy, whether hard tokens may take k + 1 experts, renormalize: None searched per layer,
-# check) of the budget-calibrated rows; the last two are, side by side, the search as it was
-# before renormalize and the pooled check (budget.py, step 4)
+# check) of the budget-calibrated rows; side by side with the default search: the search as it
+# was before renormalize, the pooled check (budget.py, step 4), and hard tokens taking one expert
+# more than the model was trained with while easy ones take fewer (issue 27)
 BUDGET_RUNS = (("top-p", False, None, "heldout"), ("ratio", False, None, "heldout"),
                ("entropy", False, None, "heldout"), ("auto", False, None, "heldout"),
-               ("auto", False, 1.0, "heldout"), ("ratio", False, None, "pooled"))
+               ("auto", False, 1.0, "heldout"), ("ratio", False, None, "pooled"),
+               ("auto", True, None, "heldout"))
 
 
 def budget_label(policy, wide, k, renormalize=None, check="heldout"):
@@ -115,9 +117,13 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
           "on the training script's held-out slice")
     print(f"{name}: static held-out ppl {base['ppl']:.4f} over {base['tokens']} bytes "
           f"(PyTorch: {log['torch_heldout_ppl']:.4f}; chance 256)")
-    # rows of an earlier run of this model (same slices) that do not depend on the budget search
+    gates_k = routing_indices(load_model(original))[1][0]["k"]
+    runs = [r for r in BUDGET_RUNS if not budget_policies or r[0] in budget_policies]
+    # rows of an earlier run of this model (same slices) that this run does not measure anew: the
+    # sweep and target-calibrated rows, and the budget rows of runs not selected
+    fresh = {budget_label(p, w and gates_k + 1, gates_k, rn, c) for p, w, rn, c in runs} | ({ORACLE} if oracle else set())
     curve = [] if reuse is None else [c for c in next(m for m in json.loads(reuse.read_text())["models"]
-                                                      if m["model"] == name)["curve"] if "budget" not in c["policy"]]
+                                                      if m["model"] == name)["curve"] if c["policy"] not in fresh]
     sweep = not budget_only and reuse is None
 
     def point(policy, threshold, path, extra=None):
@@ -134,7 +140,6 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
             out = work / f"{name}.{policy}.{t}.onnx"
             convert(original, out, Policy(policy, t))
             point(policy, t, out)
-    gates_k = routing_indices(load_model(original))[1][0]["k"]
     for policy in ("top-p", "ratio") if sweep else ():
         for frac in (0.5, 0.55, 0.6, 0.65, 0.7, 0.8):
             target = frac * gates_k
@@ -162,9 +167,7 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
     # evaluation slice (held out from the search entirely).
     model = load_model(original)
     searches = {}  # the measured curves do not depend on the budget or the check
-    for policy, wide, rn, check in BUDGET_RUNS:
-        if budget_policies and policy not in budget_policies:
-            continue
+    for policy, wide, rn, check in runs:
         wide = wide and gates_k + 1  # hard tokens may take one expert more than the model's k
         if (policy, wide, rn) not in searches:
             searches[policy, wide, rn] = BudgetSearch(model, work, {"input_ids": calib}, policy, max_experts=wide,
@@ -267,8 +270,8 @@ def main():
     ap.add_argument("--budget-se", type=float, default=0.5,
                     help="standard errors above its mean the held-out increase must stay within the budget")
     ap.add_argument("--reuse", type=Path, metavar="JSON",
-                    help="take the rows that do not depend on the budget search (sweep, target-calibrated) from "
-                         "this earlier run of the same model and slices, and measure only the budget rows")
+                    help="measure only the budget rows (of --budget-policies) and take every other row from this "
+                         "earlier run of the same model and slices")
     ap.add_argument("--budget-policies", nargs="+", choices=sorted({r[0] for r in BUDGET_RUNS}),
                     help="only the budget rows of these policies")
     ap.add_argument("--oracle", action="store_true",

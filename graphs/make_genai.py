@@ -60,8 +60,12 @@ def tokenizer(out: Path, vocab_size: int):
                             eos_token="</s>").save_pretrained(out)
 
 
-def checkpoint(arch: str, out: Path, seed=0, **sizes):
-    """A random-weight checkpoint of `arch` in `out`; `sizes` override the tiny config's."""
+def checkpoint(arch: str, out: Path, seed=0, router_logit_std=None, **sizes):
+    """A random-weight checkpoint of `arch` in `out`; `sizes` override the tiny config's.
+    `router_logit_std`: draw the routers so their logits have about this spread per token
+    whatever the hidden size (None: weights of std 0.5, as the small reference graphs are made;
+    at a published model's width that is a logit spread of 20-30, where the top-k's last weights
+    underflow and the fused op's kernel skips them in the original already)."""
     import torch
     import transformers as tf
 
@@ -79,7 +83,8 @@ def checkpoint(arch: str, out: Path, seed=0, **sizes):
     with torch.no_grad():  # random routers are near uniform; trained ones spread their scores
         for name, p in model.named_parameters():
             if name.endswith(("gate.weight", "router.weight")):
-                p.normal_(0.0, 0.5)
+                # the router reads RMS-normalized hidden states: logit std = weight std x sqrt(hidden)
+                p.normal_(0.0, 0.5 if router_logit_std is None else router_logit_std / p.shape[-1] ** 0.5)
     model.save_pretrained(out)
     tokenizer(out, (COMMON | spec)["vocab_size"])
     if arch == "gpt_oss":

@@ -64,14 +64,16 @@ def nll_and_pairs(path, ids):
     return float((lse[:, :-1] - tgt).mean()), pairs
 
 
-@pytest.mark.parametrize("graph, policy", [("qwen3_moe.onnx", "top-p"), ("mixtral.onnx", "auto"),
-                                           ("deepseek_v3.onnx", "ratio")])
-def test_budget_holds_on_both_parts_and_the_report_is_what_the_output_does(graph, policy, tmp_path):
+@pytest.mark.parametrize("graph, policy, wide", [("qwen3_moe.onnx", "top-p", None), ("mixtral.onnx", "auto", None),
+                                                 ("deepseek_v3.onnx", "ratio", None), ("mixtral.onnx", "auto", 3)])
+def test_budget_holds_on_both_parts_and_the_report_is_what_the_output_does(graph, policy, wide, tmp_path):
+    """`wide`: --max-experts above the gate's k, hard tokens taking more experts than the model
+    was trained with while easy ones take fewer."""
     ids = np.random.default_rng(0).integers(0, 128, (16, 24))
     data, out = tmp_path / "ids.npy", tmp_path / "out.onnx"
     np.save(data, ids)
     r = run_cli("calibrate", GRAPHS / graph, "--data", data, "--max-ppl-increase", "0.002", "--policy", policy,
-                "-o", out, "--json")
+                "-o", out, "--json", *(["--max-experts", wide] if wide else []))
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["mode"] == "quality budget"
@@ -96,6 +98,9 @@ def test_budget_holds_on_both_parts_and_the_report_is_what_the_output_does(graph
     assert got == {x["layer"]: (x["policy"], pytest.approx(x["threshold"]), x["renormalize"]) for x in rep["layers"]}
     if policy != "auto":
         assert {p for p, _, _ in got.values()} <= {policy, "static"}
+    if wide:
+        assert {x["attrs"]["max_experts"] for x in meta["routers"]} == {wide}
+        assert [x["policy"] for x in rep["layers"]] != ["static"] * len(rep["layers"])
 
 
 def test_a_given_renormalize_is_kept_and_the_search_tries_others(tmp_path):
