@@ -50,6 +50,7 @@ WORK = ROOT / "build" / "deploy_bench"
 # where about a quarter of the original's top-k weights are below 1e-8 and onnxruntime's QMoE
 # skips them: the original then computes fewer pairs than the pair count says.
 ROUTER_LOGIT_STD = 3.0
+FUSED = ("MoE", "QMoE")  # the builder's fused expert ops (com.microsoft)
 
 # Layer shapes of published models (config.json of each), two layers each (one of each attention kind).
 SHAPES = {
@@ -106,24 +107,19 @@ def underflow_share(folder, prompt, floor=1e-8):
     """The share of the original's top-k route weights below `floor` on `prompt` (every fused op):
     routes the fused CPU kernels skip by themselves, which a cut of routed pairs cannot save again."""
     import onnx
-    import onnxruntime as ort
+
+    from moe_export.run.runtime import expose, session_from_proto
 
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    ops = [n for n in model.graph.node if n.op_type in ("MoE", "QMoE")]
-    for n in ops:
-        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(n.input[1]))
-    probe = folder / "underflow_probe.onnx"  # beside the weights it references (the builds are ours)
-    onnx.save(model, str(probe))
-    try:
-        sess = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
-    finally:
-        probe.unlink()
+    ops = [n for n in model.graph.node if n.op_type in FUSED]
+    probe = expose(model, [n.input[1] for n in ops], "underflow.")
     feeds = feeds_for(folder, model, 1, prompt.shape[1], False)
     feeds["input_ids"] = prompt[:1].astype(feeds["input_ids"].dtype)
+    logits = session_from_proto(probe, folder, custom_ops=False).run([f"underflow.{i}" for i in range(len(ops))], feeds)
     low = total = 0
-    for n, logits in zip(ops, sess.run([n.input[1] for n in ops], feeds)):
+    for n, lg in zip(ops, logits):
         k = next(a.i for a in n.attribute if a.name == "k")
-        top = -np.sort(-logits.reshape(-1, logits.shape[-1]), axis=1)[:, :k].astype(np.float64)
+        top = -np.sort(-lg.reshape(-1, lg.shape[-1]), axis=1)[:, :k].astype(np.float64)
         w = np.exp(top - top[:, :1])
         w /= w.sum(1, keepdims=True)
         low, total = low + int((w < floor).sum()), total + w.size

@@ -31,9 +31,9 @@ import onnxruntime as ort
 from onnx import helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deploy_cpu import WORK  # noqa: E402
+from deploy_cpu import FUSED, WORK  # noqa: E402
 
-FUSED = ("MoE", "QMoE")
+LOW = np.finfo(np.float32).min / 2  # what converted graphs feed the op at an expert not kept
 
 
 def op_alone(graph: Path) -> tuple[onnx.ModelProto, int, int]:
@@ -43,8 +43,7 @@ def op_alone(graph: Path) -> tuple[onnx.ModelProto, int, int]:
     node = next(n for n in model.graph.node if n.domain == "com.microsoft" and n.op_type in FUSED)
     inits = {i.name: i for i in model.graph.initializer}
     E = inits[node.input[2]].dims[0]
-    H = next(i.dims[-1] for n, i in inits.items() if n == node.input[5]) if node.op_type == "MoE" else \
-        inits[node.input[5]].dims[1]
+    H = inits[node.input[5]].dims[1]  # fc2: [E, H, I] (MoE), [E, H, I / 2] (QMoE 4-bit)
     op = onnx.NodeProto()
     op.CopyFrom(node)
     op.input[0], op.input[1] = "hidden", "router_probs"
@@ -65,7 +64,7 @@ def routings(T, E, k, drop, rng):
     keep = np.ones((T, k), bool)
     slots = rng.permutation(T * (k - 1))[: int(round(drop * T * k))]
     keep[slots // (k - 1), 1 + slots % (k - 1)] = False
-    dropped = np.full_like(logits, np.finfo(np.float32).min / 2)
+    dropped = np.full_like(logits, LOW)
     rows = np.nonzero(keep)[0]
     dropped[rows, top[keep]] = logits[rows, top[keep]]
     return logits, dropped, max(1, int(round(T * (1 - len(slots) / (T * k)))))
@@ -110,8 +109,9 @@ def main():
                                 ("fewer_tokens", {"hidden": hidden[:fewer], "router_probs": static[:fewer]})):
                 times.setdefault(name, []).append(timed(sess, feeds, args.repeats))
         ms = {n: statistics.median(v) for n, v in times.items()}
-        touched = lambda lg: len(np.unique(np.argsort(-lg, axis=1)[:, :k][np.take_along_axis(
-            lg, np.argsort(-lg, axis=1)[:, :k], 1) > np.finfo(np.float32).min / 2]))
+        def touched(lg):
+            top = np.argsort(-lg, axis=1)[:, :k]
+            return len(np.unique(top[np.take_along_axis(lg, top, 1) > LOW]))
         row = {"shape": args.shape, "precision": args.precision, "op": model.graph.node[0].op_type,
                "qmoe_cpu_qnbit_gemm": compute, "threads": args.threads, "tokens": T, "k": k, "experts": E,
                "pair_drop": args.drop, "experts_touched_static": touched(static),

@@ -63,9 +63,9 @@ def main():
         decode = args.phase == "decode"
         feeds = feeds_for(folder, onnx.load(str(graph), load_external_data=False), args.batch, args.tokens, decode)
         # decode: 16 steps, each on other tokens of the prompt (a step's routing is its tokens')
-        runs = [dict(feeds, input_ids=prompt[:args.batch, j:j + 1] if decode else prompt[:args.batch, :args.tokens])
-                for j in range(16 if decode else 1)]
-        runs = [dict(f, input_ids=f["input_ids"].astype(feeds["input_ids"].dtype)) for f in runs]
+        ids = prompt[:args.batch].astype(feeds["input_ids"].dtype)
+        runs = [dict(feeds, input_ids=ids[:, j:j + 1]) for j in range(16)] if decode else \
+            [dict(feeds, input_ids=ids[:, :args.tokens])]
         wall, by_op = profile(graph, runs, args.threads)
         top = ", ".join(f"{op} {ms:.1f}" for op, ms in by_op.most_common(7))
         print(f"{folder.name}: wall {wall:.1f} ms, kernels {sum(by_op.values()):.1f} ms: {top}", flush=True)
