@@ -3,6 +3,7 @@ prefill and decode speed, by batch and threads.
 
     .venv/bin/python benchmarks/deploy_cpu.py [--shapes gpt-oss-20b qwen3.5-35b-a3b] [--precisions int4]
         [--prefill 128] [--torch-prefill 16] [--decode 16] [--repeats 3]   # -> benchmarks/results/deploy_cpu.json
+    ORT_QMOE_CPU_QNBIT_GEMM=int8 .venv/bin/python benchmarks/deploy_cpu.py --precisions int4   # rows of QMoE's int8 compute
 
 Each shape is a random-weight checkpoint with the layer shapes of a published model (its hidden
 size, experts, top-k, expert intermediate size, attention heads), as few layers as memory needs
@@ -18,12 +19,14 @@ what is timed there); its prefill is `--torch-prefill` tokens, since the origina
 weight slab per (token, slot) and matrix, and its calibration text is the license's bytes.
 
 Timing runs the decoder graph in onnxruntime sessions, original and converted side by side in one
-process, alternating `--repeats` times: prefill = one run of [batch, prefill] tokens from an empty
-cache; decode = `--decode` runs of one token per sequence after a cache of `prefill` tokens.
-Load time and peak RSS of session creation are measured in a fresh child process per graph
-(default session options but the thread count). The pair cut is measured by `moe-export profile`
-on the prefill tokens; the ideal speedup is the FLOP split's, as in genai_cpu.py (experts' share f
-of the FLOPs at the mean context, cut r: 1 / (1 - f r)).
+process, alternating `--repeats` times, as a generation of the prompt rows' own text: prefill =
+one run of [batch, prefill] tokens from an empty cache; decode = the `--decode` steps after it,
+each the rows' next token on the cache the last step returned. Load time and peak RSS of session
+creation are measured in a fresh child process per graph (default session options but the
+thread count). Each phase's ideal speedup is the FLOP split's, as in genai_cpu.py (experts'
+share f of the FLOPs at the mean context, cut r: 1 / (1 - f r)), with r the pair cut that
+`moe-export profile` measures on the tokens that phase ran: a batch of one is one row.
+The torch shapes also time the same routing converted with `--per-expert-weights` (per_expert_*).
 """
 from __future__ import annotations
 
@@ -183,19 +186,42 @@ def feeds_for(folder, model, batch, prefill, decode_step):
     return f
 
 
-def continuation(sess, pre, dec):
-    """Decode feeds that continue the prefill: its cache (present.* fed back as the past inputs)
-    and its greedy next token, so the routers see the hidden states of real text, not of a
-    random cache."""
-    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, pre)))
-    for name in dec:
-        if name.startswith("past"):
-            present = "present" + name[len("past_key_values"):] if name.startswith("past_key_values") else \
-                "present" + name[len("past"):]
-            if present in outs and outs[present].shape == dec[name].shape:
-                dec[name] = outs[present]
-    dec["input_ids"] = outs["logits"][:, -1:].argmax(-1).astype(dec["input_ids"].dtype)
-    return dec
+def present_of(past):
+    """The output a cache input is fed from: past_key_values.* / past.* -> present.*."""
+    return "present" + (past[len("past_key_values"):] if past.startswith("past_key_values") else past[len("past"):])
+
+
+def generation(folder, model, batch, prefill, steps, prompt):
+    """What a generation of the prompt rows feeds: the prefill (their first `prefill` tokens, an
+    empty cache) and, per decode step j, what does not come from the previous step: the row's
+    next token (the text's own, so the routers see real text, as a trained model's generation
+    would give them), the attention mask and positions after prefill + j cached tokens."""
+    pre = feeds_for(folder, model, batch, prefill, False)
+    pre["input_ids"] = prompt[:batch, :prefill].astype(pre["input_ids"].dtype)
+    fixed = []
+    for j in range(steps):
+        f = feeds_for(folder, model, batch, prefill + j, True)
+        f = {n: v for n, v in f.items() if not n.startswith("past")}
+        f["input_ids"] = prompt[:batch, prefill + j:prefill + j + 1].astype(f["input_ids"].dtype)
+        fixed.append(f)
+    return pre, fixed
+
+
+def generate(sess, pre, fixed):
+    """A timed generation: the prefill, then one token per sequence per step, each step's
+    present.* fed back as its cache, so every step decodes on a longer cache, as a deployment
+    does. Returns (prefill s, decode s per step)."""
+    names = [o.name for o in sess.get_outputs()]
+    pasts = [i.name for i in sess.get_inputs() if i.name.startswith("past")]
+    missing = [p for p in pasts if present_of(p) not in names]
+    if missing:
+        raise SystemExit(f"no present output for {missing}")
+    t0 = time.perf_counter()
+    outs = dict(zip(names, sess.run(None, pre)))
+    t1 = time.perf_counter()
+    for f in fixed:
+        outs = dict(zip(names, sess.run(None, dict(f, **{p: outs[present_of(p)] for p in pasts}))))
+    return t1 - t0, (time.perf_counter() - t1) / len(fixed)
 
 
 def time_pair(graphs, batch, threads, prefill, decode, repeats, prompt):
@@ -205,26 +231,53 @@ def time_pair(graphs, batch, threads, prefill, decode, repeats, prompt):
 
     sess, feeds = {}, {}
     for name, graph in graphs.items():
-        folder = graph.parent
         sess[name] = moe_export.session(graph, intra_op_num_threads=threads, inter_op_num_threads=1)
-        model = load_model(graph)
-        pre = feeds_for(folder, model, batch, prefill, False)
-        pre["input_ids"] = prompt[:batch].astype(pre["input_ids"].dtype)
-        feeds[name] = (pre, continuation(sess[name], pre, feeds_for(folder, model, batch, prefill, True)))
+        feeds[name] = generation(graph.parent, load_model(graph), batch, prefill, decode, prompt)
     times = {n: ([], []) for n in graphs}
     for r in range(repeats + 1):  # the first round warms up (arenas, prepacked weights)
         for name, s in sess.items():
-            pre, dec = feeds[name]
-            t0 = time.perf_counter()
-            s.run(None, pre)
-            t1 = time.perf_counter()
-            for _ in range(decode):
-                s.run(None, dec)
-            t2 = time.perf_counter()
+            got = generate(s, *feeds[name])
             if r:
-                times[name][0].append(t1 - t0)
-                times[name][1].append((t2 - t1) / decode)
+                for kept, t in zip(times[name], got):
+                    kept.append(t)
     return {n: (statistics.median(p), statistics.median(d)) for n, (p, d) in times.items()}
+
+
+def pair_counts(graph, ids):
+    """(routed pairs, static pairs) of `graph` over the token ids [batch, n] (`moe-export profile`)."""
+    from genai_cpu import cli
+
+    path = WORK / "pairs.npy"
+    np.save(path, ids)
+    total = json.loads(cli("profile", graph, "--data", path, "--json"))["total"]
+    return total["pairs"], total["pairs_static"]
+
+
+def cuts(graph, rows, prefill):
+    """The pair cut of the prefill (the rows' first `prefill` tokens) and of the decode steps (the
+    rest). A decode step routes its token as a prefill of the whole row routes that position
+    (causal attention), so the decode's pairs are the whole rows' minus the prefill's."""
+    p, ps = pair_counts(graph, rows[:, :prefill])
+    a, a_s = pair_counts(graph, rows)
+    return 1 - p / ps, 1 - (a - p) / (a_s - ps)
+
+
+def per_expert_twin(original, converted):
+    """The calibrated routing converted again with `--per-expert-weights`: each expert's MatMuls
+    read initializers of their own instead of a slice the default form gathers (copies) per
+    routed expert at run time, for a load that prepacks every expert's weights."""
+    from genai_cpu import cli
+
+    twin = WORK / f"{original.parent.name}.per_expert.onnx"
+    if not twin.exists():
+        routers = json.loads(cli("inspect", converted, "--json"))["converted"]["routers"]
+        attrs = {tuple(r["attrs"][a] for a in ("policy", "threshold", "min_experts", "max_experts")) for r in routers}
+        if len(attrs) != 1:
+            raise SystemExit(f"{converted}: layers calibrated apart; one --threshold cannot repeat them")
+        policy, threshold, low, high = attrs.pop()
+        cli("convert", original, "--policy", policy, "--threshold", threshold, "--min-experts", low,
+            "--max-experts", high, "--per-expert-weights", "-o", twin)
+    return twin
 
 
 def main():
@@ -249,25 +302,28 @@ def main():
         [(s, "fp32") for s in args.shapes if s in TORCH_SHAPES]
     # rows of other (shape, precision) pairs already in --out stay: one pair can be rerun alone
     old = json.loads(args.out.read_text())["results"] if args.out.is_file() else []
-    rows = [r for r in old if (r["shape"], r["precision"]) not in todo]
+    # QMoE's compute path, onnxruntime's switch (int8: activations quantized, weights prepacked)
+    compute = os.environ.get("ORT_QMOE_CPU_QNBIT_GEMM", "default")
+    rows = [r for r in old if (r["shape"], r["precision"]) not in todo or r.get("qmoe_compute", "default") != compute]
     for shape, precision in todo:
         t = time.perf_counter()
         if shape in SHAPES:
             arch, sizes = SHAPES[shape]
             original = build(shape, precision) / "model.onnx"
-            ids = text_ids(original.parent, args.prefill)
+            stream = text_ids(original.parent, 1).ravel()
         else:
             arch, sizes = "qwen3_moe (torch export)", TORCH_SHAPES[shape]
             original = build_torch(shape)
-            text = np.frombuffer((Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_bytes(), np.uint8)
-            ids = text[: args.torch_prefill * (text.size // args.torch_prefill)].astype(np.int64).reshape(
-                -1, args.torch_prefill)  # bytes: real text in a 512-token vocabulary
+            # bytes: real text in a 512-token vocabulary
+            stream = np.frombuffer((Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_bytes(), np.uint8)
         build_s = time.perf_counter() - t
         prefill = args.prefill if shape in SHAPES else args.torch_prefill
         k = sizes["num_experts_per_tok"]
         calib, prompt_file = WORK / f"{shape}_calib.npy", WORK / f"{shape}_prompt.npy"
-        np.save(calib, ids[8:24])  # 16 sequences; the prompts are others
-        prompt = ids[:max(args.batches)]
+        # the prompt rows (prefill + decode tokens each), then 16 sequences of other text to calibrate on
+        n = max(args.batches) * (prefill + args.decode)
+        prompt = stream[:n].astype(np.int64).reshape(max(args.batches), -1)
+        np.save(calib, stream[n:n + 16 * prefill].astype(np.int64).reshape(16, prefill))
         np.save(prompt_file, prompt)
         # what the commands take: a GenAI folder, or the graph itself
         source, out = ((original.parent, WORK / f"{shape}_{precision}.dynamic") if shape in SHAPES else
@@ -278,23 +334,28 @@ def main():
             cli("calibrate", source, "--data", calib, "--target-experts", round(k * (1 - args.cut), 3), "-o", out)
             convert_s = time.perf_counter() - t
         conv = out / "model.onnx" if out.is_dir() else out
-        cut = json.loads(cli("profile", out, "--data", prompt_file, "--json"))["total"]["pair_reduction"]
         if shape in SHAPES:
             E_f, R_f = flop_split(original.parent, context=prefill + args.decode / 2)
             f = E_f / (E_f + R_f)
         else:
             f = torch_flop_fraction(sizes, prefill + args.decode / 2)
-        ideal = 1 / (1 - f * cut)
-        underflow = underflow_share(original.parent, prompt) if shape in SHAPES else None
+        underflow = underflow_share(original.parent, prompt[:, :prefill]) if shape in SHAPES else None
         graphs = {"original": original, "converted": conv}
+        if shape in TORCH_SHAPES:
+            graphs["per_expert"] = per_expert_twin(original, out)
         for threads in args.threads:
             load = load_cost(graphs, threads)
             for batch in args.batches:
                 med = time_pair(graphs, batch, threads, prefill, args.decode, args.repeats, prompt)
-                row = {"shape": shape, "architecture": arch, "precision": precision, "batch": batch,
+                # each phase's ideal from the pairs cut in the tokens it timed (a batch of one: one row)
+                cut, decode_cut = cuts(out, prompt[:batch], prefill)
+                ideal, decode_ideal = 1 / (1 - f * cut), 1 / (1 - f * decode_cut)
+                row = {"shape": shape, "architecture": arch, "precision": precision, "qmoe_compute": compute,
+                       "batch": batch,
                        "prefill_tokens": prefill,
                        "threads": threads, "pair_reduction": cut, "expert_flop_fraction": f,
-                       "ideal_speedup": ideal, "router_logit_std": ROUTER_LOGIT_STD if shape in SHAPES else None,
+                       "ideal_speedup": ideal, "decode_pair_reduction": decode_cut, "decode_ideal_speedup": decode_ideal,
+                       "router_logit_std": ROUTER_LOGIT_STD if shape in SHAPES else None,
                        "original_topk_weights_below_1e-8": underflow,
                        "prefill_speedup": med["original"][0] / med["converted"][0],
                        "decode_speedup": med["original"][1] / med["converted"][1],
@@ -304,16 +365,21 @@ def main():
                        "converted_load_s": load["converted"]["load_s"],
                        "original_load_rss_gb": load["original"]["load_rss_gb"],
                        "converted_load_rss_gb": load["converted"]["load_rss_gb"],
+                       **({"per_expert_prefill_speedup": med["original"][0] / med["per_expert"][0],
+                           "per_expert_decode_speedup": med["original"][1] / med["per_expert"][1],
+                           "per_expert_load_s": load["per_expert"]["load_s"],
+                           "per_expert_load_rss_gb": load["per_expert"]["load_rss_gb"]} if "per_expert" in med else {}),
                        "build_s": build_s, "calibrate_s": convert_s, "date": date.today().isoformat(),
                        "command": "benchmarks/deploy_cpu.py " + " ".join(sys.argv[1:])}
-                row["prefill_of_ideal"] = row["prefill_speedup"] / ideal
-                row["decode_of_ideal"] = row["decode_speedup"] / ideal
-                for phase in ("prefill", "decode"):  # of the gain: 0 when nothing is saved
-                    row[f"{phase}_gain_of_ideal"] = (row[f"{phase}_speedup"] - 1) / (ideal - 1)
+                for phase, best in (("prefill", ideal), ("decode", decode_ideal)):
+                    row[f"{phase}_of_ideal"] = row[f"{phase}_speedup"] / best
+                    # of the gain: 0 when nothing is saved
+                    row[f"{phase}_gain_of_ideal"] = (row[f"{phase}_speedup"] - 1) / (best - 1) if best > 1 else None
                 rows.append(row)
-                print(f"{shape} {precision} batch {batch} threads {threads}: pairs -{100 * cut:.1f}% ideal "
-                      f"x{ideal:.3f}; prefill x{row['prefill_speedup']:.3f} ({100 * row['prefill_of_ideal']:.0f}%), "
-                      f"decode x{row['decode_speedup']:.3f} ({100 * row['decode_of_ideal']:.0f}%); load "
+                print(f"{shape} {precision} ({compute}) batch {batch} threads {threads}: prefill pairs -{100 * cut:.1f}% "
+                      f"ideal x{ideal:.3f}, got x{row['prefill_speedup']:.3f} ({100 * row['prefill_of_ideal']:.0f}%); "
+                      f"decode pairs -{100 * decode_cut:.1f}% ideal x{decode_ideal:.3f}, got "
+                      f"x{row['decode_speedup']:.3f} ({100 * row['decode_of_ideal']:.0f}%); load "
                       f"{row['original_load_s']:.2f} -> {row['converted_load_s']:.2f} s, "
                       f"{row['original_load_rss_gb']:.2f} -> {row['converted_load_rss_gb']:.2f} GB", flush=True)
                 args.out.write_text(json.dumps(result(args, rows), indent=1) + "\n")

@@ -58,8 +58,14 @@ def main():
                     help="decode: steps of one token per sequence after a cache of --tokens (random, as deploy_cpu.py's feeds)")
     args = ap.parse_args()
     prompt = np.load(WORK / f"{args.shape}_prompt.npy")
-    for folder in (WORK / f"{args.shape}_{args.precision}", WORK / f"{args.shape}_{args.precision}.dynamic"):
-        graph = folder / "model.onnx"
+    stem = WORK / f"{args.shape}_{args.precision}"
+    # the original, its conversion (a GenAI folder, or a graph for the torch shapes) and, for those,
+    # the same routing with per-expert weight initializers (deploy_cpu.per_expert_twin)
+    graphs = [stem / "model.onnx"] + [g for g in (stem.with_name(stem.name + ".dynamic") / "model.onnx",
+                                                  stem.with_name(stem.name + ".dynamic.onnx"),
+                                                  stem.with_name(stem.name + ".per_expert.onnx")) if g.is_file()]
+    for graph in graphs:
+        folder = graph.parent
         decode = args.phase == "decode"
         feeds = feeds_for(folder, onnx.load(str(graph), load_external_data=False), args.batch, args.tokens, decode)
         # decode: 16 steps, each on other tokens of the prompt (a step's routing is its tokens')
@@ -68,7 +74,7 @@ def main():
             [dict(feeds, input_ids=ids[:, :args.tokens])]
         wall, by_op = profile(graph, runs, args.threads)
         top = ", ".join(f"{op} {ms:.1f}" for op, ms in by_op.most_common(7))
-        print(f"{folder.name}: wall {wall:.1f} ms, kernels {sum(by_op.values()):.1f} ms: {top}", flush=True)
+        print(f"{graph.relative_to(WORK)}: wall {wall:.1f} ms, kernels {sum(by_op.values()):.1f} ms: {top}", flush=True)
 
 
 if __name__ == "__main__":
