@@ -300,10 +300,10 @@ def main():
     WORK.mkdir(parents=True, exist_ok=True)
     todo = [(s, p) for s in args.shapes if s in SHAPES for p in args.precisions] + \
         [(s, "fp32") for s in args.shapes if s in TORCH_SHAPES]
-    # rows of other (shape, precision) pairs already in --out stay: one pair can be rerun alone
-    old = json.loads(args.out.read_text())["results"] if args.out.is_file() else []
     # QMoE's compute path, onnxruntime's switch (int8: activations quantized, weights prepacked)
     compute = os.environ.get("ORT_QMOE_CPU_QNBIT_GEMM", "default")
+    # rows of other (shape, precision, compute) already in --out stay: one can be rerun alone
+    old = json.loads(args.out.read_text())["results"] if args.out.is_file() else []
     rows = [r for r in old if (r["shape"], r["precision"]) not in todo or r.get("qmoe_compute", "default") != compute]
     for shape, precision in todo:
         t = time.perf_counter()
