@@ -343,12 +343,14 @@ def main():
         graphs = {"original": original, "converted": conv}
         if shape in TORCH_SHAPES:
             graphs["per_expert"] = per_expert_twin(original, out)
+        # each phase's ideal from the pairs cut in the tokens it ran (a batch of one: one row);
+        # the routing of given tokens does not depend on the thread count
+        phase_cuts = {batch: cuts(out, prompt[:batch], prefill) for batch in args.batches}
         for threads in args.threads:
             load = load_cost(graphs, threads)
             for batch in args.batches:
                 med = time_pair(graphs, batch, threads, prefill, args.decode, args.repeats, prompt)
-                # each phase's ideal from the pairs cut in the tokens it timed (a batch of one: one row)
-                cut, decode_cut = cuts(out, prompt[:batch], prefill)
+                cut, decode_cut = phase_cuts[batch]
                 ideal, decode_ideal = 1 / (1 - f * cut), 1 / (1 - f * decode_cut)
                 row = {"shape": shape, "architecture": arch, "precision": precision, "qmoe_compute": compute,
                        "batch": batch,
