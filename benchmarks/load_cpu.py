@@ -10,6 +10,12 @@ default, --per-expert-weights and --no-group-experts. Each graph is loaded in a 
 timed on one token and on a 128-token sequence, side by side. Then `moe-export calibrate
 --target-experts 2` on [32, 128] token ids, original and static conversion, in child processes
 (peak RSS of the child). The export is cached in ~/.cache/moe-export/load.
+
+    .venv/bin/python benchmarks/load_cpu.py --deep   # -> benchmarks/results/load_cpu_deep.json
+
+The same at depth, where what a layer adds to the graph outweighs the weights (which onnxruntime
+maps without reading): 48 layers of 128 experts top-8, hidden 128, expert intermediate 64; the
+original and the default conversion only, no calibration.
 """
 from __future__ import annotations
 
@@ -64,18 +70,24 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def build(work: Path, layers: int) -> Path:
+SIZES = dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=512, num_attention_heads=8,
+             num_key_value_heads=4, head_dim=64, num_experts=32, num_experts_per_tok=4)
+DEEP = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, num_experts=128, num_experts_per_tok=8)
+
+
+def build(work: Path, layers: int, sizes=SIZES) -> Path:
     import torch
     import transformers as tf
 
-    graph = work / f"qwen3moe_{layers}l" / "model.onnx"
+    tag = f"{layers}l" + ("_deep" if sizes is DEEP else "")
+    graph = work / f"qwen3moe_{tag}" / "model.onnx"
     if graph.is_file():
         return graph
-    cfg = tf.Qwen3MoeConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024, moe_intermediate_size=512,
-                            num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-                            num_experts=32, num_experts_per_tok=4, decoder_sparse_step=1, norm_topk_prob=True)
+    cfg = tf.Qwen3MoeConfig(vocab_size=32000, num_hidden_layers=layers, decoder_sparse_step=1, norm_topk_prob=True,
+                            **sizes)
     torch.manual_seed(0)
-    ckpt = work / f"ckpt_{layers}l"
+    ckpt = work / f"ckpt_{tag}"
     tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(ckpt)
     graph.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([EXE, "export", ckpt, "-o", graph], check=True)
@@ -98,11 +110,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--turns", type=int, default=3, help="load each graph this many times, in turns")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "load_cpu.json")
+    ap.add_argument("--deep", action="store_true", help="48 layers of 128 small experts: load at depth")
+    ap.add_argument("--out", type=Path)
     a = ap.parse_args()
-    graph = build(WORK, a.layers)
-    forms = {"original": None, "default": [], "per_expert_weights": ["--per-expert-weights"],
-             "no_group_experts": ["--no-group-experts"]}
+    if a.deep:
+        a.layers = 48
+    a.out = a.out or ROOT / "benchmarks" / "results" / ("load_cpu_deep.json" if a.deep else "load_cpu.json")
+    graph = build(WORK, a.layers, DEEP if a.deep else SIZES)
+    forms = {"original": None, "default": []}
+    if not a.deep:  # (unrolled, 48 x 128 experts would take about a minute to load)
+        forms.update(per_expert_weights=["--per-expert-weights"], no_group_experts=["--no-group-experts"])
     paths = {"original": graph}
     convert_s = {}
     for name, flags in forms.items():
@@ -132,13 +149,14 @@ def main():
     ids = WORK / "calib_32x128.npy"
     np.save(ids, np.random.default_rng(0).integers(0, 32000, (32, 128)))
     calib = {}
-    for name in ("original", "default"):
+    for name in () if a.deep else ("original", "default"):
         out = graph.parent / f"cal_{name}.onnx"
         out.unlink(missing_ok=True)
         calib[name] = dict(zip(("s", "rss_gb"), child([EXE, "calibrate", paths[name], "--data", ids,
                                                         "--target-experts", "2", "-o", out])))
     result = {"date": date.today().isoformat(), "machine": f"{os.cpu_count()}-core {platform.machine()} build VM",
               "onnxruntime": __import__("onnxruntime").__version__, "layers": a.layers,
+              "sizes": DEEP if a.deep else SIZES,
               "weights_gb": sum(f.stat().st_size for f in graph.parent.glob("model.onnx*")) / 2**30,
               "turns": a.turns, "rows": rows, "calibrate_32x128": calib}
     a.out.write_text(json.dumps(result, indent=1))

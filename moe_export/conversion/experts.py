@@ -3,18 +3,16 @@
 transformers 5.x `batched_mm` graphs compute every (token, slot) pair: each pair gathers its
 expert's weight matrices (GatherND over [E, ...] tables by the flat expert ids) and runs a batched
 matmul, so a dropped slot still costs a full expert and the gathers copy weights per pair. This
-pass runs the section per expert, fed only that expert's pairs (NonZero(ids == e)), in one Loop
-over the routed experts; gathered tables become the expert's own slice, batched matmuls become
-one GEMM per expert, and the contributions are scattered back to their pair rows before the
-graph's own per-token sum. Where no expert has two pairs (decode at batch 1) an If runs the
-original's batched form on the kept pairs instead. A dropped slot (id = E) is computed by neither.
+pass runs the section per expert, fed only that expert's pairs (NonZero(ids == e)), in one Scan
+over the experts (_scanned): each iteration receives its expert's slice of every table as a view,
+runs one GEMM per matrix with the slice as the left operand, and scatters its contributions into
+their pair rows before the graph's own per-token sum. An expert with no pairs skips its branch.
+A dropped slot (id = E) is computed by no expert.
 
-The slice is gathered at run time by an index read from the routed ids (the id of the expert's
-first pair: [e] when it has pairs, [] when not), never by a constant e: ONNX Runtime constant-folds
-Gather(initializer, constant) at load, which copied every expert's weights into memory (8x the
-original's peak RSS and 50-100x its load time at 1 GB of weights). An expert with no pairs then
-gathers zero rows, so an unrouted expert reads none of its weights, as in the original.
-Layers whose section does not have this shape are left as they are.
+No weight is read at a constant index (ONNX Runtime would constant-fold Gather(initializer,
+constant) at load: a copy of every expert, 8x the original's peak RSS and 50-100x its load time at
+1 GB of weights), and no expert matrix is a GEMM's constant right operand (prepacked at load, a
+second copy). Layers whose section does not have this shape are left as they are.
 """
 from __future__ import annotations
 
@@ -99,8 +97,10 @@ def expert_weight(table: onnx.TensorProto, e: int, transpose: bool) -> onnx.Tens
 def group_by_expert(model: onnx.ModelProto, routers, per_expert_weights=False) -> dict:
     """Rewrites, in place, the batched expert sections fed by `routers` (the rewriter's metadata).
     Returns, per router index, None where its section was grouped, else why it was kept.
-    per_expert_weights: each expert's MatMuls take their own initializer (expert_weight)
-    instead of a slice gathered from the table at run time."""
+    By default one Scan over the experts reads each expert's matrices where they lie in the
+    tables (_scanned). per_expert_weights: one section per expert instead, each MatMul with an
+    [in, out] initializer of its own as the right operand (expert_weight), the form weight-only
+    quantizers look for; onnxruntime prepacks those at load, a second copy in memory."""
     opset = opset_version(model)
     if opset < 15:
         return {i: f"opset {opset} < 15" for i in range(len(routers))}
@@ -154,55 +154,69 @@ def _subgraph(name, nb, outs, types):
         onnx.helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, types)])
 
 
-def _routed(b, ix, prefix, ids_flat, E, wmul, tables, expert):
-    """The contributions of the kept pairs and their pair positions, computed one of two ways,
-    chosen at run time by an If:
-    - when no expert has two pairs (decode at batch 1), one batched pass over the kept pairs,
-      each gathering its expert's slabs as the original does: grouping would save no weight
-      read and a loop costs its iterations;
-    - otherwise one Loop over the experts that have pairs (Unique of the ids): each expert's
-      slabs are read once for all its pairs, the graph stays the size of the original whatever
-      E, and an expert no token chose runs nothing. Each iteration's contributions and pair
-      positions go into sequences, concatenated once after the loop. Iteration 0 runs expert
-      -1 (no pairs), so the sequences are never empty."""
+def _static_rest(ix, t):
+    """t's dims after the first, where its value_info knows them all (dynamo exports record it)."""
+    v = ix.value_info.get(t)
+    dims = v.type.tensor_type.shape.dim if v is not None and v.type.tensor_type.HasField("shape") else []
+    return [d.dim_value for d in dims[1:]] if len(dims) > 1 and all(d.HasField("dim_value") for d in dims[1:]) else None
+
+
+def _pair_zeros(b, ids_flat, like):
+    """Zeros of like's type and trailing shape, one row per pair."""
     i64 = lambda v: b.const(v, np.int64)
+    shape = b.op("Concat", [b.op("Shape", [ids_flat]), b.op("Slice", [b.op("Shape", [like]), i64([1]), i64([2**62])])],
+                 axis=0)
+    return b.op("Expand", [b.op("CastLike", [b.const(np.float32(0)), like]), shape])
+
+
+def _scanned(b, ix, prefix, ids_flat, E, tables, wmul, expert):
+    """Every pair's contribution ([pairs, ...], zeros where no expert computed one) from one Scan
+    over the experts. A Scan hands each iteration its expert's slice of every table as a view of
+    the table, so no weight is copied, at load or at run time: a Loop can only Gather the slice,
+    a copy per routed expert per call that cost more than the GEMMs it fed and got slower with
+    threads, and per-expert initializers would grow the graph E-fold (45 s to load 48 layers of
+    128 experts). An expert with no pair runs an If's empty branch, so it costs an iteration,
+    not its weights. Contributions are scattered into a state of one row per pair, whose
+    trailing shape is the graph's recorded one, or else comes from the section run once on no
+    pairs (Gather of no expert's slice; it costs load time, 2.7 ms per layer)."""
+    i64 = lambda v: b.const(v, np.int64)
+    op = b.op
     ftype = (ix.elem_type(wmul.output[0]) or ix.elem_type(wmul.input[0]) or ix.elem_type(wmul.input[1])
              or ix.initializers[next(iter(tables.values()))].data_type)
-    types = (ftype, onnx.TensorProto.INT64)
-    uniq = b.op("Unique", [ids_flat], n_out=4, sorted=1)[0]
-    routed = b.op("Compress", [uniq, b.op("Less", [uniq, i64(E)])], axis=0)  # not the dropped id E
-    kept = b.op("ReduceSum", [b.op("Cast", [b.op("Less", [ids_flat, i64(E)])], to=onnx.TensorProto.INT64)],
-                keepdims=0)
-    shared = b.op("Less", [b.op("Squeeze", [b.op("Shape", [routed])]), kept])
+    rest = _static_rest(ix, wmul.output[0])
+    if rest is not None:
+        zero = b.const(np.zeros((), onnx.helper.tensor_dtype_to_np_dtype(ftype)))
+        state = op("Expand", [zero, op("Concat", [op("Shape", [ids_flat]), i64(rest)], axis=0)])
+    else:
+        state = _pair_zeros(b, ids_flat, expert(b, i64(-1))[0])
+    # ones scattered at the ids over E + 1 slots (the last one the dropped id E): who has a pair
+    hits = op("ScatterElements", [i64(np.zeros(E + 1, np.int64)), ids_flat, op("Expand", [i64(1), op("Shape", [ids_flat])])])
+    routed = op("Cast", [op("Slice", [hits, i64([0]), i64([E])])], to=onnx.TensorProto.BOOL)
 
-    pairs = NodeBuilder(f"{prefix}/pairs")
-    per_pair = _subgraph(f"{prefix}/pairs", pairs, expert(pairs, None), types)
-
-    loop = NodeBuilder(f"{prefix}/loop")
-    experts = loop.op("Concat", [i64([-1]), routed], axis=0)
-    trips = loop.op("Squeeze", [loop.op("Shape", [experts])])
     body = NodeBuilder(f"{prefix}/body")
-    it, cond, seq_c, seq_p = (body.name(x) for x in ("iteration", "cond", "contributions", "positions"))
-    contrib, pos = expert(body, body.op("Gather", [experts, it], axis=0))
-    outs = [body.op("Identity", [cond]), body.op("SequenceInsert", [seq_c, contrib]),
-            body.op("SequenceInsert", [seq_p, pos])]
-    seq = lambda name, t: onnx.helper.make_tensor_sequence_value_info(name, t, None)
+    acc, e, has = body.name("pairs"), body.name("expert"), body.name("routed")
+    slices = {g: body.name("slice") for g in tables}
+    run = NodeBuilder(f"{prefix}/run")
+    contrib, pos = expert(run, e, slices=slices)
+    ran = [run.op("ScatterND", [acc, run.op("Unsqueeze", [pos, i64([-1])]), contrib]), run.op("Size", [pos])]
+    skip = NodeBuilder(f"{prefix}/skip")
+    skipped = [skip.op("Identity", [acc]), skip.op("Identity", [i64(0)])]
+    types = [ftype, onnx.TensorProto.INT64]
+    out = body.op("If", [has], n_out=2, then_branch=_subgraph(f"{prefix}/run", run, ran, types),
+                  else_branch=_subgraph(f"{prefix}/skip", skip, skipped, types))
+    value = onnx.helper.make_tensor_value_info
     graph = onnx.helper.make_graph(
         body.nodes, f"{prefix}/body",
-        [onnx.helper.make_tensor_value_info(it, onnx.TensorProto.INT64, []),
-         onnx.helper.make_tensor_value_info(cond, onnx.TensorProto.BOOL, []),
-         seq(seq_c, ftype), seq(seq_p, onnx.TensorProto.INT64)],
-        [onnx.helper.make_tensor_value_info(outs[0], onnx.TensorProto.BOOL, []),
-         seq(outs[1], ftype), seq(outs[2], onnx.TensorProto.INT64)])
-    empty_c = loop.op("SequenceEmpty", [], dtype=ftype)
-    empty_p = loop.op("SequenceEmpty", [], dtype=onnx.TensorProto.INT64)
-    all_c, all_p = loop.op("Loop", [trips, "", empty_c, empty_p], n_out=2, body=graph)
-    grouped = _subgraph(f"{prefix}/loop", loop, [loop.op("ConcatFromSequence", [all_c], axis=0),
-                                                 loop.op("ConcatFromSequence", [all_p], axis=0)], types)
-    return b.op("If", [shared], n_out=2, then_branch=grouped, else_branch=per_pair)
+        [value(acc, ftype, None)]
+        + [value(slices[g], ix.initializers[t].data_type, list(ix.initializers[t].dims[1:])) for g, t in tables.items()]
+        + [value(e, onnx.TensorProto.INT64, []), value(has, onnx.TensorProto.BOOL, [])],
+        [value(out[0], ftype, None), value(out[1], onnx.TensorProto.INT64, [])])
+    # (the second output, the pairs each expert ran, is what tests and profiles count)
+    return op("Scan", [state, *tables.values(), i64(np.arange(E)), routed], n_out=2,
+              num_scan_inputs=len(tables) + 2, body=graph)[0]
 
 
-def _group(model, ix, router, prefix, per_expert_weights=False):
+def _group(model, ix, router, prefix, per_expert_weights):
     E = router.num_experts
     ids_flat, w_flat = _flat(ix, router.indices), _flat(ix, router.weights)
     if ids_flat is None or w_flat is None:
@@ -230,7 +244,7 @@ def _group(model, ix, router, prefix, per_expert_weights=False):
         raise _Skip("no weight tables gathered by expert id")
 
     b = NodeBuilder(prefix)
-    i64 = lambda v: b.const(v, np.int64)  # constants live in the main graph; a loop body reads them there
+    i64 = lambda v: b.const(v, np.int64)  # constants live in the main graph; a Scan body reads them there
 
     def own(gathered_t):  # a table slice only expert MatMuls read: their own initializers replace it
         return all(c.op_type == "MatMul" and gathered_t in c.input[:2] for c in ix.consumers_of(gathered_t))
@@ -240,20 +254,32 @@ def _group(model, ix, router, prefix, per_expert_weights=False):
         b.inits.append(t)
         return t.name
 
-    def expert(nb, e, e_const=None):
-        """Emits into `nb` the section for the pairs routed to expert `e` (a tensor), or for every
-        kept pair, batched as in the original, when e is None; returns (their contributions, their
-        pair positions). e_const: e's value, for own initializers."""
+    zeros = {}  # element type -> a scalar 0
+
+    def left(op, gathered_t, w, x, transA=0):
+        """x W^T (W^T: W itself when transA) as (W x^T)^T: the expert's slice W is Gemm's left
+        operand, read where it lies. The C of 0 is there because onnxruntime fuses Gemm ->
+        Transpose into one Gemm of swapped operands, but only without a C."""
+        dtype = ix.initializers[tables[gathered_t]].data_type
+        if dtype not in zeros:
+            zeros[dtype] = b.const(np.zeros((), onnx.helper.tensor_dtype_to_np_dtype(dtype)))
+        return op("Transpose", [op("Gemm", [w, x, zeros[dtype]], transA=transA, transB=1)], perm=[1, 0])
+
+    def expert(nb, e, e_const=None, slices=None):
+        """Emits into `nb` the section for the pairs routed to expert `e` (a tensor); returns (their
+        contributions, their pair positions). The expert's table slices are `slices` (GatherND
+        output -> an [a, b] tensor) in a Scan, its own initializers when e_const (its value) is
+        given, else gathered here (only ever for no expert: a shape probe)."""
         op = nb.op
-        pos = op("Reshape", [op("NonZero", [op("Less" if e is None else "Equal", [ids_flat, e or i64(E)])]),
-                             i64([-1])])
-        if e is not None:
+        pos = op("Reshape", [op("NonZero", [op("Equal", [ids_flat, e])]), i64([-1])])
+        if e_const is None and slices is None:
             eid = op("Gather", [ids_flat, op("Slice", [pos, i64([0]), i64([1])])], axis=0)  # [e] or []
         # With more slots than the graph's k, pair p is (token p // width, slot p % width), while
         # tensors from outside the section still hold k rows per token.
         src_pos = op("Mul", [op("Div", [pos, i64(width)]), i64(k)]) if widen else pos
         m = {}          # section tensor -> this expert's tensor
         gathered = {}   # outside pair tensor -> its rows for this expert
+        unsqueezed = {}  # Unsqueeze(product, -1) -> product
 
         def rows(t):
             if t in m:
@@ -268,13 +294,14 @@ def _group(model, ix, router, prefix, per_expert_weights=False):
             return gathered[t]
 
         for n in nodes:
-            if e is None:  # the original's nodes on the kept pairs' rows
-                pass
-            elif n.op_type == "Unsqueeze" and n.input[0] == ids_flat:
+            if n.op_type == "Unsqueeze" and n.input[0] == ids_flat:
                 continue
             elif n.op_type == "GatherND":  # [1, ...] (or [0, ...]): broadcasts against the pairs as [P, ...] did
-                if not (e_const is not None and own(n.output[0])):
-                    m[n.output[0]] = op("Gather", [tables[n.output[0]], eid], axis=0)
+                g = n.output[0]
+                if slices is not None and not own(g):
+                    m[g] = op("Unsqueeze", [slices[g], i64([0])])
+                elif slices is None and not (e_const is not None and own(g)):
+                    m[g] = op("Gather", [tables[g], eid], axis=0)
                 continue
             elif n.op_type == "MatMul" and (n.input[0] in tables or n.input[1] in tables):
                 table = ix.initializers[tables[n.input[0] if n.input[0] in tables else n.input[1]]]
@@ -286,7 +313,10 @@ def _group(model, ix, router, prefix, per_expert_weights=False):
                         m[n.output[0]] = op("MatMul", [act, weight(n.input[1], e_const, False)])
                         continue
                     flat = op("Reshape", [act, i64([-1, table.dims[1]])])
-                    out = op("MatMul", [flat, m[n.input[1]]])  # [N, b] x [1 or 0, b, a]
+                    if slices is not None:
+                        out = left(op, n.input[1], slices[n.input[1]], flat, transA=1)
+                    else:
+                        out = op("MatMul", [flat, m[n.input[1]]])  # [N, b] x [1 or 0, b, a]
                     lead = op("Slice", [op("Shape", [act]), i64([0]), i64([-1])])
                     m[n.output[0]] = op("Reshape", [out, op("Concat", [lead, i64([table.dims[2]])], axis=0)])
                     continue
@@ -296,10 +326,16 @@ def _group(model, ix, router, prefix, per_expert_weights=False):
                     raise _Skip("batched matmul operand of another form")
                 if e_const is not None:
                     out = op("MatMul", [rows(u.input[0]), weight(n.input[0], e_const, True)])
+                elif slices is not None:
+                    out = left(op, n.input[0], slices[n.input[0]], rows(u.input[0]))
                 else:  # (W @ x^T)^T: the weights are read in place as the left operand, only x is packed
                     wx = op("MatMul", [m[n.input[0]], op("Transpose", [rows(u.input[0])], perm=[1, 0])])
                     out = op("Reshape", [op("Transpose", [wx], perm=[0, 2, 1]), i64([-1, table.dims[1]])])
                 m[n.output[0]] = op("Unsqueeze", [out, i64([-1])])
+                unsqueezed[m[n.output[0]]] = out
+                continue
+            elif n.op_type == "Squeeze" and m.get(n.input[0]) in unsqueezed and node_axes(ix, n) in ([-1], [2]):
+                m[n.output[0]] = unsqueezed[m[n.input[0]]]  # the [N, a] product the Unsqueeze above made
                 continue
             elif n.op_type == "MatMul":
                 raise _Skip("a matmul of pair tensors that is not an expert weight")
@@ -316,16 +352,14 @@ def _group(model, ix, router, prefix, per_expert_weights=False):
             nb.nodes.append(clone)
         return m[wmul.output[0]], pos
 
-    if per_expert_weights:  # unrolled: each expert's MatMuls read initializers of their own
-        contribs, positions = zip(*(expert(b, i64(e), e) for e in range(E)))
-        allc, allp = b.op("Concat", list(contribs), axis=0), b.op("Concat", list(positions), axis=0)
-    else:
-        allc, allp = _routed(b, ix, prefix, ids_flat, E, wmul, tables, expert)
     op, const = b.op, b.const
-    allp = op("Unsqueeze", [allp, i64([-1])])
-    shape = op("Concat", [op("Shape", [ids_flat]), op("Slice", [op("Shape", [allc]), i64([1]), i64([2**62])])], axis=0)
-    zeros = op("Expand", [op("CastLike", [const(np.float32(0)), allc]), shape])
-    combined = op("ScatterND", [zeros, allp, allc])
+    if per_expert_weights:
+        contribs, positions = zip(*(expert(b, i64(e), e) for e in range(E)))
+        allc = op("Concat", list(contribs), axis=0)
+        allp = op("Unsqueeze", [op("Concat", list(positions), axis=0), i64([-1])])
+        combined = op("ScatterND", [_pair_zeros(b, ids_flat, allc), allp, allc])
+    else:
+        combined = _scanned(b, ix, prefix, ids_flat, E, tables, wmul, expert)
     surgery = Surgery(model.graph)
     if widen:
         widen[0].input[1] = const(widen[1])
