@@ -186,11 +186,6 @@ def feeds_for(folder, model, batch, prefill, decode_step):
     return f
 
 
-def present_of(past):
-    """The output a cache input is fed from: past_key_values.* / past.* -> present.*."""
-    return "present" + (past[len("past_key_values"):] if past.startswith("past_key_values") else past[len("past"):])
-
-
 def generation(folder, model, batch, prefill, steps, prompt):
     """What a generation of the prompt rows feeds: the prefill (their first `prefill` tokens, an
     empty cache) and, per decode step j, what does not come from the previous step: the row's
@@ -211,6 +206,8 @@ def generate(sess, pre, fixed):
     """A timed generation: the prefill, then one token per sequence per step, each step's
     present.* fed back as its cache, so every step decodes on a longer cache, as a deployment
     does. Returns (prefill s, decode s per step)."""
+    from moe_export.run.runtime import present_of
+
     names = [o.name for o in sess.get_outputs()]
     pasts = [i.name for i in sess.get_inputs() if i.name.startswith("past")]
     missing = [p for p in pasts if present_of(p) not in names]

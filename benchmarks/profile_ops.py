@@ -19,31 +19,37 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deploy_cpu import WORK, feeds_for  # noqa: E402
+from deploy_cpu import WORK, feeds_for, generation  # noqa: E402
 
 import moe_export  # noqa: E402
 
 
-def profile(graph, runs, threads):
-    """(wall ms, {op type: kernel ms}) per run, averaged over the feeds `runs`."""
+def profile(graph, first, steps, threads):
+    """(wall ms, {op type: kernel ms}) per run, averaged over the feeds `steps`. `first` runs
+    before them: a warm-up, or the prefill whose cache the steps extend (each step is fed the
+    present.* of the run before it for the cache inputs it does not hold)."""
+    from moe_export.run.runtime import present_of
+
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.register_custom_ops_library(moe_export.custom_op_library())
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "run")
     sess = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
-    sess.run(None, runs[0])  # warm-up
+    names = [o.name for o in sess.get_outputs()]
+    pasts = [i.name for i in sess.get_inputs() if i.name.startswith("past")]
+    outs = dict(zip(names, sess.run(None, first)))
     t = time.perf_counter()
-    for feeds in runs:
-        sess.run(None, feeds)
-    wall = (time.perf_counter() - t) / len(runs)
+    for feeds in steps:
+        outs = dict(zip(names, sess.run(None, {**{p: outs[present_of(p)] for p in pasts}, **feeds})))
+    wall = (time.perf_counter() - t) / len(steps)
     events = json.loads(Path(sess.end_profiling()).read_text())
-    timed = [e for e in events if e.get("name") == "model_run"][-len(runs):]
+    timed = [e for e in events if e.get("name") == "model_run"][-len(steps):]
     by_op = collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and \
                 any(r["ts"] <= e["ts"] <= r["ts"] + r["dur"] for r in timed):
-            by_op[e["args"]["op_name"]] += e["dur"] / 1e3 / len(runs)
+            by_op[e["args"]["op_name"]] += e["dur"] / 1e3 / len(steps)
     return wall * 1e3, by_op
 
 
@@ -55,7 +61,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=128, help="prompt tokens (decode: the cache's length)")
     ap.add_argument("--phase", choices=["prefill", "decode"], default="prefill",
-                    help="decode: steps of one token per sequence after a cache of --tokens (random, as deploy_cpu.py's feeds)")
+                    help="decode: 16 steps of one token per sequence, generating the prompt rows' text "
+                         "on the cache of a --tokens prefill (as deploy_cpu.py's decode)")
     args = ap.parse_args()
     prompt = np.load(WORK / f"{args.shape}_prompt.npy")
     stem = WORK / f"{args.shape}_{args.precision}"
@@ -64,15 +71,18 @@ def main():
     graphs = [stem / "model.onnx"] + [g for g in (stem.with_name(stem.name + ".dynamic") / "model.onnx",
                                                   stem.with_name(stem.name + ".dynamic.onnx"),
                                                   stem.with_name(stem.name + ".per_expert.onnx")) if g.is_file()]
+    if args.batch > prompt.shape[0] or args.tokens + 16 > prompt.shape[1]:
+        raise SystemExit(f"deploy_cpu.py's prompt rows are {prompt.shape}: --batch <= {prompt.shape[0]}, "
+                         f"--tokens <= {prompt.shape[1] - 16}")
     for graph in graphs:
-        folder = graph.parent
-        decode = args.phase == "decode"
-        feeds = feeds_for(folder, onnx.load(str(graph), load_external_data=False), args.batch, args.tokens, decode)
-        # decode: 16 steps, each on other tokens of the prompt (a step's routing is its tokens')
-        ids = prompt[:args.batch].astype(feeds["input_ids"].dtype)
-        runs = [dict(feeds, input_ids=ids[:, j:j + 1]) for j in range(16)] if decode else \
-            [dict(feeds, input_ids=ids[:, :args.tokens])]
-        wall, by_op = profile(graph, runs, args.threads)
+        folder, model = graph.parent, onnx.load(str(graph), load_external_data=False)
+        if args.phase == "decode":
+            first, steps = generation(folder, model, args.batch, args.tokens, 16, prompt)
+        else:
+            feeds = feeds_for(folder, model, args.batch, args.tokens, False)
+            first = dict(feeds, input_ids=prompt[:args.batch, :args.tokens].astype(feeds["input_ids"].dtype))
+            steps = [first]
+        wall, by_op = profile(graph, first, steps, args.threads)
         top = ", ".join(f"{op} {ms:.1f}" for op, ms in by_op.most_common(7))
         print(f"{graph.relative_to(WORK)}: wall {wall:.1f} ms, kernels {sum(by_op.values()):.1f} ms: {top}", flush=True)
 

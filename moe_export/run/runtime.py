@@ -445,6 +445,12 @@ def expose(model, tensors, prefix):
     return m
 
 
+def present_of(past):
+    """The output a cache input is fed from: past_key_values.* (torch exports) or past.* (GenAI
+    builder folders) -> present.*."""
+    return "present" + (past[len("past_key_values"):] if past.startswith("past_key_values") else past[len("past"):])
+
+
 def greedy(sess, prompt, new_tokens):
     """Greedy decoding through a decoder graph with a KV cache (`export --with-past`'s inputs and
     outputs): a prefill of `prompt` ([batch, n] token ids) from an empty cache, then one token at
@@ -464,5 +470,5 @@ def greedy(sess, prompt, new_tokens):
         got = dict(zip(outs, sess.run(outs, feeds)))
         step = got["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
         seq = np.concatenate([seq, step], axis=1)
-        past = {n: got["present." + n[len("past_key_values."):]] for n in past}
+        past = {n: got[present_of(n)] for n in past}
     return seq
