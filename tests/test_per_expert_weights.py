@@ -53,8 +53,10 @@ def test_dynamic_policy_with_own_weights_equals_shared_ones(exported, tmp_path):
     for out, extra in ((a, []), (b, ["--per-expert-weights"])):
         assert run_cli("convert", exported, "-o", out, "--policy", "top-p", "--threshold", "0.5", *extra).returncode == 0
     ids = np.random.default_rng(1).integers(0, 128, (3, 12))
-    np.testing.assert_array_equal(moe_export.session(a).run(None, {"input_ids": ids})[0],
-                                  moe_export.session(b).run(None, {"input_ids": ids})[0])
+    # the same routing and weights; the GEMMs differ (a one-row expert is a matrix-vector product
+    # in the default form), so sums differ in their last bits only
+    np.testing.assert_allclose(moe_export.session(a).run(None, {"input_ids": ids})[0],
+                               moe_export.session(b).run(None, {"input_ids": ids})[0], rtol=1e-5, atol=1e-6)
 
 
 def test_embedded_weights_are_sliced_in_memory(tmp_path):

@@ -5,8 +5,8 @@ expert's weight matrices (GatherND over [E, ...] tables by the flat expert ids) 
 matmul, so a dropped slot still costs a full expert and the gathers copy weights per pair. This
 pass runs the section per expert, fed only that expert's pairs (NonZero(ids == e)), in one Scan
 over the experts (_scanned): each iteration receives its expert's slice of every table as a view,
-runs one GEMM per matrix with the slice as the left operand, and scatters its contributions into
-their pair rows before the graph's own per-token sum. An expert with no pairs skips its branch.
+runs one GEMM per matrix on it where it lies, and scatters its contributions into their pair rows
+before the graph's own per-token sum. An expert with no pairs skips its branch.
 A dropped slot (id = E) is computed by no expert.
 
 No weight is read at a constant index (ONNX Runtime would constant-fold Gather(initializer,
@@ -256,14 +256,21 @@ def _group(model, ix, router, prefix, per_expert_weights):
 
     zeros = {}  # element type -> a scalar 0
 
-    def left(op, gathered_t, w, x, transA=0):
-        """x W^T (W^T: W itself when transA) as (W x^T)^T: the expert's slice W is Gemm's left
-        operand, read where it lies. The C of 0 is there because onnxruntime fuses Gemm ->
-        Transpose into one Gemm of swapped operands, but only without a C."""
-        dtype = ix.initializers[tables[gathered_t]].data_type
-        if dtype not in zeros:
-            zeros[dtype] = b.const(np.zeros((), onnx.helper.tensor_dtype_to_np_dtype(dtype)))
-        return op("Transpose", [op("Gemm", [w, x, zeros[dtype]], transA=transA, transB=1)], perm=[1, 0])
+    def left(nb, gathered_t, w, x, one, transA=0):
+        """x W^T (W^T: W itself when transA), the expert's slice W read where it lies. For one row
+        (decode at batch 1) it is Gemm's right operand, a matrix-vector product; for more rows its
+        left operand, (W x^T)^T, which MLAS runs faster there (benchmarks/gemm_orientation.py,
+        2048 x 1536, one thread: 1 row 0.34 vs 0.56 ms, 2 rows 0.78 vs 0.56 ms).
+        Either way the slice is not a constant, so nothing is prepacked. The C of 0 is there
+        because onnxruntime fuses Gemm -> Transpose into one Gemm of swapped operands without one."""
+        ftype = ix.initializers[tables[gathered_t]].data_type
+        if ftype not in zeros:
+            zeros[ftype] = b.const(np.zeros((), onnx.helper.tensor_dtype_to_np_dtype(ftype)))
+        row, rows_ = NodeBuilder(nb.name("row")), NodeBuilder(nb.name("rows"))
+        by_row = row.op("Gemm", [x, w], transB=1 - transA)
+        by_rows = rows_.op("Transpose", [rows_.op("Gemm", [w, x, zeros[ftype]], transA=transA, transB=1)], perm=[1, 0])
+        return nb.op("If", [one], then_branch=_subgraph(row.prefix, row, [by_row], [ftype]),
+                     else_branch=_subgraph(rows_.prefix, rows_, [by_rows], [ftype]))
 
     def expert(nb, e, e_const=None, slices=None):
         """Emits into `nb` the section for the pairs routed to expert `e` (a tensor); returns (their
@@ -274,6 +281,8 @@ def _group(model, ix, router, prefix, per_expert_weights):
         pos = op("Reshape", [op("NonZero", [op("Equal", [ids_flat, e])]), i64([-1])])
         if e_const is None and slices is None:
             eid = op("Gather", [ids_flat, op("Slice", [pos, i64([0]), i64([1])])], axis=0)  # [e] or []
+        if slices is not None:
+            one = op("Equal", [op("Size", [pos]), i64(1)])
         # With more slots than the graph's k, pair p is (token p // width, slot p % width), while
         # tensors from outside the section still hold k rows per token.
         src_pos = op("Mul", [op("Div", [pos, i64(width)]), i64(k)]) if widen else pos
@@ -314,7 +323,7 @@ def _group(model, ix, router, prefix, per_expert_weights):
                         continue
                     flat = op("Reshape", [act, i64([-1, table.dims[1]])])
                     if slices is not None:
-                        out = left(op, n.input[1], slices[n.input[1]], flat, transA=1)
+                        out = left(nb, n.input[1], slices[n.input[1]], flat, one, transA=1)
                     else:
                         out = op("MatMul", [flat, m[n.input[1]]])  # [N, b] x [1 or 0, b, a]
                     lead = op("Slice", [op("Shape", [act]), i64([0]), i64([-1])])
@@ -327,7 +336,7 @@ def _group(model, ix, router, prefix, per_expert_weights):
                 if e_const is not None:
                     out = op("MatMul", [rows(u.input[0]), weight(n.input[0], e_const, True)])
                 elif slices is not None:
-                    out = left(op, n.input[0], slices[n.input[0]], rows(u.input[0]))
+                    out = left(nb, n.input[0], slices[n.input[0]], rows(u.input[0]), one)
                 else:  # (W @ x^T)^T: the weights are read in place as the left operand, only x is packed
                     wx = op("MatMul", [m[n.input[0]], op("Transpose", [rows(u.input[0])], perm=[1, 0])])
                     out = op("Reshape", [op("Transpose", [wx], perm=[0, 2, 1]), i64([-1, table.dims[1]])])
