@@ -266,11 +266,11 @@ def _group(model, ix, router, prefix, per_expert_weights):
         ftype = ix.initializers[tables[gathered_t]].data_type
         if ftype not in zeros:
             zeros[ftype] = b.const(np.zeros((), onnx.helper.tensor_dtype_to_np_dtype(ftype)))
-        row, rows_ = NodeBuilder(nb.name("row")), NodeBuilder(nb.name("rows"))
-        by_row = row.op("Gemm", [x, w], transB=1 - transA)
-        by_rows = rows_.op("Transpose", [rows_.op("Gemm", [w, x, zeros[ftype]], transA=transA, transB=1)], perm=[1, 0])
-        return nb.op("If", [one], then_branch=_subgraph(row.prefix, row, [by_row], [ftype]),
-                     else_branch=_subgraph(rows_.prefix, rows_, [by_rows], [ftype]))
+        vec, mat = NodeBuilder(nb.name("one_row")), NodeBuilder(nb.name("rows"))
+        by_vec = vec.op("Gemm", [x, w], transB=1 - transA)
+        by_mat = mat.op("Transpose", [mat.op("Gemm", [w, x, zeros[ftype]], transA=transA, transB=1)], perm=[1, 0])
+        return nb.op("If", [one], then_branch=_subgraph(vec.prefix, vec, [by_vec], [ftype]),
+                     else_branch=_subgraph(mat.prefix, mat, [by_mat], [ftype]))
 
     def expert(nb, e, e_const=None, slices=None):
         """Emits into `nb` the section for the pairs routed to expert `e` (a tensor); returns (their
@@ -337,7 +337,7 @@ def _group(model, ix, router, prefix, per_expert_weights):
                     out = op("MatMul", [rows(u.input[0]), weight(n.input[0], e_const, True)])
                 elif slices is not None:
                     out = left(nb, n.input[0], slices[n.input[0]], rows(u.input[0]), one)
-                else:  # (W @ x^T)^T: the weights are read in place as the left operand, only x is packed
+                else:  # the shape probe: (W @ x^T)^T on its gathered slice of no expert
                     wx = op("MatMul", [m[n.input[0]], op("Transpose", [rows(u.input[0])], perm=[1, 0])])
                     out = op("Reshape", [op("Transpose", [wx], perm=[0, 2, 1]), i64([-1, table.dims[1]])])
                 m[n.output[0]] = op("Unsqueeze", [out, i64([-1])])
