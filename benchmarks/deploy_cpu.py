@@ -14,7 +14,7 @@ both architectures are ones it supports), cached under build/deploy_bench/, and 
 Python license through the model's tokenizer) to cut about 35% of the routed pairs.
 
 Qwen3-30B-A3B, which the builder refuses, is built by transformers instead (one layer, fp32) and
-exported by `moe-export export --with-past` (batched_mm experts: the conversion's regrouped Loop is
+exported by `moe-export export --with-past` (batched_mm experts: the conversion's regrouped Scan is
 what is timed there); its prefill is `--torch-prefill` tokens, since the original gathers a 6.3 MB
 weight slab per (token, slot) and matrix, and its calibration text is the license's bytes.
 
@@ -72,7 +72,7 @@ SHAPES = {
                                                              "mrope_interleaved": True})),
 }
 # Built by transformers and exported by `moe-export export --with-past` (batched_mm experts: the
-# regrouped Loop form is what is timed): fp32, one layer, short prefills, since the original
+# regrouped Scan form is what is timed): fp32, one layer, short prefills, since the original
 # gathers a 6.3 MB weight slab per (token, slot) and matrix at this shape.
 TORCH_SHAPES = {
     "qwen3-30b-a3b": dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
@@ -261,8 +261,8 @@ def cuts(graph, rows, prefill):
 
 def per_expert_twin(original, converted):
     """The calibrated routing converted again with `--per-expert-weights`: each expert's MatMuls
-    read initializers of their own instead of a slice the default form gathers (copies) per
-    routed expert at run time, for a load that prepacks every expert's weights."""
+    read initializers of their own, which onnxruntime prepacks at load (faster GEMMs, for a
+    second copy of the weights in memory), instead of the default form's in-place slices."""
     from genai_cpu import cli
 
     twin = WORK / f"{original.parent.name}.per_expert.onnx"
