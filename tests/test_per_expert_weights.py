@@ -69,6 +69,22 @@ def test_embedded_weights_are_sliced_in_memory(tmp_path):
     assert '"static_reproduces": true' in rep.stdout
 
 
+@pytest.mark.parametrize("family", ["gpt_oss", "mixtral"])
+def test_own_weights_give_the_default_forms_outputs(family, tmp_path):
+    """Every batched family graph with a table read by more than its MatMul (GPT-OSS's expert
+    biases are added after the GEMMs) converts both ways, to the same outputs."""
+    from helpers import input_feeds
+    from moe_export.conversion import Policy, convert
+
+    graph = GRAPHS / f"{family}.onnx"
+    feeds = input_feeds(graph, tokens=12)
+    outs = []
+    for name, own in (("shared", False), ("own", True)):
+        convert(graph, tmp_path / f"{name}.onnx", Policy("top-p", 0.5), per_expert_weights=own)
+        outs.append(moe_export.session(tmp_path / f"{name}.onnx").run(None, feeds)[0])
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
+
 def test_needs_regrouping(exported, tmp_path):
     r = run_cli("convert", exported, "-o", tmp_path / "x.onnx", "--per-expert-weights", "--no-group-experts")
     assert r.returncode == 2 and "--no-group-experts" in r.stderr and not (tmp_path / "x.onnx").exists()
