@@ -156,3 +156,29 @@ def test_a_graph_without_recorded_shapes_is_grouped_too(family, tmp_path):
         assert routers_metadata(m)["grouped_expert_sections"] > 0
         outs[name] = moe_export.session(tmp_path / f"{name}.c.onnx").run(None, feeds)[0]
     np.testing.assert_allclose(outs["bare"], outs["recorded"], atol=1e-5, rtol=1e-4)
+
+
+def test_a_graph_that_does_not_sum_its_pairs_per_token_keeps_one_row_per_pair(tmp_path):
+    """The Scan adds contributions per token where the graph sums a token's pairs with
+    Reshape -> ReduceSum; another combine gets the per-pair state, and the same outputs."""
+    g = onnx.load(str(GRAPHS / "qwen3_moe.onnx"))
+    producer = {o: n for n in g.graph.node for o in n.output}
+    cut = 0
+    for i, n in enumerate(list(g.graph.node)):
+        src = producer.get(n.input[0]) if n.op_type == "ReduceSum" else None
+        if src is not None and src.op_type == "Reshape":
+            ident = helper.make_node("Identity", [n.input[0]], [n.input[0] + "/kept"], name=f"kept_{i}")
+            n.input[0] = ident.output[0]
+            g.graph.node.insert(list(g.graph.node).index(n), ident)
+            cut += 1
+    assert cut
+    onnx.save(g, str(tmp_path / "apart.onnx"))
+    feeds = input_feeds(GRAPHS / "qwen3_moe.onnx", tokens=24)
+    outs = {}
+    for name, src in (("summed", GRAPHS / "qwen3_moe.onnx"), ("apart", tmp_path / "apart.onnx")):
+        convert(src, tmp_path / f"{name}.c.onnx", Policy("top-p", 0.5))
+        m = onnx.load(str(tmp_path / f"{name}.c.onnx"), load_external_data=False)
+        adds = [a.s for n in _all_nodes(m.graph) if n.op_type == "ScatterND" for a in n.attribute if a.name == "reduction"]
+        assert bool(adds) == (name == "summed")
+        outs[name] = moe_export.session(tmp_path / f"{name}.c.onnx").run(None, feeds)[0]
+    np.testing.assert_allclose(outs["apart"], outs["summed"], atol=1e-5, rtol=1e-4)

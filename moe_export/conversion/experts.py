@@ -5,8 +5,9 @@ expert's weight matrices (GatherND over [E, ...] tables by the flat expert ids) 
 matmul, so a dropped slot still costs a full expert and the gathers copy weights per pair. This
 pass runs the section per expert, fed only that expert's pairs (NonZero(ids == e)), in one Scan
 over the experts (_scanned): each iteration receives its expert's slice of every table as a view,
-runs one GEMM per matrix on it where it lies, and scatters its contributions into their pair rows
-before the graph's own per-token sum. An expert with no pairs skips its branch.
+runs one GEMM per matrix on it where it lies, and adds its contributions into their tokens' rows,
+in place of the graph's own per-token sum (or scatters them into their pair rows before a sum of
+another form). An expert with no pairs skips its branch.
 A dropped slot (id = E) is computed by no expert.
 
 In this default form no weight is read at a constant index (ONNX Runtime would constant-fold
@@ -116,19 +117,29 @@ def group_by_expert(model: onnx.ModelProto, routers, per_expert_weights=False) -
     return out
 
 
-def _combine_shape(ix, wmul, k, width):
-    """For a router wider than the graph's k: the new shape of the Reshape([-1, k, hidden]) that
-    feeds the per-token sum, so it sums `width` slots. The grouped section fills dropped slots
-    with zeros, so summing more slots is exact."""
+def _token_sum(ix, wmul, k):
+    """The graph's per-token sum of the weighted pairs, Reshape(pairs, [-1, k, hidden]) ->
+    ReduceSum over the slot axis, as (the Reshape, the ReduceSum, its shape); or why not."""
     cs = ix.consumers_of(wmul.output[0])
     r = cs[0] if len(cs) == 1 and cs[0].op_type == "Reshape" else None
     shape = None if r is None else ix.const(r.input[1])
     shape = None if shape is None else shape.reshape(-1)
     if shape is None or shape.size != 3 or shape[1] != k:
-        raise _Skip("the per-token combine is not a Reshape to [-1, k, hidden]")
+        return "the per-token combine is not a Reshape to [-1, k, hidden]"
     sums = [c for c in ix.consumers_of(r.output[0]) if c.op_type == "ReduceSum"]
     if len(sums) != 1 or len(ix.consumers_of(r.output[0])) != 1 or node_axes(ix, sums[0]) not in ([1], [-2]):
-        raise _Skip("the per-token combine is not a sum over the slot axis")
+        return "the per-token combine is not a sum over the slot axis"
+    return r, sums[0], shape
+
+
+def _combine_shape(ix, wmul, k, width):
+    """For a router wider than the graph's k: the new shape of the Reshape([-1, k, hidden]) that
+    feeds the per-token sum, so it sums `width` slots. The grouped section fills dropped slots
+    with zeros, so summing more slots is exact."""
+    found = _token_sum(ix, wmul, k)
+    if isinstance(found, str):
+        raise _Skip(found)
+    r, _, shape = found
     return r, np.array([shape[0], width, shape[2]], dtype=np.int64)
 
 
@@ -162,37 +173,38 @@ def _static_rest(ix, t):
     return [d.dim_value for d in dims[1:]] if len(dims) > 1 and all(d.HasField("dim_value") for d in dims[1:]) else None
 
 
-def _pair_zeros(b, ids_flat, like):
-    """Zeros of like's type and trailing shape, one row per pair."""
+def _pair_zeros(b, lead, like):
+    """Zeros of like's type and trailing shape, with `lead` ([n]) rows."""
     i64 = lambda v: b.const(v, np.int64)
-    shape = b.op("Concat", [b.op("Shape", [ids_flat]), b.op("Slice", [b.op("Shape", [like]), i64([1]), i64([2**62])])],
-                 axis=0)
+    shape = b.op("Concat", [lead, b.op("Slice", [b.op("Shape", [like]), i64([1]), i64([2**62])])], axis=0)
     return b.op("Expand", [b.op("CastLike", [b.const(np.float32(0)), like]), shape])
 
 
-def _scanned(b, ix, prefix, ids_flat, E, tables, wmul, expert):
-    """Every pair's contribution ([pairs, ...], zeros where no expert computed one) from one Scan
-    over the experts. A Scan hands each iteration its expert's slice of every table as a view of
+def _scanned(b, ix, prefix, ids_flat, E, tables, wmul, expert, per_token):
+    """Every token's summed contributions ([tokens, ...]; per_token: its pairs' count), or else
+    every pair's ([pairs, ...], zeros where no expert computed one), from one Scan over the
+    experts. A Scan hands each iteration its expert's slice of every table as a view of
     the table, so no weight is copied, at load or at run time: a Loop can only Gather the slice,
     a copy per routed expert per call that cost more than the GEMMs it fed and got slower with
     threads, and per-expert initializers would grow the graph E-fold (45 s to load 48 layers of
     128 experts). An expert with no pair takes an If's branch that passes the state on, so it
-    costs an iteration, not its weights. Contributions are scattered into a state of one row per
-    pair, whose trailing shape is the graph's recorded one, or else comes from the section run on
-    no pairs in each call (Gather of no expert's slice; 2.7 ms more load per layer).
-    The state is copied once per iteration, E x pairs x hidden per call: at Qwen3-30B-A3B's
-    shape and 512 tokens this form takes 348 ms against 161 ms for per-expert initializers
-    (64 tokens: 59 against 36). Accumulating per token instead of per pair would cut it k-fold."""
+    costs an iteration, not its weights. Contributions are added into a state of one row per
+    token where the graph sums its pairs per token itself (per_token: the width of a token's
+    pairs), else scattered into one row per pair. The state is copied once per iteration, E x
+    rows x hidden per call, so per token it is k times less. Its trailing shape is the graph's
+    recorded one, or else comes from the section run on no pairs in each call (Gather of no
+    expert's slice; 2.7 ms more load per layer)."""
     i64 = lambda v: b.const(v, np.int64)
     op = b.op
     ftype = (ix.elem_type(wmul.output[0]) or ix.elem_type(wmul.input[0]) or ix.elem_type(wmul.input[1])
              or ix.initializers[next(iter(tables.values()))].data_type)
     rest = _static_rest(ix, wmul.output[0])
+    lead = op("Div", [op("Shape", [ids_flat]), i64([per_token])]) if per_token else op("Shape", [ids_flat])
     if rest is not None:
         zero = op("Cast", [b.const(np.float32(0))], to=ftype)  # (numpy has no bfloat16)
-        state = op("Expand", [zero, op("Concat", [op("Shape", [ids_flat]), i64(rest)], axis=0)])
+        state = op("Expand", [zero, op("Concat", [lead, i64(rest)], axis=0)])
     else:
-        state = _pair_zeros(b, ids_flat, expert(b, i64(-1))[0])
+        state = _pair_zeros(b, lead, expert(b, i64(-1))[0])
     # ones scattered at the ids over E + 1 slots (the last one the dropped id E): who has a pair
     hits = op("ScatterElements", [i64(np.zeros(E + 1, np.int64)), ids_flat, op("Expand", [i64(1), op("Shape", [ids_flat])])])
     routed = op("Cast", [op("Slice", [hits, i64([0]), i64([E])])], to=onnx.TensorProto.BOOL)
@@ -202,7 +214,11 @@ def _scanned(b, ix, prefix, ids_flat, E, tables, wmul, expert):
     slices = {g: body.name("slice") for g in tables}
     run = NodeBuilder(f"{prefix}/run")
     contrib, pos = expert(run, e, slices=slices)
-    ran = [run.op("ScatterND", [acc, run.op("Unsqueeze", [pos, i64([-1])]), contrib]), run.op("Size", [pos])]
+    if per_token:  # (a token's pairs are other experts', so no row repeats within one scatter)
+        rows = run.op("Unsqueeze", [run.op("Div", [pos, i64(per_token)]), i64([-1])])
+        ran = [run.op("ScatterND", [acc, rows, contrib], reduction="add"), run.op("Size", [pos])]
+    else:
+        ran = [run.op("ScatterND", [acc, run.op("Unsqueeze", [pos, i64([-1])]), contrib]), run.op("Size", [pos])]
     skip = NodeBuilder(f"{prefix}/skip")
     skipped = [skip.op("Identity", [acc]), skip.op("Identity", [i64(0)])]
     types = [ftype, onnx.TensorProto.INT64]
@@ -367,21 +383,33 @@ def _group(model, ix, router, prefix, per_expert_weights):
         return m[wmul.output[0]], pos
 
     op, const = b.op, b.const
+    summed = None
     if per_expert_weights:
         contribs, positions = zip(*(expert(b, i64(e), e) for e in range(E)))
         allc = op("Concat", list(contribs), axis=0)
         allp = op("Unsqueeze", [op("Concat", list(positions), axis=0), i64([-1])])
-        combined = op("ScatterND", [_pair_zeros(b, ids_flat, allc), allp, allc])
+        combined = op("ScatterND", [_pair_zeros(b, op("Shape", [ids_flat]), allc), allp, allc])
     else:
-        combined = _scanned(b, ix, prefix, ids_flat, E, tables, wmul, expert)
+        # ScatterND's reduction needs opset 16; the Scan then stands for the graph's per-token sum
+        found = _token_sum(ix, wmul, k) if opset_version(model) >= 16 else "opset"
+        summed = None if isinstance(found, str) else found
+        combined = _scanned(b, ix, prefix, ids_flat, E, tables, wmul, expert, width if summed else 0)
+        if summed and attr(summed[1], "keepdims", 1):
+            combined = op("Unsqueeze", [combined, i64([1])])
     surgery = Surgery(model.graph)
-    if widen:
+    if widen:  # the router's flat outputs now hold `width` rows per token
+        surgery.stale |= {ids_flat, w_flat}
+    if widen and not summed:
         widen[0].input[1] = const(widen[1])
-        surgery.stale |= {widen[0].output[0], ids_flat, w_flat}
+        surgery.stale.add(widen[0].output[0])
     # The new nodes take the place of the section's sink: every section node feeds it, so every
     # input they read is produced before it, and everything reading its result comes after.
     surgery.insert(b, before=wmul.name)
-    surgery.rewire(wmul.output[0], combined)
+    if summed:
+        surgery.rewire(summed[1].output[0], combined)
+        surgery.remove([summed[0].name, summed[1].name])
+    else:
+        surgery.rewire(wmul.output[0], combined)
     surgery.remove(n.name for n in nodes)
     # Dropped slots (id = E) must reach the Equal tests unclamped: they then match no expert.
     flat = ix.producer[ids_flat]
