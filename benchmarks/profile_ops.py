@@ -11,7 +11,6 @@ import collections
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,30 +18,21 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deploy_cpu import WORK, feeds_for, generation  # noqa: E402
+from deploy_cpu import WORK, feeds_for, generate, generation  # noqa: E402
 
 import moe_export  # noqa: E402
 
 
 def profile(graph, first, steps, threads):
     """(wall ms, {op type: kernel ms}) per run, averaged over the feeds `steps`. `first` runs
-    before them: a warm-up, or the prefill whose cache the steps extend (each step is fed the
-    present.* of the run before it for the cache inputs it does not hold)."""
-    from moe_export.run.runtime import present_of
-
+    before them: a warm-up, or the prefill whose cache the steps extend (deploy_cpu.generate)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.register_custom_ops_library(moe_export.custom_op_library())
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "run")
     sess = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    pasts = [i.name for i in sess.get_inputs() if i.name.startswith("past")]
-    outs = dict(zip(names, sess.run(None, first)))
-    t = time.perf_counter()
-    for feeds in steps:
-        outs = dict(zip(names, sess.run(None, {**{p: outs[present_of(p)] for p in pasts}, **feeds})))
-    wall = (time.perf_counter() - t) / len(steps)
+    wall = generate(sess, first, steps)[1]
     events = json.loads(Path(sess.end_profiling()).read_text())
     timed = [e for e in events if e.get("name") == "model_run"][-len(steps):]
     by_op = collections.Counter()

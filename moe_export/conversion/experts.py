@@ -186,14 +186,13 @@ def _scanned(b, ix, prefix, ids_flat, E, tables, wmul, expert, per_token):
     experts. A Scan hands each iteration its expert's slice of every table as a view of
     the table, so no weight is copied, at load or at run time: a Loop can only Gather the slice,
     a copy per routed expert per call that cost more than the GEMMs it fed and got slower with
-    threads, and per-expert initializers would grow the graph E-fold (45 s to load 48 layers of
-    128 experts). An expert with no pair takes an If's branch that passes the state on, so it
+    threads, and per-expert initializers would grow the graph, and its load time, E-fold. An expert with no pair takes an If's branch that passes the state on, so it
     costs an iteration, not its weights. Contributions are added into a state of one row per
     token where the graph sums its pairs per token itself (per_token: the width of a token's
     pairs), else scattered into one row per pair. The state is copied once per iteration, E x
     rows x hidden per call, so per token it is k times less. Its trailing shape is the graph's
     recorded one, or else comes from the section run on no pairs in each call (Gather of no
-    expert's slice; 2.7 ms more load per layer)."""
+    expert's slice; more nodes, so more load time)."""
     i64 = lambda v: b.const(v, np.int64)
     op = b.op
     ftype = (ix.elem_type(wmul.output[0]) or ix.elem_type(wmul.input[0]) or ix.elem_type(wmul.input[1])
