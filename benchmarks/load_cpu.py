@@ -118,7 +118,7 @@ def main():
     a.out = a.out or ROOT / "benchmarks" / "results" / ("load_cpu_deep.json" if a.deep else "load_cpu.json")
     graph = build(WORK, a.layers, DEEP if a.deep else SIZES)
     forms = {"original": None, "default": []}
-    if not a.deep:  # (unrolled, 48 x 128 experts would take about a minute to load)
+    if not a.deep:  # (--per-expert-weights would unroll all 48 x 128 experts; not what --deep is for)
         forms.update(per_expert_weights=["--per-expert-weights"], no_group_experts=["--no-group-experts"])
     paths = {"original": graph}
     convert_s = {}
