@@ -177,15 +177,18 @@ GATE_FORM_LMS = ["mixtral.onnx", "gpt_oss.onnx", "deepseek_v3.onnx", "deepseek_v
 @pytest.mark.parametrize("graph", GATE_FORM_LMS)
 def test_the_search_is_never_worse_than_target_calibration_on_every_gate_form(graph):
     """Six sequences and a tight budget, where the allocations' per-layer costs are noisy: every
-    uniform routing (all layers at one fraction of k, what --target-experts gives) that passes the
-    search's own check routes no fewer pairs than what the search returns, so the search is not
-    static where a routing within the budget exists."""
-    from moe_export.run.budget import BudgetSearch
+    uniform routing (all layers at one fraction of k, what --target-experts gives, at each
+    renormalize value the gate allows) that passes the search's own check routes no fewer pairs
+    than what the search returns, so the search is not static where a routing within the budget
+    exists."""
+    from moe_export.run.budget import BudgetSearch, _renormalizations
 
     model = onnx.load(str(GRAPHS / graph))
     ids = np.random.default_rng(1).integers(0, 100, (6, 16))
     search = BudgetSearch(model, GRAPHS, {"input_ids": ids}, "top-p")
     rep = search.run(BUDGET)
+    for r in search.ev.routers:  # (which renormalize serves a model best differs: deepseek16 wants 0)
+        assert {u[r.layer][2] for u in search.uniform.values()} == set(_renormalizations(r))
     pairs = lambda routing: search._joint(routing)[2].sum()
     got = pairs(rep["routing"]) if rep["routing"] else search.static_pairs.sum()
     budget, passed = math.log1p(BUDGET), 0

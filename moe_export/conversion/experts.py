@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from ..model.files import EXPERT_SLICE
-from ..model.graph import GraphIndex, NodeBuilder, Surgery, attr, node_axes, opset_version
+from ..model.graph import GraphIndex, NodeBuilder, Surgery, attr, node_axes, opset_version, prune
 
 class _Skip(Exception):
     """The section is not of the batched shape this pass understands."""
@@ -161,8 +161,8 @@ def _is_slot_repeat(ix, t, k):
 
 
 def _subgraph(name, nb, outs, types):
-    """A graph of nb's nodes returning `outs` (of the given element types, any shape)."""
-    return onnx.helper.make_graph(nb.nodes, name, [], [
+    """A graph of nb's nodes that feed `outs` (of the given element types, any shape)."""
+    return onnx.helper.make_graph(prune(nb.nodes, set(outs)), name, [], [
         onnx.helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, types)])
 
 
@@ -173,11 +173,12 @@ def _static_rest(ix, t):
     return [d.dim_value for d in dims[1:]] if len(dims) > 1 and all(d.HasField("dim_value") for d in dims[1:]) else None
 
 
-def _pair_zeros(b, lead, like):
-    """Zeros of like's type and trailing shape, with `lead` ([n]) rows."""
+def _pair_zeros(b, lead, like, ftype=None):
+    """Zeros of like's type (ftype, where known) and trailing shape, with `lead` ([n]) rows."""
     i64 = lambda v: b.const(v, np.int64)
     shape = b.op("Concat", [lead, b.op("Slice", [b.op("Shape", [like]), i64([1]), i64([2**62])])], axis=0)
-    return b.op("Expand", [b.op("CastLike", [b.const(np.float32(0)), like]), shape])
+    zero = b.zero(ftype) if ftype else b.op("CastLike", [b.const(np.float32(0)), like])
+    return b.op("Expand", [zero, shape])
 
 
 def _scanned(b, ix, prefix, ids_flat, E, tables, wmul, expert, per_token):
@@ -198,28 +199,29 @@ def _scanned(b, ix, prefix, ids_flat, E, tables, wmul, expert, per_token):
     ftype = (ix.elem_type(wmul.output[0]) or ix.elem_type(wmul.input[0]) or ix.elem_type(wmul.input[1])
              or ix.initializers[next(iter(tables.values()))].data_type)
     rest = _static_rest(ix, wmul.output[0])
-    lead = op("Div", [op("Shape", [ids_flat]), i64([per_token])]) if per_token else op("Shape", [ids_flat])
+    pairs = op("Shape", [ids_flat])
+    lead = op("Div", [pairs, i64([per_token])]) if per_token else pairs
     if rest is not None:
-        zero = op("Cast", [b.const(np.float32(0))], to=ftype)  # (numpy has no bfloat16)
-        state = op("Expand", [zero, op("Concat", [lead, i64(rest)], axis=0)])
+        state = op("Expand", [b.zero(ftype), op("Concat", [lead, i64(rest)], axis=0)])
     else:
-        state = _pair_zeros(b, lead, expert(b, i64(-1))[0])
+        state = _pair_zeros(b, lead, expert(b, i64(-1))[0], ftype)
     # ones scattered at the ids over E + 1 slots (the last one the dropped id E): who has a pair
-    hits = op("ScatterElements", [i64(np.zeros(E + 1, np.int64)), ids_flat, op("Expand", [i64(1), op("Shape", [ids_flat])])])
+    hits = op("ScatterElements", [i64(np.zeros(E + 1, np.int64)), ids_flat, op("Expand", [i64(1), pairs])])
     routed = op("Cast", [op("Slice", [hits, i64([0]), i64([E])])], to=onnx.TensorProto.BOOL)
 
     body = NodeBuilder(f"{prefix}/body")
     acc, e, has = body.name("pairs"), body.name("expert"), body.name("routed")
     slices = {g: body.name("slice") for g in tables}
     run = NodeBuilder(f"{prefix}/run")
-    contrib, pos = expert(run, e, slices=slices)
+    contrib, pos, count = expert(run, e, slices=slices)
     if per_token:  # (a token's pairs are other experts', so no row repeats within one scatter)
         rows = run.op("Unsqueeze", [run.op("Div", [pos, i64(per_token)]), i64([-1])])
-        ran = [run.op("ScatterND", [acc, rows, contrib], reduction="add"), run.op("Size", [pos])]
+        ran = [run.op("ScatterND", [acc, rows, contrib], reduction="add"), count]
     else:
-        ran = [run.op("ScatterND", [acc, run.op("Unsqueeze", [pos, i64([-1])]), contrib]), run.op("Size", [pos])]
+        ran = [run.op("ScatterND", [acc, run.op("Unsqueeze", [pos, i64([-1])]), contrib]), count]
     skip = NodeBuilder(f"{prefix}/skip")
-    skipped = [skip.op("Identity", [acc]), skip.op("Identity", [i64(0)])]
+    # (its count is the routed flag, 0 here, not a constant: onnxruntime would fold an Identity of one)
+    skipped = [skip.op("Identity", [acc]), skip.op("Cast", [has], to=onnx.TensorProto.INT64)]
     types = [ftype, onnx.TensorProto.INT64]
     out = body.op("If", [has], n_out=2, then_branch=_subgraph(f"{prefix}/run", run, ran, types),
                   else_branch=_subgraph(f"{prefix}/skip", skip, skipped, types))
@@ -273,8 +275,6 @@ def _group(model, ix, router, prefix, per_expert_weights):
         b.inits.append(t)
         return t.name
 
-    zeros = {}  # element type -> a scalar 0
-
     def left(nb, gathered_t, w, x, one, transA=0):
         """x W^T (W^T: W itself when transA), the expert's slice W read where it lies. For one row
         (decode at batch 1) it is Gemm's right operand, a matrix-vector product; for more rows its
@@ -283,17 +283,15 @@ def _group(model, ix, router, prefix, per_expert_weights):
         Either way the slice is not a constant, so nothing is prepacked. The C of 0 is there
         because onnxruntime fuses Gemm -> Transpose into one Gemm of swapped operands without one."""
         ftype = ix.initializers[tables[gathered_t]].data_type
-        if ftype not in zeros:
-            zeros[ftype] = b.op("Cast", [b.const(np.float32(0))], to=ftype)
         vec, mat = NodeBuilder(nb.name("one_row")), NodeBuilder(nb.name("rows"))
         by_vec = vec.op("Gemm", [x, w], transB=1 - transA)
-        by_mat = mat.op("Transpose", [mat.op("Gemm", [w, x, zeros[ftype]], transA=transA, transB=1)], perm=[1, 0])
+        by_mat = mat.op("Transpose", [mat.op("Gemm", [w, x, b.zero(ftype)], transA=transA, transB=1)], perm=[1, 0])
         return nb.op("If", [one], then_branch=_subgraph(vec.prefix, vec, [by_vec], [ftype]),
                      else_branch=_subgraph(mat.prefix, mat, [by_mat], [ftype]))
 
     def expert(nb, e, e_const=None, slices=None):
         """Emits into `nb` the section for the pairs routed to expert `e` (a tensor); returns (their
-        contributions, their pair positions). The expert's table slices are `slices` (GatherND
+        contributions, their pair positions, their count). The expert's table slices are `slices` (GatherND
         output -> an [a, b] tensor) in a Scan, its own initializers when e_const (its value) is
         given (tables whose slice other ops read too are still gathered), else gathered here (the
         shape probe, for no expert)."""
@@ -301,8 +299,9 @@ def _group(model, ix, router, prefix, per_expert_weights):
         pos = op("Reshape", [op("NonZero", [op("Equal", [ids_flat, e])]), i64([-1])])
         if slices is None:
             eid = op("Gather", [ids_flat, op("Slice", [pos, i64([0]), i64([1])])], axis=0)  # [e] or []
+        count = op("Size", [pos])
         if slices is not None:
-            one = op("Equal", [op("Size", [pos]), i64(1)])
+            one = op("Equal", [count, i64(1)])
         # With more slots than the graph's k, pair p is (token p // width, slot p % width), while
         # tensors from outside the section still hold k rows per token.
         src_pos = op("Mul", [op("Div", [pos, i64(width)]), i64(k)]) if widen else pos
@@ -379,12 +378,12 @@ def _group(model, ix, router, prefix, per_expert_weights):
                     clone.output[j] = f"{clone.name}/o{j}"
                     m[t] = clone.output[j]
             nb.nodes.append(clone)
-        return m[wmul.output[0]], pos
+        return m[wmul.output[0]], pos, count
 
     op, const = b.op, b.const
     summed = None
     if per_expert_weights:
-        contribs, positions = zip(*(expert(b, i64(e), e) for e in range(E)))
+        contribs, positions, _ = zip(*(expert(b, i64(e), e) for e in range(E)))
         allc = op("Concat", list(contribs), axis=0)
         allp = op("Unsqueeze", [op("Concat", list(positions), axis=0), i64([-1])])
         combined = op("ScatterND", [_pair_zeros(b, op("Shape", [ids_flat]), allc), allp, allc])

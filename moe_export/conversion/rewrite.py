@@ -8,7 +8,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import MoeExportError
-from ..model.graph import GraphIndex, NodeBuilder, Surgery, opset_version
+from ..model.graph import GraphIndex, NodeBuilder, Surgery, opset_version, share_constants
 from ..op.schema import DOMAIN, OP_TYPE, VERSION, node_attributes
 from ..op.spec import RouterAttrs, SpecError
 from ..rules.base import Gate, Wiring, family, find_gates, fused_after, no_gates_message
@@ -96,6 +96,7 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
     if group_experts:
         grouped = group_by_expert(model, [routers[i] for i in unfused], per_expert_weights)
         kept = {i: grouped[j] for j, i in enumerate(unfused)}
+    share_constants(model.graph, "moe_export/")
     for i, (g, r) in enumerate(zip(gates, routers)):
         r.expert_section = ("fused com.microsoft MoE op (skips the routes of weight 0 on CPU)" if i not in kept else
                             "grouped by expert" if kept[i] is None else

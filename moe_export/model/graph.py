@@ -247,6 +247,12 @@ class NodeBuilder:
         self.inits.append(t)
         return t.name
 
+    def zero(self, elem_type):
+        """A scalar 0 of an ONNX element type (bfloat16 too, which numpy lacks)."""
+        t = helper.make_tensor(self.name("zero"), elem_type, [], [0])
+        self.inits.append(t)
+        return t.name
+
     def op(self, op_type, inputs, n_out=1, hint=None, **kw):
         outs = [self.name((hint or op_type.lower()) + f"_o{i}") for i in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), **kw))
@@ -263,6 +269,36 @@ def _reads(graph: onnx.GraphProto, acc: set) -> set:
     """Every tensor name read by the graph's nodes, subgraphs (If/Loop/Scan bodies) included."""
     acc |= _reads_of(graph.node)
     return acc
+
+
+def share_constants(graph: onnx.GraphProto, prefix: str) -> None:
+    """Makes each small constant named under `prefix` the first initializer of its value, the
+    graph's own where it has one (not one a user may feed). onnxruntime's ConstantSharing would
+    otherwise merge them at load, and every change its optimizers make re-resolves the whole
+    graph, each If and Scan body included: with a Scan per layer that doubled the load time
+    (benchmarks/load_cpu.py --deep)."""
+    fed = {i.name for i in graph.input}
+    first, alias = {}, {}
+    for t in graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or int(np.prod(t.dims)) > 64:
+            continue
+        key = (t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes())
+        if key in first and t.name.startswith(prefix):
+            alias[t.name] = first[key]
+        elif t.name not in fed:
+            first.setdefault(key, t.name)
+    if alias:
+        _rename_reads(graph, alias)
+        drop_unused_initializers(graph)
+
+
+def _rename_reads(graph: onnx.GraphProto, alias: dict) -> None:
+    for n in graph.node:
+        for i, t in enumerate(n.input):
+            n.input[i] = alias.get(t, t)
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                _rename_reads(sub, alias)
 
 
 def drop_unused_initializers(graph: onnx.GraphProto) -> None:
@@ -341,7 +377,7 @@ class Surgery:
         added = {n.name for a in self.added.values() for n in a}
         fed = {p.name for n in g.node if n.name in self.removable for t in n.input
                for p in [producers.get(t)] if p is not None}
-        nodes = _prune(nodes + keep, self.removable | added | fed, outputs)
+        nodes = prune(nodes + keep, outputs, self.removable | added | fed)
         del g.node[:]
         g.node.extend(nodes)
         g.initializer.extend(self.inits)
@@ -353,11 +389,13 @@ class Surgery:
         g.value_info.extend(keep_vi)
 
 
-def _prune(nodes, removable, outputs):
-    """Removes nodes of `removable` whose outputs nothing reads (iteratively)."""
+def prune(nodes, outputs, removable=None):
+    """Removes nodes (of `removable`, by name; default any) whose outputs neither the other nodes
+    nor `outputs` read (iteratively)."""
     while True:
         used = _reads_of(nodes) | outputs
-        keep = [n for n in nodes if n.name not in removable or any(o in used for o in n.output if o)]
+        keep = [n for n in nodes if (removable is not None and n.name not in removable)
+                or any(o in used for o in n.output if o)]
         if len(keep) == len(nodes):
             return keep
         nodes = keep

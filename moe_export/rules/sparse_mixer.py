@@ -44,7 +44,8 @@ def masked_weights(w: Wiring) -> str:
     on the other's), zeroed where the router drops a slot."""
     post, weights = NodeBuilder(f"{w.builder.prefix}/mask"), w.gate.weights
     dropped = post.op("Equal", [w.indices, post.const(np.int64(w.attrs.num_experts))])
-    zero = post.op("CastLike", [post.const(np.float32(0)), weights])
+    ftype = w.ix.elem_type(weights)  # (a constant, where the type is known, is nothing left to fold at load)
+    zero = post.zero(ftype) if ftype else post.op("CastLike", [post.const(np.float32(0)), weights])
     masked = post.op("Where", [dropped, zero, weights], hint="masked_weights")
     w.surgery.rewire(weights, masked)
     w.surgery.insert(post, after=w.ix.producer[weights].name)

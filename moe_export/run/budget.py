@@ -21,10 +21,11 @@ the calibration tokens stays within `max_ppl_increase` of the static model's.
    +0.32%, held-out +0.66%, evaluation +0.78%).
    `check="pooled"` (measured, not the default) takes the mean of all the calibration
    sequences instead, and inherits that bias.
-5. The uniform routings (every layer at one fraction of k, as target calibration gives) are
-   checked the same way, and the routing that passes with the fewest pairs is returned, so the
-   search never returns less than target calibration would at the same check, also where the
-   allocations all fail it (the layers' interaction, or a small calibration set's noise).
+5. The uniform routings (every layer at one fraction of k, as target calibration gives, at each
+   renormalize value) are checked the same way, and the routing that passes with the fewest
+   pairs is returned, so the search never returns less than target calibration would at the
+   same check, also where the allocations all fail it (the layers' interaction, or a small
+   calibration set's noise).
 Policy "auto" pools every policy's points, so each layer gets the policy that serves it best.
 """
 from __future__ import annotations
@@ -207,8 +208,11 @@ class BudgetSearch:
                 for p in policies:
                     for f, t in _thresholds(r, p, lg, b, min_experts, max_experts):
                         plan += [(r, (p, t, rn)) for rn in rns]
-                        # every layer at the same fraction of k: what target calibration gives
-                        self.uniform.setdefault((p, f), {})[r.layer] = (p, t, 1.0 if 1.0 in rns else rns[0])
+                        # every layer at the same fraction of k (what target calibration gives), at
+                        # each renormalize the gate allows: which one serves a model best differs
+                        # (deepseek16: 0; benchmarks/drop_signals.py)
+                        for rn in rns:
+                            self.uniform.setdefault((p, f, rn), {})[r.layer] = (p, t, rn)
             bar.total = len(plan)
             measured = {r.layer: [] for r in ev.routers}
             total = self.static_pairs.sum()
