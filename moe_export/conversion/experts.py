@@ -132,17 +132,6 @@ def _token_sum(ix, wmul, k):
     return r, sums[0], shape
 
 
-def _combine_shape(ix, wmul, k, width):
-    """For a router wider than the graph's k: the new shape of the Reshape([-1, k, hidden]) that
-    feeds the per-token sum, so it sums `width` slots. The grouped section fills dropped slots
-    with zeros, so summing more slots is exact."""
-    found = _token_sum(ix, wmul, k)
-    if isinstance(found, str):
-        raise _Skip(found)
-    r, _, shape = found
-    return r, np.array([shape[0], width, shape[2]], dtype=np.int64)
-
-
 def _is_slot_repeat(ix, t, k):
     """Whether pair tensor t repeats a per-token tensor over the k slots (the section's token
     states: Expand(Unsqueeze(x, 1), [1, k, 1]) flattened), so any of a token's rows stands for all."""
@@ -245,7 +234,10 @@ def _group(model, ix, router, prefix, per_expert_weights):
     nodes, wmul = _section(ix, ids_flat, w_flat)
     k = router.k
     width = max(k, router.attrs.max_experts)
-    widen = _combine_shape(ix, wmul, k, width) if width != k else None
+    widen = width != k  # a router wider than the graph's k needs the graph's per-token sum
+    token_sum = _token_sum(ix, wmul, k)
+    if widen and isinstance(token_sum, str):
+        raise _Skip(token_sum)
     inside = {o for n in nodes for o in n.output}
     tables = {}  # GatherND output -> weight table, for tables indexed by Unsqueeze(ids_flat)
     for n in nodes:
@@ -381,25 +373,24 @@ def _group(model, ix, router, prefix, per_expert_weights):
         return m[wmul.output[0]], pos, count
 
     op, const = b.op, b.const
-    summed = None
+    # ScatterND's reduction needs opset 16; the Scan then stands for the graph's per-token sum
+    summed = None if per_expert_weights or opset_version(model) < 16 or isinstance(token_sum, str) else token_sum
     if per_expert_weights:
         contribs, positions, _ = zip(*(expert(b, i64(e), e) for e in range(E)))
         allc = op("Concat", list(contribs), axis=0)
         allp = op("Unsqueeze", [op("Concat", list(positions), axis=0), i64([-1])])
         combined = op("ScatterND", [_pair_zeros(b, op("Shape", [ids_flat]), allc), allp, allc])
     else:
-        # ScatterND's reduction needs opset 16; the Scan then stands for the graph's per-token sum
-        found = _token_sum(ix, wmul, k) if opset_version(model) >= 16 else "opset"
-        summed = None if isinstance(found, str) else found
         combined = _scanned(b, ix, prefix, ids_flat, E, tables, wmul, expert, width if summed else 0)
         if summed and attr(summed[1], "keepdims", 1):
             combined = op("Unsqueeze", [combined, i64([1])])
     surgery = Surgery(model.graph)
     if widen:  # the router's flat outputs now hold `width` rows per token
         surgery.stale |= {ids_flat, w_flat}
-    if widen and not summed:
-        widen[0].input[1] = const(widen[1])
-        surgery.stale.add(widen[0].output[0])
+    if widen and not summed:  # the per-token sum sums `width` slots: dropped ones hold zeros
+        reshape, shape = token_sum[0], token_sum[2]
+        reshape.input[1] = const(np.array([shape[0], width, shape[2]], dtype=np.int64))
+        surgery.stale.add(reshape.output[0])
     # The new nodes take the place of the section's sink: every section node feeds it, so every
     # input they read is produced before it, and everything reading its result comes after.
     surgery.insert(b, before=wmul.name)
