@@ -47,9 +47,8 @@ RENORMALIZE = (1, 0, "mean")
 class Drop:
     """Wraps an experts module forward(x, ids [T, k], weights [T, k]) -> the weighted sum."""
 
-    def __init__(self, experts, num_experts):
+    def __init__(self, experts):
         self.forward_one = experts.forward
-        self.E = num_experts
         self.signal, self.threshold, self.renormalize = None, -math.inf, 1
         self.scale = self.mean = None  # per expert: mean output norm, mean output
         self.record = None             # a list: each call's signal values of the droppable slots
@@ -114,7 +113,7 @@ def run(name, cuts, calib_seqs, eval_seqs):
     E, k = getattr(cfg, "num_local_experts", None) or cfg.n_routed_experts, cfg.num_experts_per_tok
     held = np.load(ckpt / "heldout.npy")
     calib, ev = slices(held[: (len(held) // SEQ) * SEQ].reshape(-1, SEQ), calib_seqs, eval_seqs)
-    drops = [Drop(layer.mlp.experts, E) for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    drops = [Drop(layer.mlp.experts) for layer in model.model.layers if hasattr(layer.mlp, "experts")]
     base = nll(model, ev)
     for d in drops:  # each expert's mean output where it is routed, on the calibration text
         d.stats = []
