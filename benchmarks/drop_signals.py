@@ -14,10 +14,15 @@ expert runs on every token; in each layer a slot whose signal is under the layer
 heaviest expert always stays) is dropped. Signals, for slot j of weight w_j, heaviest slot 1:
 
 - ratio: w_j / w_1, the router's own (the ratio policy; top-p ranks the same way at k = 2);
+- weight: w_j itself, compared across tokens;
 - expert scale: w_j s(e_j) / (w_1 s(e_1)), s(e) the expert's mean output norm on the calibration
   windows (a per-expert constant an op could carry);
+- probe: w_j exp(x P_e + b_e), a linear probe of the expert's output size: per expert, least
+  squares of log |E_e(x)| on the expert input x over the calibration tokens routed to e (an
+  [H, E] matrix, the router's own size: one more matmul per token, no expert FLOPs);
 - contribution (oracle): |w_j E_j(x)| / |w_1 E_1(x)|, from the experts' actual outputs, which no
-  router has: it bounds what a better choice of tokens could do.
+  router has: it bounds what a better choice of tokens could do;
+- size (oracle): |w_j E_j(x)|, the same not relative to the token's heaviest expert.
 
 What the dropped weight becomes: renormalize 1 (the kept experts share it, in proportion), 0 (it
 is lost), or mean: 0 plus the dropped weight times the dropped expert's mean output on the
@@ -40,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import CACHE, SEQ, slices  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SIGNALS = ("ratio", "expert scale", "contribution (oracle)")
+SIGNALS = ("ratio", "weight", "expert scale", "probe", "contribution (oracle)", "size (oracle)")
+RIDGE = 1.0  # the probe's least-squares regularizer (inputs are RMS-normed hidden states)
 RENORMALIZE = (1, 0, "mean")
 
 
@@ -51,8 +57,9 @@ class Drop:
         self.forward_one = experts.forward
         self.signal, self.threshold, self.renormalize = None, -math.inf, 1
         self.scale = self.mean = None  # per expert: mean output norm, mean output
+        self.probe = None              # per expert: (P [E, H], b [E]), log |E_e(x)| ~ x P_e + b_e
         self.record = None             # a list: each call's signal values of the droppable slots
-        self.stats = None              # a list: each call's (ids, per-slot outputs)
+        self.stats = None              # a list: each call's (input, ids, per-slot outputs)
         self.dropped = self.pairs = 0
         experts.forward = self.forward
 
@@ -60,11 +67,11 @@ class Drop:
         ones = torch.ones_like(w[:, :1])
         outs = torch.stack([self.forward_one(x, ids[:, j:j + 1], ones) for j in range(ids.shape[1])], 1)
         if self.stats is not None:
-            self.stats.append((ids.clone(), outs))
+            self.stats.append((x.clone(), ids.clone(), outs))
         if self.signal is None:
             return (w[..., None] * outs).sum(1)
         top = w.argmax(1, keepdim=True)
-        sig = self.signal_of(w, ids, outs, top)
+        sig = self.signal_of(x, w, ids, outs, top)
         heaviest = torch.zeros_like(w, dtype=torch.bool).scatter_(1, top, True)
         if self.record is not None:
             self.record.append(sig[~heaviest])
@@ -79,15 +86,36 @@ class Drop:
             y = y + (torch.where(drop, w, 0.0)[..., None] * self.mean[ids]).sum(1)
         return y
 
-    def signal_of(self, w, ids, outs, top):
+    def signal_of(self, x, w, ids, outs, top):
         w1 = w.gather(1, top)
         if self.signal == "ratio":
             return w / w1
+        if self.signal == "weight":
+            return w
+        if self.signal == "probe":
+            P, b = self.probe
+            return w * (torch.einsum("th,tkh->tk", x, P[ids]) + b[ids]).exp()
+        if self.signal == "size (oracle)":
+            return w * outs.norm(dim=-1)
         if self.signal == "expert scale":
             s = self.scale[ids]
             return (w * s) / (w1 * s.gather(1, top))
         c = w * outs.norm(dim=-1)
         return c / c.gather(1, top).clamp_min(1e-12)
+
+
+def fit_probe(xs, ids, norms, E):
+    """Per expert, ridge least squares of log |E_e(x)| on [x, 1] over the tokens routed to e: an
+    [E, H] matrix and a bias, the size of the router's own weight (one more matmul per token)."""
+    H = xs.shape[1]
+    P, b = torch.zeros(E, H), torch.zeros(E)
+    y = norms.clamp_min(1e-12).log().double()
+    for e in range(E):
+        m = ids == e
+        X = torch.cat([xs[m], torch.ones(int(m.sum()), 1)], 1).double()
+        sol = torch.linalg.solve(X.T @ X + RIDGE * torch.eye(H + 1, dtype=torch.float64), X.T @ y[m]).float()
+        P[e], b[e] = sol[:H], sol[H]
+    return P, b
 
 
 @torch.no_grad()
@@ -119,11 +147,13 @@ def run(name, cuts, calib_seqs, eval_seqs):
         d.stats = []
     nll(model, calib)
     for d in drops:
-        ids = torch.cat([s[0] for s in d.stats]).reshape(-1)
-        outs = torch.cat([s[1] for s in d.stats]).reshape(len(ids), -1)
+        ids = torch.cat([s[1] for s in d.stats]).reshape(-1)
+        outs = torch.cat([s[2] for s in d.stats]).reshape(len(ids), -1)
+        xs = torch.cat([s[0] for s in d.stats]).repeat_interleave(k, 0)  # each slot's expert input
         n = torch.bincount(ids, minlength=E).clamp_min(1)[:, None]
         d.mean = torch.zeros(E, outs.shape[1]).index_add_(0, ids, outs) / n
         d.scale = (torch.zeros(E).index_add_(0, ids, outs.norm(dim=-1)) / n[:, 0]).clamp_min(1e-12)
+        d.probe = fit_probe(xs, ids, outs.norm(dim=-1), E)
         d.stats = None
     rows = []
     for signal in SIGNALS:
