@@ -32,7 +32,7 @@ def _threshold(v):
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
     if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"threshold must be finite, got {v}")
+        raise argparse.ArgumentTypeError(f"must be finite, got {v}")
     return x
 
 
@@ -72,6 +72,23 @@ def _renormalize_arg(p, default):
 
 def _tolerance(v):
     x = _threshold(v)
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return x
+
+
+def _positive(v):
+    x = _threshold(v)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return x
+
+
+def _count(v):
+    try:
+        x = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {v!r}") from None
     if x < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return x
@@ -136,6 +153,8 @@ def _dims(items):
             raise UsageError(f"--dim wants NAME=SIZE with a whole number, got {it!r}")
         if int(val) == 0 and not any(w in name.lower() for w in ("past", "cache")):
             raise UsageError(f"--dim {it}: only a cache length may be 0 (an empty cache); sizes are >= 1")
+        if name.strip() in out:
+            raise UsageError(f"--dim {name.strip()} given twice")
         out[name.strip()] = int(val)
     return out
 
@@ -275,7 +294,7 @@ def _validate_args(c):
                    help="absolute tolerance on the outputs (default 1e-4; 2e-3 for models computing in float16/bfloat16)")
     c.add_argument("--rtol", type=_tolerance, default=None,
                    help="relative tolerance on the outputs (default 1e-3; 5e-3 for models computing in float16/bfloat16)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    c.add_argument("--seed", type=_count, default=0, help="seed of the random inputs (default 0)")
     c.add_argument("--trt", action="store_true", help="also run the converted graph in TensorRT")
     c.add_argument("--strict", action="store_true",
                    help="exit 1 when any output differs beyond the tolerances, whatever the policy")
@@ -299,6 +318,8 @@ def cmd_validate(args):
               f"({100 * rp['reduction']:.1f}% fewer)")
         if rep["static_policy"]:
             print("static policy reproduces the original:", "yes" if rep["static_reproduces"] else "NO")
+        for note in rep["notes"]:
+            print(f"note: {note}")
     if rep["static_policy"] and not rep["static_reproduces"]:
         sys.exit(1)
     if args.strict and not rep["outputs_match"]:
@@ -309,7 +330,9 @@ def cmd_validate(args):
 def _export_args(c):
     c.add_argument("checkpoint", type=Path, help="a local checkpoint folder (config.json and weights)")
     _output_arg(c, "the .onnx to write (weights beside it, .data)")
-    c.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    c.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (dynamo: 18 up to what the installed onnx knows, default 18; torchscript: 7-17, "
+                        "default 17)")
     c.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                    help="torch.onnx exporter (default dynamo; torchscript only works with transformers 4.x)")
     c.add_argument("--embed-weights", action="store_true", help="keep weights inside the .onnx file")
@@ -320,8 +343,15 @@ def _export_args(c):
 
 @command("export", "export a local transformers MoE checkpoint to ONNX", _export_args)
 def cmd_export(args):
+    import onnx
+
     from .model.export import export_checkpoint
 
+    lo, hi = (18, onnx.defs.onnx_opset_version()) if args.exporter == "dynamo" else (7, 17)
+    if args.opset is None:
+        args.opset = lo if args.exporter == "dynamo" else hi
+    if not lo <= args.opset <= hi:
+        raise UsageError(f"--opset {args.opset}: the {args.exporter} exporter writes opsets {lo} to {hi}")
     out = export_checkpoint(args.checkpoint, args.output, opset=args.opset, exporter=args.exporter,
                             external_data=not args.embed_weights, with_past=args.with_past)
     print(f"exported {args.checkpoint} -> {out}")
@@ -399,7 +429,7 @@ def cmd_calibrate(args):
 def _profile_args(c):
     _model_arg(c, "a converted model (or GenAI model folder)")
     _data_arg(c)
-    c.add_argument("--flops-per-pair", type=float, default=None,
+    c.add_argument("--flops-per-pair", type=_positive, default=None,
                     help="FLOPs of one (token, expert) pair (default: read off the expert weights)")
     _json_arg(c)
 
@@ -481,7 +511,7 @@ def _serve_args(c):
     c.add_argument("--env", type=Path, help="the serving environment: a virtual environment with nvidia-pytriton "
                    "(numpy<2), onnxruntime and onnxruntime-genai (default $MOE_EXPORT_SERVE_ENV, else this one)")
     c.add_argument("--log", type=Path, help="append the server's log to this file (default: a temporary one)")
-    c.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server to be ready")
+    c.add_argument("--timeout", type=_positive, default=120.0, help="seconds to wait for the server to be ready")
 
 
 @command("serve", "run a Triton Inference Server on a model repository (127.0.0.1)", _serve_args)
@@ -548,6 +578,11 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except (KeyboardInterrupt, _Terminated) as e:
+        from .model.files import Output
+
+        if Output.committed:  # the interrupt came as the output was put in place: the work is done
+            sys.stderr.write("moe-export: interrupted after the output was written; it is complete\n")
+            sys.exit(0)
         sys.stderr.write("moe-export: interrupted; nothing was written\n")
         sys.exit(130 if isinstance(e, KeyboardInterrupt) else 143)
     except (MoeExportError, OSError) as e:

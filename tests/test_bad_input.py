@@ -101,10 +101,31 @@ def test_invalid_policy_arguments(args, expect, tmp_path):
     assert digest(MIXTRAL) == before
 
 
+@pytest.mark.parametrize("args, expect", [
+    (["profile", "M", "--data", "D", "--flops-per-pair", "0"], "must be > 0"),
+    (["profile", "M", "--data", "D", "--flops-per-pair", "inf"], "finite"),
+    (["validate", "M", "M", "--seed", "-1"], "must be >= 0"),
+    (["validate", "M", "M", "--dim", "seq=2", "--dim", "seq=3"], "given twice"),
+    (["serve", "M", "--timeout", "-5"], "must be > 0"),
+    (["export", "M", "-o", "OUT", "--opset", "17"], "opsets 18 to"),
+    (["export", "M", "-o", "OUT", "--exporter", "torchscript", "--opset", "18"], "opsets 7 to 17"),
+])
+def test_out_of_range_flags_are_usage_errors(args, expect, tmp_path):
+    """Found before any file is read: exit 2, one line (before, some ran and printed nonsense)."""
+    args = [tmp_path / "out.onnx" if a == "OUT" else MIXTRAL if a == "M" else tmp_path / "d.npy" if a == "D" else a
+            for a in args]
+    r = run_cli(*args)
+    assert_clean_failure(r, tmp_path, expect)
+    assert r.returncode == 2
+
+
 def test_output_directory_missing(tmp_path):
     r = run_cli("convert", MIXTRAL, "-o", tmp_path / "nope" / "out.onnx")
     assert_clean_failure(r, tmp_path, "does not exist")
     assert not (tmp_path / "nope").exists()
+    (tmp_path / "file").write_text("")
+    assert_clean_failure(run_cli("convert", MIXTRAL, "-o", tmp_path / "file" / "out.onnx"), tmp_path,
+                         "is not a directory")
 
 
 def test_output_equal_to_input_is_refused(tmp_path):
@@ -121,6 +142,10 @@ def test_validate_bad_inputs(tmp_path):
     assert_clean_failure(run_cli("validate", MIXTRAL, tmp_path / "bad.onnx"), tmp_path, "not a valid ONNX model")
     # A graph moe-export did not write has no routers to compare.
     assert_clean_failure(run_cli("validate", MIXTRAL, MIXTRAL), tmp_path, "not written by moe-export")
+    # Nor is a conversion of another model the converted graph of this one.
+    other = next(p for p in FAMILY_GRAPHS if p.stem == "qwen3_moe")
+    assert run_cli("convert", other, "-o", tmp_path / "other.onnx").returncode == 0
+    assert_clean_failure(run_cli("validate", MIXTRAL, tmp_path / "other.onnx"), tmp_path, "is not a conversion of")
     (tmp_path / "feeds.npz").write_bytes(b"nope")
     out = tmp_path / "conv.onnx"
     assert run_cli("convert", MIXTRAL, "-o", out).returncode == 0

@@ -59,6 +59,27 @@ def test_static_policy_warns_about_ignored_arguments(extra, named, tmp_path):
     assert r.stderr.startswith("moe-export: warning:") and named in r.stderr and "ignored" in r.stderr
 
 
+def test_repolicy_caps_at_the_routers_width_unless_told(tmp_path):
+    """A conversion capped below k, re-set without --max-experts, gets the graph's k again (the
+    help's default), not the old cap."""
+    capped = tmp_path / "cap1.onnx"
+    assert run_cli("convert", MIXTRAL, "-o", capped, "--policy", "top-p", "--threshold", "0.5",
+                   "--max-experts", "1").returncode == 0
+    assert "experts=1..1" in run_cli("inspect", capped).stdout
+    assert run_cli("convert", capped, "-o", tmp_path / "re.onnx", "--repolicy", "--policy", "top-p",
+                   "--threshold", "0.6").returncode == 0
+    assert "experts=1..2" in run_cli("inspect", tmp_path / "re.onnx").stdout
+
+
+def test_a_misspelt_layer_in_per_layer_is_refused(tmp_path):
+    from moe_export import MoeExportError
+    from moe_export.conversion import Policy, convert
+
+    with pytest.raises(MoeExportError, match="'nosuchlayer', not a MoE layer of this graph"):
+        convert(MIXTRAL, tmp_path / "x.onnx", Policy("top-p", 0.5, per_layer={"nosuchlayer": 0.3}))
+    assert not any(tmp_path.iterdir())
+
+
 def test_converted_model_is_retuned_not_reconverted(tokens, tmp_path):
     conv = tmp_path / "conv.onnx"
     assert run_cli("convert", MIXTRAL, "-o", conv, "--policy", "top-p", "--threshold", "0.5").returncode == 0

@@ -221,6 +221,28 @@ def test_interrupted_copy_leaves_nothing(sig, code, tmp_path):
     assert leftovers(tmp_path / "in") == ["model.onnx", "weights.bin"]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_during_the_commit_reports_the_output_written(sig, tmp_path):
+    """The signal is held while the staged files are renamed into place and arrives right after:
+    the output is complete, so the command must not say "nothing was written" (it did, 143)."""
+    script = (
+        "import os, signal, sys\n"
+        "real = os.replace\n"
+        "def replace_then_signal(a, b):\n"
+        "    real(a, b)\n"
+        f"    os.kill(os.getpid(), {int(sig)})  # pending: the commit holds it\n"
+        "os.replace = replace_then_signal\n"
+        "from moe_export.cli import main\n"
+        "main(sys.argv[1:])\n")
+    out = tmp_path / "m.onnx"
+    r = subprocess.run([sys.executable, "-c", script, "convert", str(MIXTRAL), "-o", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "interrupted after the output was written; it is complete" in r.stderr
+    onnx.checker.check_model(onnx.load(str(out)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
 def test_no_progress_bar_off_a_terminal(user_model, tmp_path):
     r = run_cli("convert", user_model, "-o", tmp_path / "m.onnx")
     assert r.returncode == 0 and r.stderr == ""

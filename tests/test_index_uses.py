@@ -8,7 +8,7 @@ from onnx import TensorProto, helper
 
 import moe_export
 from moe_export import MoeExportError
-from moe_export.conversion import Policy, rewrite_model
+from moe_export.conversion import Policy, Routing, rewrite_model, set_policy
 from helpers import E, G
 
 
@@ -86,6 +86,18 @@ def histogram(reduction, base=0):
     return extra
 
 
+def test_a_static_only_conversion_refuses_a_policy_that_drops():
+    """Converted statically, a graph with a use the ids cannot keep is recorded so: re-setting
+    (repolicy, calibrate) to a policy that drops a slot is refused, not written broken."""
+    m = dense_router(shifted_ids)
+    rewrite_model(m, Policy("static"))
+    with pytest.raises(MoeExportError, match="the expert ids feed Add .*only --policy static"):
+        set_policy(m, Policy("top-p", 0.5))
+    with pytest.raises(MoeExportError, match="only --policy static"):
+        Routing.read(m).check_dynamic()
+    set_policy(m, Policy("static"))  # what it can take
+
+
 def test_a_scatter_that_overwrites_by_id_is_refused():
     """A clamped id repeating a kept E-1 would collapse into one write: refused, one line."""
     with pytest.raises(MoeExportError, match=r"ScatterElements \(reduction none, overwriting by id\)"):
@@ -101,6 +113,24 @@ def test_a_scatter_that_adds_counts_a_dropped_slot_as_a_zero_weight_pair(reducti
     np.testing.assert_array_equal(counts.sum(axis=1), 2)  # every pair counted once: kept + dropped at E-1
     assert (counts[::2, E - 1] == 2).all()  # rows keeping E-1: its pair and the dropped one
     assert (dense[::2, E - 1] > 0.5).all()  # and the weights scatter still keeps E-1's weight
+
+
+def test_a_static_conversion_re_set_to_drop_slots_counts_them_right():
+    """The counts' scatter becomes a scatter that adds in a static conversion too (exact while no
+    slot drops), so re-setting its policy needs no graph change (JetMoE: static, then repolicy)."""
+    x = logits_with_last_expert_on_top()
+    m = dense_router(histogram("none"))
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"logits": x})
+    rewrite_model(m, Policy("static"))
+    dense, counts = moe_export.session(m).run(None, {"logits": x})
+    np.testing.assert_allclose(dense, ref[0], rtol=1e-6)  # (the kernel's exp: within an ulp)
+    np.testing.assert_array_equal(counts, ref[1])
+    set_policy(m, Policy("top-p", 1e-6))
+    direct = dense_router(histogram("none"))
+    rewrite_model(direct, Policy("top-p", 1e-6))
+    counts, want = (moe_export.session(g).run(None, {"logits": x})[1] for g in (m, direct))
+    np.testing.assert_array_equal(counts, want)
+    np.testing.assert_array_equal(counts.sum(axis=1), 2)
 
 
 def test_the_shape_of_the_ids_is_any_ids_shape():

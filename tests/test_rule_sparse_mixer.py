@@ -49,3 +49,15 @@ def test_an_argmax_alone_is_not_a_sparse_mixer():
                           [helper.make_tensor_value_info("ids", TensorProto.INT64, None)])
     row = explain(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))[0]
     assert row["gate"] is None and "sparse_mixer" in row["why_not"]
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_more_experts_than_its_two_picks_are_refused(tmp_path, portable):
+    """The graph weighs its own two picks: a wider router would leave the weights 2 wide and the
+    ids 3 wide (written, it failed in onnxruntime), so it is refused, nothing written."""
+    from moe_export import MoeExportError
+
+    out = tmp_path / "wide.onnx"
+    with pytest.raises(MoeExportError, match="sparse_mixer gate weighs its own 2 picks"):
+        convert(GRAPHS / "phimoe.onnx", out, Policy("top-p", 0.6, max_experts=3), portable=portable)
+    assert not list(tmp_path.iterdir())

@@ -115,6 +115,14 @@ def test_usage_errors_exit_2(work, args, expect):
     assert r.returncode == 2
 
 
+def test_a_holdout_that_leaves_nothing_to_fit_on_is_one_line(work):
+    """16 sequences, --holdout 0.99: all held out (it divided by zero in the search)."""
+    r = run_cli("calibrate", MIXTRAL, "--data", work / "ids.npy", "--max-ppl-increase", "0.01", "--holdout", "0.99",
+                "-o", work / "out.onnx")
+    assert_clean_failure(r, work, "holds out all 16 sequences")
+    assert r.returncode == 1
+
+
 def test_convert_summary_names_every_setting(work):
     r = run_cli("convert", MIXTRAL, "-o", work / "s.onnx", "--policy", "top-p", "--threshold", "0.4",
                 "--min-experts", "1", "--max-experts", "2", "--renormalize", "0.5", "--per-expert-weights")

@@ -111,12 +111,15 @@ def _uses(ix, consumer, tensor, gate, region):
     return out
 
 
-def keep_ids_right(surgery: Surgery, ix: GraphIndex, gate: Gate, a: RouterAttrs, b: NodeBuilder, idx: str) -> None:
+def keep_ids_right(surgery: Surgery, ix: GraphIndex, gate: Gate, a: RouterAttrs, b: NodeBuilder, idx: str):
     """Every consumer of the gate's ids reads the router's `idx`, raw or clamped as its uses need
     (the table above); refuses a graph with a use it cannot keep right when slots can be dropped.
-    The gate's own nodes are removed."""
+    The gate's own nodes are removed. Returns None, or (a static conversion of a graph with such a
+    use) why its policy may not be re-set to one that drops slots.
+    Everything that keeps the ids right is done in a static conversion too (each is exact while no
+    slot drops), so that re-setting its policy (repolicy, calibration) needs no graph change."""
     region = _gate_region(ix, gate)
-    raw, clamped = {}, None
+    raw, clamped, static_only = {}, None, None
     drops = not (a.policy == "static" and a.width == a.k)  # whether any slot can be dropped
     for c in ix.consumers_of(gate.indices):
         uses = _uses(ix, c, gate.indices, gate, region)
@@ -126,11 +129,13 @@ def keep_ids_right(surgery: Surgery, ix: GraphIndex, gate: Gate, a: RouterAttrs,
         unknown = kinds - raw_kinds - {"indexed"}
         if "indexed" in kinds and kinds & {"scattered", "widened"}:  # one id tensor cannot be both raw and clamped
             unknown.add("a scatter or widened gather and another indexing through one tensor")
-        if unknown and drops:
-            raise MoeExportError(f"{gate.name}: the expert ids feed {sorted(unknown)[0]}, which moe-export cannot "
-                                 "keep right when a slot is dropped (id = num_experts); only --policy static "
-                                 "converts this graph")
-        for n in (n for kind, n in uses if kind == "counted" and drops):
+        if unknown:
+            static_only = (f"{gate.name}: the expert ids feed {sorted(unknown)[0]}, which moe-export cannot "
+                           "keep right when a slot is dropped (id = num_experts); only --policy static "
+                           "converts this graph")
+            if drops:
+                raise MoeExportError(static_only)
+        for n in (n for kind, n in uses if kind == "counted"):
             axis = attr(n, "axis", 0)  # ScatterElements has only axis and reduction
             del n.attribute[:]
             n.attribute.extend([helper.make_attribute("axis", axis), helper.make_attribute("reduction", "add")])
@@ -144,6 +149,7 @@ def keep_ids_right(surgery: Surgery, ix: GraphIndex, gate: Gate, a: RouterAttrs,
             clamped = b.op("Min", [idx, b.const(np.int64(a.num_experts - 1))], hint="clamped_indices")
     surgery.rewire(gate.indices, clamped or idx, exceptions=raw, output=idx)
     surgery.remove(region)
+    return static_only
 
 
 def _widen_scatter(surgery, prefix, n, E):

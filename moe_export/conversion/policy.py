@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import MoeExportError
+
 
 @dataclass
 class Policy:
@@ -21,3 +23,11 @@ class Policy:
         if not isinstance(v, (tuple, list)):
             return self.policy, float(v), self.renormalize
         return v[0], float(v[1]), float(v[2]) if len(v) > 2 else self.renormalize
+
+    def check_layers(self, layers) -> None:
+        """Refuses per-layer choices for layers the graph does not have (a misspelt name would
+        otherwise route that layer by the global threshold, silently)."""
+        unknown = sorted(set(self.per_layer or ()) - set(layers))
+        if unknown:
+            raise MoeExportError(f"per_layer names {', '.join(map(repr, unknown))}, not a MoE layer of this graph "
+                                 f"(its layers: {', '.join(layers)})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 
+from ..errors import MoeExportError
 from ..op.schema import node_attributes
 from ..op.spec import RouterAttrs
 
@@ -23,6 +24,7 @@ class Router:
     attrs: RouterAttrs         # the DynamicRouter node's attributes
     flops_per_pair: float | None = None  # measured at conversion for fused expert ops
     expert_section: str | None = None  # what the conversion did with the experts, for people
+    static_only: str | None = None  # why no policy that drops a slot may be set (keep_ids_right)
     extra: dict = field(default_factory=dict)  # keys another version wrote, kept as they were
 
     @property
@@ -38,10 +40,15 @@ class Router:
         rn = self.attrs.renormalize if renormalize is None else renormalize
         return replace(self.attrs, policy=policy, threshold=float(threshold), renormalize=float(rn), **more)
 
+    def check_drops(self, a: RouterAttrs) -> None:
+        """Refuses resolved attributes `a` that can drop a slot where the graph cannot take it."""
+        if self.static_only and not (a.policy == "static" and a.width == a.k):
+            raise MoeExportError(self.static_only)
+
     def to_json(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "extra"}
         d["attrs"] = node_attributes(self.attrs)
-        for optional in ("flops_per_pair", "expert_section"):
+        for optional in ("flops_per_pair", "expert_section", "static_only"):
             if d[optional] is None:
                 del d[optional]
         return {**d, **self.extra}
@@ -80,6 +87,12 @@ class Routing:
         value = {**self.extra, "portable": self.portable, "routers": [r.to_json() for r in self.routers],
                  "grouped_expert_sections": self.grouped_expert_sections}
         model.metadata_props.add(key=META_KEY, value=json.dumps(value))
+
+    def check_dynamic(self) -> None:
+        """Refuses a graph whose routers may not drop a slot (a dynamic policy is about to be set)."""
+        reason = next((r.static_only for r in self.routers if r.static_only), None)
+        if reason:
+            raise MoeExportError(reason)
 
     def tensors(self, *fields) -> list[str]:
         """The named tensors (e.g. "logits", "bias") of every router, those it has, in order."""

@@ -20,6 +20,10 @@ from .portable import portable_router
 from .record import Router, Routing
 
 
+_FORMS = {"batched": "batched: each (token, slot) gathers its expert's weights",
+          "unknown": "not one moe-export can widen"}
+
+
 def router_attrs(gate: Gate, pol: Policy, group_experts=True) -> RouterAttrs:
     policy, t, r = pol.of(gate.name)
     a = RouterAttrs(**gate.attrs, policy=policy, threshold=t, renormalize=r, min_experts=pol.min_experts,
@@ -27,10 +31,14 @@ def router_attrs(gate: Gate, pol: Policy, group_experts=True) -> RouterAttrs:
     # More than k slots per token: a per-expert loop takes any number (each expert gathers its
     # own rows), a fused op once its k is raised; a batched section only once regrouped, whose
     # combine is then widened.
+    if a.max_experts > a.k and not family(gate.family).wider:
+        raise MoeExportError(f"max_experts={a.max_experts} exceeds the graph's k={a.k} at {gate.name}: a "
+                             f"{gate.family} gate weighs its own {a.k} picks, and no more")
     if a.max_experts > a.k and not (gate.expert_form in ("loop", "fused")
                                     or (gate.expert_form == "batched" and group_experts)):
         raise MoeExportError(f"max_experts={a.max_experts} exceeds the graph's k={a.k} at {gate.name}: the "
-                             f"expert section of this graph ({gate.expert_form}) is built for k slots per token"
+                             f"expert section of this graph ({_FORMS.get(gate.expert_form, gate.expert_form)}) is "
+                             "built for k slots per token"
                              + ("; drop --no-group-experts" if gate.expert_form == "batched" else ""))
     try:
         return a.resolved()
@@ -64,6 +72,7 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
     gates, misses = find_gates(model, ix)
     if not gates:
         raise MoeExportError(no_gates_message(model, misses))
+    pol.check_layers([g.name for g in gates])
     if portable and opset_version(model) < 13:
         raise MoeExportError(f"--portable needs ONNX opset >= 13, the model has {opset_version(model)}")
     surgery = Surgery(model.graph)
@@ -87,7 +96,7 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
             for f in fused:  # an in-graph selection scattered into a fused op: it runs as many as kept
                 k = next(x for x in f.attribute if x.name == "k")
                 k.i = max(k.i, a.width)
-            keep_ids_right(surgery, ix, gate, a, b, idx)
+            routers[-1].static_only = keep_ids_right(surgery, ix, gate, a, b, idx)
         # The router goes where the gate's TopK stood: after logits and bias, before any user.
         surgery.insert(b, before=gate.topk.name)
     surgery.apply()
@@ -134,14 +143,15 @@ def set_attrs(node, a: RouterAttrs) -> None:
 
 def set_policy(model, pol: Policy):
     """Re-sets the routing policy of a converted model's DynamicRouter nodes, in place. The
-    routers' output width stays (the expert sections were built for it), and so does each
-    router's max_experts unless `pol` gives one."""
+    routers' output width stays (the expert sections were built for it): unless `pol` gives one,
+    each router's max_experts is that width, as a conversion's default is the graph's k."""
     routing = Routing.read(model)
     if routing is None:
         raise MoeExportError("not written by moe-export convert: no routers to re-set")
     if routing.portable:
         raise MoeExportError("a --portable conversion has no DynamicRouter nodes to re-set; convert the "
                              "original model again")
+    pol.check_layers([r.layer for r in routing.routers])
     for r, node in zip(routing.routers, router_nodes(model, routing)):
         if node is None:
             raise MoeExportError(f"router {r.layer}: its DynamicRouter node is missing from the graph")
@@ -149,9 +159,10 @@ def set_policy(model, pol: Policy):
         policy, t, rn = pol.of(r.layer)
         try:
             a = r.with_policy(policy, t, rn, min_experts=pol.min_experts,
-                              max_experts=pol.max_experts or old.max_experts).resolved()
+                              max_experts=pol.max_experts or old.width).resolved()
         except SpecError as e:
             raise MoeExportError(f"invalid policy arguments: {e}") from None
+        r.check_drops(a)
         if a.width != old.width:
             raise MoeExportError(f"--max-experts {a.max_experts} changes {r.layer}'s router width "
                                  f"({old.width} -> {a.width}); convert the original model again for that")

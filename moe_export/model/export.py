@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import MoeExportError
 from .files import Output, Spinner
-from .graph import load_model
+from .graph import load_model, opset_version
 from ..run.runtime import SLIDING_WINDOW
 
 
@@ -182,6 +182,10 @@ def export_model(model, out, *, opset=18, exporter="dynamo", external_data=True,
         except Exception as e:
             raise MoeExportError(_export_failure(e, exporter, log)) from None
         model_proto = load_model(staged)
+        wrote = opset_version(model_proto)
+        if exporter == "dynamo" and wrote != opset:  # torch's version converter falls back silently
+            raise MoeExportError(f"--opset {opset}: torch.onnx wrote opset {wrote} instead (its version converter "
+                                 f"does not reach {opset}); choose a lower one")
         fixed = _fixed_axes(model_proto)
         if fixed:
             raise MoeExportError(

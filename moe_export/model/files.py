@@ -230,8 +230,10 @@ class Output:
         out = Path(out)
         if out.is_dir():
             raise MoeExportError(f"output {out} is a directory; give a file name")
-        if not (out.parent if str(out.parent) else Path(".")).is_dir():
-            raise MoeExportError(f"output directory {out.parent} does not exist")
+        parent = out.parent if str(out.parent) else Path(".")
+        if not parent.is_dir():
+            raise MoeExportError(f"output directory {parent} " + ("is not a directory" if parent.exists() else
+                                                                    "does not exist"))
         self.check(out)
         self.check_unreferenced(out, out)
 
@@ -398,19 +400,28 @@ class Output:
     def __enter__(self):
         return self
 
+    # Whether an Output of this process has put its files in place: an interrupt held during the
+    # renames arrives just after them, and must not be reported as "nothing written" (cli.main).
+    committed = False
+
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
+            done = False
             try:
                 with _signals_held():
                     for tmp, final in self.staged:
                         os.replace(tmp, final)
                     for d, final in self.dirs:
                         os.rename(d, final)
+                    done = Output.committed = True
             except BaseException:
-                self.rollback()
+                if not done:  # (a held interrupt is raised after the commit: the output stays)
+                    self.rollback()
                 raise
-            for d in self.scratch:
-                shutil.rmtree(d, ignore_errors=True)
+            finally:
+                if done:
+                    for d in self.scratch:
+                        shutil.rmtree(d, ignore_errors=True)
             return False
         self.rollback()
         return False

@@ -191,8 +191,10 @@ class PolicyView:
 
 
 def _rank(a, x, b):
-    """Scores, ranking order (top `width`), eligibility; steps 1, 2 and 5 of the spec."""
+    """Scores, eligibility, ranking order (top `width`), and which tokens' kept groups were
+    decided within rounding; steps 1, 2 and 5 of the spec."""
     T, E = x.shape
+    near = np.zeros(T, dtype=bool)
     if a.score_func == "softmax":
         s = _softmax_rows(x)
         key = x.copy() if a.select == "before_score" else s.copy()
@@ -208,11 +210,18 @@ def _rank(a, x, b):
         kg = np.sort(key.reshape(T, G, gs), axis=-1)[..., ::-1][..., : a.group_score_topk]
         gscore = _sanitize(_lane_sum(kg))
         gorder = _stable_desc_order(gscore)[:, : a.topk_group]
+        if a.topk_group < G:
+            # Group sums that are equal in exact arithmetic (sigmoid(-2) + sigmoid(2) =
+            # sigmoid(-1) + sigmoid(1)) round apart differently in an expansion that sums in
+            # other ops (portable.py); exact float ties break alike everywhere, so stay decided.
+            ranked = np.take_along_axis(gscore, _stable_desc_order(gscore), axis=1)
+            gap = ranked[:, a.topk_group - 1] - ranked[:, a.topk_group]
+            near = (gap > 0) & (gap <= DECISION_EPS * np.maximum(np.abs(ranked[:, a.topk_group - 1]), 1e-30))
         gvalid = np.zeros((T, G), dtype=bool)
         np.put_along_axis(gvalid, gorder, True, axis=1)
         valid = np.repeat(gvalid, gs, axis=1)
         key = np.where(valid, key, _F(-np.inf))
-    return s, valid, _stable_desc_order(key)[:, : a.width]
+    return s, valid, _stable_desc_order(key)[:, : a.width], near
 
 
 def _policy_view(a, x, s, valid, order) -> PolicyView:
@@ -281,7 +290,7 @@ def policy_view(logits, bias=None, **attrs) -> PolicyView:
     a = RouterAttrs(**attrs).resolved()
     with np.errstate(over="ignore", invalid="ignore"):
         _, x, b = _prepare(a, logits, bias)
-        s, valid, order = _rank(a, x, b)
+        s, valid, order, _ = _rank(a, x, b)
         return _policy_view(a, x, s, valid, order)
 
 
@@ -290,11 +299,12 @@ def _route(a, logits, bias, return_counts):
     out_dtype = x0.dtype if x0.dtype in (np.float16, np.float32) else np.float32
     E, K = a.num_experts, a.width
     lead = x0.shape[:-1]
-    s, valid, order = _rank(a, x, b)
+    s, valid, order, near = _rank(a, x, b)
     if a.policy == "static":
         counts, ambiguous = policy_counts(a, PolicyView(np.zeros((x.shape[0], 0), _F), None, None))
     else:
         counts, ambiguous = policy_counts(a, _policy_view(a, x, s, valid, order))
+    ambiguous = ambiguous | near
 
     # 4. weights of the kept experts; dropped slots are (index=E, weight=0).
     slot = np.arange(K)[None, :]

@@ -66,6 +66,9 @@ class Rule:
     # The anchor computes the experts itself (a fused MoE op): `wire` feeds it the router's
     # choice, and there are no expert ids in the graph to keep right.
     fused: bool = False
+    # Whether the wiring can give a token more than k experts: not where the graph's own k
+    # weights stay and the router only picks the ids (sparse_mixer).
+    wider: bool = True
 
 
 def rules() -> tuple:

@@ -54,4 +54,4 @@ def masked_weights(w: Wiring) -> str:
 
 RULE = Rule("sparse_mixer", "ArgMax(logits), ArgMax(logits with it scattered out) -> Concat ids; "
             "GatherElements of each pick's jitter-masked softmax -> Concat weights", "PhiMoE", match,
-            anchors=("ArgMax",), wire=masked_weights)
+            anchors=("ArgMax",), wire=masked_weights, wider=False)

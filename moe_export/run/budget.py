@@ -192,9 +192,13 @@ class BudgetSearch:
         n_hold = max(1, int(round(n * holdout))) if n > 1 else 0
         if n_hold == 0:
             raise MoeExportError("--max-ppl-increase needs at least 2 sequences in --data (one is held out)")
+        if n_hold == n:
+            raise MoeExportError(f"--holdout {holdout} holds out all {n} sequences of --data, leaving none to fit "
+                                 "on; lower it or give more sequences")
         order = np.random.default_rng(0).permutation(n)
         self.hold, self.fit = np.sort(order[:n_hold]), np.sort(order[n_hold:])
         m = static_copy(model, max_experts)
+        Routing.read(m).check_dynamic()
         self.ev = ev = Evaluator(m, base_dir, feeds, batch)
         self.policy = policy
         policies = DYNAMIC if policy == "auto" else (policy,)

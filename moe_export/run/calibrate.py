@@ -29,7 +29,9 @@ def calibrate(model, feeds, target, policy="top-p", mode="per-layer", min_expert
         src = Source.of(model)
         model, base_dir = src.model, src.base_dir
     static = static_copy(model)
-    routers = Routing.read(static).routers
+    routing = Routing.read(static)
+    routing.check_dynamic()
+    routers = routing.routers
     with Progress("running the model on the calibration data", 1) as bar:
         logits = router_logits(static, base_dir, feeds, progress=bar)
     layers = []
