@@ -331,8 +331,8 @@ def _export_args(c):
     c.add_argument("checkpoint", type=Path, help="a local checkpoint folder (config.json and weights)")
     _output_arg(c, "the .onnx to write (weights beside it, .data)")
     c.add_argument("--opset", type=int, default=None,
-                   help="ONNX opset (dynamo: 18 up to what the installed onnx knows, default 18; torchscript: 7-17, "
-                        "default 17)")
+                   help="ONNX opset (dynamo: 18, the default, up to what torch's version converter reaches; "
+                        "torchscript: 7-17, default 17)")
     c.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                    help="torch.onnx exporter (default dynamo; torchscript only works with transformers 4.x)")
     c.add_argument("--embed-weights", action="store_true", help="keep weights inside the .onnx file")
@@ -578,9 +578,7 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except (KeyboardInterrupt, _Terminated) as e:
-        from .model.files import Output
-
-        if Output.committed:  # the interrupt came as the output was put in place: the work is done
+        if getattr(e, "output_committed", False):  # it came as the output was put in place (files.Output)
             sys.stderr.write("moe-export: interrupted after the output was written; it is complete\n")
             sys.exit(0)
         sys.stderr.write("moe-export: interrupted; nothing was written\n")

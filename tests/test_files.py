@@ -243,6 +243,33 @@ def test_an_interrupt_during_the_commit_reports_the_output_written(sig, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
+def test_a_held_interrupt_marks_only_an_output_that_stays(tmp_path, monkeypatch):
+    """The interrupt a commit held is raised as its renames end: marked written for that output,
+    and unmarked again when it was staged inside another output that is then rolled back
+    (`triton --backend tensorrt` builds its engine so)."""
+    from contextlib import contextmanager
+
+    from moe_export.model import files
+
+    @contextmanager
+    def delivered_as_the_renames_end(pending):
+        yield
+        pending.append(signal.SIGINT)
+
+    monkeypatch.setattr(files, "_signals_held", delivered_as_the_renames_end)
+    with pytest.raises(KeyboardInterrupt) as got:
+        with files.Output() as o:
+            o.file(tmp_path / "a.txt", b"a")
+    assert got.value.output_committed and (tmp_path / "a.txt").read_bytes() == b"a"
+    with pytest.raises(KeyboardInterrupt) as got:
+        with files.Output() as outer:
+            repo = outer.directory(tmp_path / "repo")
+            with files.Output() as inner:
+                inner.file(repo / "x", b"x")
+    assert not got.value.output_committed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
 def test_no_progress_bar_off_a_terminal(user_model, tmp_path):
     r = run_cli("convert", user_model, "-o", tmp_path / "m.onnx")
     assert r.returncode == 0 and r.stderr == ""

@@ -133,6 +133,27 @@ def test_a_static_conversion_re_set_to_drop_slots_counts_them_right():
     np.testing.assert_array_equal(counts.sum(axis=1), 2)
 
 
+def test_counts_below_opset_16_convert_statically_only():
+    """ScatterElements' reduction came with opset 16: an older graph's counts cannot become a
+    scatter that adds, so the graph routes statically (its node left as it was) or is refused."""
+    def opset15():
+        m = dense_router(histogram("none"))
+        m.opset_import[0].version = 15
+        for n in m.graph.node:  # (no reduction attribute before opset 16)
+            kept = [a for a in n.attribute if a.name != "reduction"]
+            del n.attribute[:]
+            n.attribute.extend(kept)
+        return m
+    with pytest.raises(MoeExportError, match="needs opset 16; the graph has 15"):
+        rewrite_model(opset15(), Policy("top-p", 0.5))
+    m = opset15()
+    rewrite_model(m, Policy("static"))
+    assert not any(a.name == "reduction" for n in m.graph.node for a in n.attribute)
+    assert "needs opset 16" in Routing.read(m).routers[0].static_only
+    x = logits_with_last_expert_on_top()
+    np.testing.assert_array_equal(moe_export.session(m).run(None, {"logits": x})[1].sum(axis=1), 2)
+
+
 def test_the_shape_of_the_ids_is_any_ids_shape():
     def shape_of(g, m, i):
         s = g.op("Shape", [i])

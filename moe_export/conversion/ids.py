@@ -111,7 +111,8 @@ def _uses(ix, consumer, tensor, gate, region):
     return out
 
 
-def keep_ids_right(surgery: Surgery, ix: GraphIndex, gate: Gate, a: RouterAttrs, b: NodeBuilder, idx: str):
+def keep_ids_right(surgery: Surgery, ix: GraphIndex, gate: Gate, a: RouterAttrs, b: NodeBuilder, idx: str,
+                   opset: int):
     """Every consumer of the gate's ids reads the router's `idx`, raw or clamped as its uses need
     (the table above); refuses a graph with a use it cannot keep right when slots can be dropped.
     The gate's own nodes are removed. Returns None, or (a static conversion of a graph with such a
@@ -120,10 +121,14 @@ def keep_ids_right(surgery: Surgery, ix: GraphIndex, gate: Gate, a: RouterAttrs,
     slot drops), so that re-setting its policy (repolicy, calibration) needs no graph change."""
     region = _gate_region(ix, gate)
     raw, clamped, static_only = {}, None, None
-    drops = not (a.policy == "static" and a.width == a.k)  # whether any slot can be dropped
     for c in ix.consumers_of(gate.indices):
         uses = _uses(ix, c, gate.indices, gate, region)
         kinds = {kind for kind, _ in uses}
+        counted = [n for kind, n in uses if kind == "counted"]
+        if counted and opset < 16:  # ScatterElements' reduction attribute came with opset 16
+            kinds = kinds - {"counted"} | {f"ScatterElements (counting by id, which needs opset 16; the graph "
+                                           f"has {opset})"}
+            counted = []
         raw_kinds = {"compared", "scattered", "widened", "shape", "output"}
         kinds = {"indexed" if k == "counted" else k for k in kinds}
         unknown = kinds - raw_kinds - {"indexed"}
@@ -133,9 +138,9 @@ def keep_ids_right(surgery: Surgery, ix: GraphIndex, gate: Gate, a: RouterAttrs,
             static_only = (f"{gate.name}: the expert ids feed {sorted(unknown)[0]}, which moe-export cannot "
                            "keep right when a slot is dropped (id = num_experts); only --policy static "
                            "converts this graph")
-            if drops:
+            if a.drops:
                 raise MoeExportError(static_only)
-        for n in (n for kind, n in uses if kind == "counted"):
+        for n in counted:
             axis = attr(n, "axis", 0)  # ScatterElements has only axis and reduction
             del n.attribute[:]
             n.attribute.extend([helper.make_attribute("axis", axis), helper.make_attribute("reduction", "add")])

@@ -42,7 +42,7 @@ class Router:
 
     def check_drops(self, a: RouterAttrs) -> None:
         """Refuses resolved attributes `a` that can drop a slot where the graph cannot take it."""
-        if self.static_only and not (a.policy == "static" and a.width == a.k):
+        if self.static_only and a.drops:
             raise MoeExportError(self.static_only)
 
     def to_json(self) -> dict:

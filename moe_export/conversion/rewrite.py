@@ -96,7 +96,7 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
             for f in fused:  # an in-graph selection scattered into a fused op: it runs as many as kept
                 k = next(x for x in f.attribute if x.name == "k")
                 k.i = max(k.i, a.width)
-            routers[-1].static_only = keep_ids_right(surgery, ix, gate, a, b, idx)
+            routers[-1].static_only = keep_ids_right(surgery, ix, gate, a, b, idx, opset_version(model))
         # The router goes where the gate's TopK stood: after logits and bias, before any user.
         surgery.insert(b, before=gate.topk.name)
     surgery.apply()

@@ -184,19 +184,32 @@ class Spinner(Progress):
 
 
 @contextmanager
-def _signals_held():
+def _signals_held(pending: list):
     """SIGINT/SIGTERM wait while the staged files are renamed into place (a few syscalls), so an
-    interrupt leaves either the old state or the new one."""
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    except (AttributeError, ValueError):
-        old = None
+    interrupt leaves either the old state or the new one: their handlers only note the signal in
+    `pending` meanwhile (see _deliver). Blocking the signals instead would hold them in this thread
+    only; the kernel hands a process's signal to any thread that does not block it (onnxruntime's
+    pool), and Python then raises in this one, mid-commit."""
+    old = {}
+    if threading.current_thread() is threading.main_thread():  # (elsewhere no handler runs in it)
+        for signo in (signal.SIGINT, signal.SIGTERM):
+            old[signo] = signal.signal(signo, lambda n, frame: pending.append(n))
     try:
         yield
     finally:
-        if old is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signo, handler in old.items():
+            signal.signal(signo, signal.SIG_DFL if handler is None else handler)  # (None: set outside Python)
+
+
+def _deliver(pending: list) -> None:
+    """Runs the handler of an interrupt held during a commit, here (it raises, in Python's and
+    moe-export's handlers), so the commit's caller knows it came after the output was in place."""
+    for signo in pending[:1]:
+        handler = signal.getsignal(signo)
+        if callable(handler):
+            handler(signo, None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(signo)
 
 
 class Output:
@@ -400,29 +413,31 @@ class Output:
     def __enter__(self):
         return self
 
-    # Whether an Output of this process has put its files in place: an interrupt held during the
-    # renames arrives just after them, and must not be reported as "nothing written" (cli.main).
-    committed = False
-
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            done = False
+            done, pending = False, []
             try:
-                with _signals_held():
+                with _signals_held(pending):
                     for tmp, final in self.staged:
                         os.replace(tmp, final)
                     for d, final in self.dirs:
                         os.rename(d, final)
-                    done = Output.committed = True
-            except BaseException:
-                if not done:  # (a held interrupt is raised after the commit: the output stays)
+                    done = True
+                _deliver(pending)
+            except BaseException as e:
+                # An interrupt held during the renames is raised just after them: the output
+                # stays, and the interrupt says so (cli.main reports it written, not "nothing").
+                if not done:
                     self.rollback()
+                e.output_committed = done
                 raise
             finally:
                 if done:
                     for d in self.scratch:
                         shutil.rmtree(d, ignore_errors=True)
             return False
+        if exc is not None:  # an output staged inside this one is rolled back with it
+            exc.output_committed = False
         self.rollback()
         return False
 

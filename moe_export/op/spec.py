@@ -58,6 +58,12 @@ class _Rules:
         return (self.select == "before_score" and self.score_func == "softmax") or bool(self.normalize)
 
     @property
+    def drops(self) -> bool:
+        """Whether a slot can be left empty (id = num_experts): under any dynamic policy, and
+        static in a router wider than k."""
+        return not (self.policy == "static" and self.width == self.k)
+
+    @property
     def width(self) -> int:
         """Output slots: max(k, max_experts), so a cap below k keeps the graph's k-wide shapes."""
         return max(self.k, self.max_experts)
@@ -209,12 +215,15 @@ def _rank(a, x, b):
         G, gs = a.n_group, E // a.n_group
         kg = np.sort(key.reshape(T, G, gs), axis=-1)[..., ::-1][..., : a.group_score_topk]
         gscore = _sanitize(_lane_sum(kg))
-        gorder = _stable_desc_order(gscore)[:, : a.topk_group]
+        gfull = _stable_desc_order(gscore)
+        gorder = gfull[:, : a.topk_group]
         if a.topk_group < G:
             # Group sums that are equal in exact arithmetic (sigmoid(-2) + sigmoid(2) =
             # sigmoid(-1) + sigmoid(1)) round apart differently in an expansion that sums in
-            # other ops (portable.py); exact float ties break alike everywhere, so stay decided.
-            ranked = np.take_along_axis(gscore, _stable_desc_order(gscore), axis=1)
+            # other ops (portable.py). Exact float ties stay decided, so that the kernels'
+            # tie-breaking is tested: they are mostly groups holding the same scores, which every
+            # implementation sums alike.
+            ranked = np.take_along_axis(gscore, gfull, axis=1)
             gap = ranked[:, a.topk_group - 1] - ranked[:, a.topk_group]
             near = (gap > 0) & (gap <= DECISION_EPS * np.maximum(np.abs(ranked[:, a.topk_group - 1]), 1e-30))
         gvalid = np.zeros((T, G), dtype=bool)
