@@ -200,6 +200,8 @@ def cmd_convert(args):
                                      group_experts=not args.no_group_experts,
                                      per_expert_weights=args.per_expert_weights)
         n, families = len(gates), sorted({g.family for g in gates})
+        if args.per_expert_weights and all(g.expert_form == "fused" for g in gates):
+            _warn("--per-expert-weights ignored: the fused MoE ops of this graph keep their own weights")
     settings = _settings(args, pol)
     summary = {"output": str(args.output), "layers": n, "policy": args.policy,
                "threshold": pol.threshold if args.policy != "static" else None, "portable": args.portable,
@@ -303,6 +305,7 @@ def _validate_args(c):
 
 @command("validate", "compare a converted graph with its original (polygraphy)", _validate_args)
 def cmd_validate(args):
+    from .run.stats import fewer
     from .run.validate import validate
 
     rep = validate(args.original, args.converted, feeds=args.data, atol=args.atol, rtol=args.rtol,
@@ -315,7 +318,7 @@ def cmd_validate(args):
                   f"max_rel={s['max_rel']:.3g} mean_rel={s['mean_rel']:.3g} {'ok' if s['passed'] else 'DIFFERS'}")
         rp = rep["routed_pairs"]
         print(f"routed (token, expert) pairs: original {rp['original']}, converted {rp['converted']} "
-              f"({100 * rp['reduction']:.1f}% fewer)")
+              f"({fewer(rp['reduction'])})")
         if rep["static_policy"]:
             print("static policy reproduces the original:", "yes" if rep["static_reproduces"] else "NO")
         for note in rep["notes"]:

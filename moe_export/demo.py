@@ -27,6 +27,7 @@ def tiny_mixtral(seed=0, experts=8, k=2):
 def run_demo(workdir: Path, json_out=False):
     from .model.export import _quiet_exporter, export_checkpoint
     from .conversion import Policy, convert
+    from .run.stats import fewer
     from .run.validate import validate
 
     _quiet_exporter()
@@ -48,7 +49,7 @@ def run_demo(workdir: Path, json_out=False):
         (name, s), = rep["outputs"].items()
         rp = rep["routed_pairs"]
         line = (f"[{label}] {name}: max_abs={s['max_abs']:.2e} mean_abs={s['mean_abs']:.2e}; routed pairs "
-                f"{rp['original']} -> {rp['converted']} ({100 * rp['reduction']:.1f}% fewer)")
+                f"{rp['original']} -> {rp['converted']} ({fewer(rp['reduction'])})")
         if rep["static_policy"]:
             line += f"; reproduces original: {'yes' if rep['static_reproduces'] else 'NO'}"
         print(line)

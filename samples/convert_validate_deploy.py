@@ -4,6 +4,7 @@ check parity and savings, and write a Triton model repository.
     python samples/convert_validate_deploy.py CHECKPOINT_DIR WORKDIR [--threshold 0.6]
 
 CHECKPOINT_DIR is a local transformers MoE checkpoint (save_pretrained); no hub access needed.
+WORKDIR must be new or empty: moe-export never replaces a model another one shares data with.
 """
 import argparse
 import json
@@ -22,6 +23,8 @@ ap.add_argument("checkpoint", type=Path)
 ap.add_argument("workdir", type=Path)
 ap.add_argument("--threshold", type=float, default=0.6)
 args = ap.parse_args()
+if args.workdir.exists() and any(args.workdir.iterdir()):
+    raise SystemExit(f"{args.workdir} is not empty; give a new WORKDIR")
 args.workdir.mkdir(parents=True, exist_ok=True)
 
 original = export_checkpoint(args.checkpoint, args.workdir / "model.onnx")

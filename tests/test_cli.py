@@ -80,6 +80,31 @@ def test_a_misspelt_layer_in_per_layer_is_refused(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("args, kw, expect", [
+    (("top-p",), {}, "needs a threshold"),
+    (("top-p", 0.5), {"max_experts": 0}, "max_experts must be a whole number >= 1"),
+    (("top-p", 0.5), {"max_experts": 2.5}, "max_experts must be a whole number"),
+    (("top-p", 0.5), {"min_experts": "2"}, "min_experts must be a whole number"),
+    (("top-p", "half"), {}, "threshold must be a number"),
+    (("top-q", 0.5), {}, "unknown policy"),
+])
+def test_the_api_policy_refuses_what_the_command_line_refuses(args, kw, expect):
+    """Before, max_experts 0 became k and 2.5 became 2, silently; a missing threshold became 0."""
+    from moe_export import MoeExportError
+    from moe_export.conversion import Policy
+
+    with pytest.raises(MoeExportError, match=expect):
+        Policy(*args, **kw)
+
+
+def test_the_api_wants_a_policy_object(tmp_path):
+    from moe_export import MoeExportError
+    from moe_export.conversion import convert
+
+    with pytest.raises(MoeExportError, match="must be a moe_export Policy"):
+        convert(MIXTRAL, tmp_path / "x.onnx", "top-p")
+
+
 def test_converted_model_is_retuned_not_reconverted(tokens, tmp_path):
     conv = tmp_path / "conv.onnx"
     assert run_cli("convert", MIXTRAL, "-o", conv, "--policy", "top-p", "--threshold", "0.5").returncode == 0

@@ -123,6 +123,14 @@ def test_max_experts_above_k_matches_a_wider_model(tmp_path, base, top3):
     assert np.abs(got - want).max() < 1e-4 < np.abs(narrow - want).max()
 
 
+def test_more_pairs_than_the_original_are_said_so(tmp_path):
+    out = tmp_path / "wide.onnx"
+    assert run_cli("convert", GRAPHS / "legacy_mixtral_dynamo.onnx", "-o", out, "--policy", "ratio", "--threshold",
+                   "0", "--max-experts", "3").returncode == 0
+    r = run_cli("validate", GRAPHS / "legacy_mixtral_dynamo.onnx", out)
+    assert r.returncode == 0 and "% more)" in r.stdout and "-" not in r.stdout.split("pairs:")[1], r.stdout
+
+
 def test_max_experts_above_k_is_refused_where_the_graph_cannot_take_it(tmp_path):
     batched = GRAPHS / "mixtral.onnx"
     r = run_cli("convert", batched, "-o", tmp_path / "x.onnx", "--policy", "top-p", "--threshold", "0.5",

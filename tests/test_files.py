@@ -270,6 +270,27 @@ def test_a_held_interrupt_marks_only_an_output_that_stays(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
 
 
+def test_data_symlinked_out_of_the_folder_is_copied_and_loads(tmp_path):
+    """A Hugging Face cache snapshot: model.onnx and its data are symlinks into ../blobs. Data
+    shared through such a link escapes the output's folder and onnxruntime refuses it, as it
+    refused validate's in-memory original: the output gets a copy, and both load."""
+    m = onnx.load(str(MIXTRAL))
+    blobs, snap = tmp_path / "blobs", tmp_path / "snap"
+    blobs.mkdir(), snap.mkdir()
+    onnx.save_model(m, str(blobs / "m.onnx"), save_as_external_data=True, location="weights.data",
+                    size_threshold=0)
+    os.rename(blobs / "weights.data", blobs / "b0c1")
+    os.rename(blobs / "m.onnx", blobs / "a9f2")
+    os.symlink("../blobs/a9f2", snap / "model.onnx")
+    os.symlink("../blobs/b0c1", snap / "weights.data")
+    out = snap / "model.static.onnx"
+    r = run_cli("convert", snap / "model.onnx", "-o", out)
+    assert r.returncode == 0 and "external data copied" in r.stdout, r.stdout + r.stderr
+    moe_export.session(out)
+    v = run_cli("validate", snap / "model.onnx", out)
+    assert v.returncode == 0 and "reproduces the original: yes" in v.stdout, v.stdout + v.stderr
+
+
 def test_no_progress_bar_off_a_terminal(user_model, tmp_path):
     r = run_cli("convert", user_model, "-o", tmp_path / "m.onnx")
     assert r.returncode == 0 and r.stderr == ""

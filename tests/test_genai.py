@@ -3,6 +3,7 @@ graphs/make_genai.py): fused MoE/QMoE ops and LFM2's in-graph selection, KV cach
 folders converted and run through onnxruntime-genai itself."""
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -145,6 +146,47 @@ def test_folder_outputs_are_refused_where_they_would_touch_the_input(tmp_path):
     assert r.returncode == 1 and "genai_config.json" in r.stderr
     assert snapshot(folder) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_folder_outputs_must_be_new_folders_in_existing_ones(tmp_path):
+    folder = GRAPHS / "genai" / "gpt_oss_fp32_cpu"
+    r = run_cli("convert", folder, "-o", tmp_path / "no" / "such" / "out")
+    assert r.returncode == 1 and "output directory" in r.stderr and "does not exist" in r.stderr
+    r = run_cli("calibrate", folder, "--data", tmp_path / "ids.npy", "--target-experts", "1.5", "-o", tmp_path / "x.onnx")
+    assert r.returncode == 1 and "give a folder name" in r.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_folder_with_its_own_ops_library_keeps_it_or_is_refused(tmp_path):
+    """GenAI loads one custom ops library per session: the model's own is kept where the router
+    needs none (--portable), else the conversion is refused (it was replaced by moe-export's)."""
+    src = tmp_path / "src"
+    shutil.copytree(GRAPHS / "genai" / "gpt_oss_fp32_cpu", src)
+    (src / "mylib.so").write_bytes(b"the user's ops")
+    cfg = json.loads((src / "genai_config.json").read_text())
+    cfg["model"]["decoder"].setdefault("session_options", {})["custom_ops_library"] = "mylib.so"
+    (src / "genai_config.json").write_text(json.dumps(cfg))
+    r = run_cli("convert", src, "-o", tmp_path / "out", "--policy", "top-p", "--threshold", "0.5")
+    assert r.returncode == 1 and "its own custom ops library mylib.so" in r.stderr and "--portable" in r.stderr
+    assert not (tmp_path / "out").exists()
+    r = run_cli("convert", src, "-o", tmp_path / "port", "--portable", "--policy", "top-p", "--threshold", "0.5",
+                "--per-expert-weights")
+    assert r.returncode == 0, r.stderr
+    assert "--per-expert-weights ignored" in r.stderr  # fused MoE ops keep their weights
+    out_cfg = json.loads((tmp_path / "port" / "genai_config.json").read_text())
+    assert out_cfg["model"]["decoder"]["session_options"]["custom_ops_library"] == "mylib.so"
+    assert (tmp_path / "port" / "mylib.so").read_bytes() == b"the user's ops"
+
+
+def test_a_cached_prefix_with_several_tokens_needs_a_batch_of_one(tmp_path):
+    """GroupQueryAttention's rule, said in one line before anything runs (it was ORT's error)."""
+    folder = GRAPHS / "genai" / "gpt_oss_int4_cpu"
+    out = tmp_path / "static"
+    assert run_cli("convert", folder, "-o", out).returncode == 0
+    r = run_cli("validate", folder, out, "--dim", "past_sequence_length=20")
+    assert r.returncode == 1 and "only for a batch of one: add --dim batch_size=1" in r.stderr, r.stderr
+    r = run_cli("validate", folder, out, "--dim", "past_sequence_length=20", "--dim", "batch_size=1")
+    assert r.returncode == 0 and "reproduces the original: yes" in r.stdout, r.stdout + r.stderr
 
 
 def test_cache_feeds_follow_the_graph_and_its_config():

@@ -1,21 +1,39 @@
 """The routing a conversion writes: one policy for every layer, or per-layer choices (calibrate)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Integral, Real
 
-from ..errors import MoeExportError
+from ..errors import MoeExportError, UsageError
+from ..op.spec import POLICIES
 
 
 @dataclass
 class Policy:
     policy: str = "static"
-    threshold: float = 0.0
+    threshold: float | None = None  # required by a dynamic policy (unless per_layer gives them all)
     min_experts: int = 1
     max_experts: int | None = None  # None: the gate's own k
     # per-gate overrides written by calibrate: {gate name: threshold, or (policy, threshold[,
     # renormalize])}
     per_layer: dict | None = None
     renormalize: float = 1.0
+
+    def __post_init__(self):
+        """The Python API's arguments held to what the command line accepts, in its words: a
+        value that would otherwise be cast or replaced silently (max_experts 0 or 2.5) is refused."""
+        if self.policy not in POLICIES:
+            raise UsageError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.threshold is None:
+            if self.policy != "static" and not self.per_layer:
+                raise UsageError(f"policy {self.policy} needs a threshold")
+            self.threshold = 0.0
+        self.threshold, self.renormalize = _number("threshold", self.threshold), _number("renormalize",
+                                                                                          self.renormalize)
+        self.min_experts = _count("min_experts", self.min_experts)
+        if self.max_experts is not None:
+            self.max_experts = _count("max_experts", self.max_experts)
 
     def of(self, layer) -> tuple:
         """(policy, threshold, renormalize) of one layer."""
@@ -31,3 +49,21 @@ class Policy:
         if unknown:
             raise MoeExportError(f"per_layer names {', '.join(map(repr, unknown))}, not a MoE layer of this graph "
                                  f"(its layers: {', '.join(layers)})")
+
+
+def _number(name, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (Real, str)):
+        raise UsageError(f"{name} must be a number, got {v!r}")
+    try:
+        x = float(v)
+    except ValueError:
+        raise UsageError(f"{name} must be a number, got {v!r}") from None
+    if not math.isfinite(x):
+        raise UsageError(f"{name} must be finite, got {v!r}")
+    return x
+
+
+def _count(name, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
+        raise UsageError(f"{name} must be a whole number >= 1 (max_experts None: the graph's k), got {v!r}")
+    return int(v)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import MoeExportError
+from ..errors import MoeExportError, UsageError
 from ..model import genai
 from ..model.files import Output
 from ..model.source import Source
@@ -29,6 +29,7 @@ def _write(src: Source, dst, transform, protect=()):
 
 def convert_model(src, dst, pol: Policy, portable=False, group_experts=True, protect=(), per_expert_weights=False):
     """Converts the model at `src` (a path or a Source) into `dst`. Returns (gates, notes)."""
+    _check_policy(pol)
     src = Source.of(src)
 
     def transform(model):
@@ -50,7 +51,14 @@ def convert(src, dst, pol: Policy, portable=False, group_experts=True, per_exper
 def repolicy(src, dst, pol: Policy, protect=()):
     """Writes `src` (a converted model, or GenAI folder) to `dst` with its routers under `pol`.
     Returns (the number of routers, notes)."""
+    _check_policy(pol)
+
     def transform(model):
         set_policy(model, pol)
         return model, len(router_nodes(model))
     return _write(Source.of(src), dst, transform, protect)
+
+
+def _check_policy(pol) -> None:
+    if not isinstance(pol, Policy):
+        raise UsageError(f"the policy must be a moe_export Policy, e.g. Policy(\"top-p\", 0.6), got {pol!r}")

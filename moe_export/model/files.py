@@ -48,6 +48,31 @@ def data_locations(model: onnx.ModelProto) -> list[str]:
     return locs
 
 
+def _escapes(folder: Path, loc: str) -> bool:
+    """Whether a data file resolves outside `folder` (a symlink into a Hugging Face cache's
+    blobs, say): onnxruntime refuses a model whose data does so."""
+    real = os.path.realpath(folder)
+    return os.path.commonpath([real, os.path.realpath(Path(folder) / loc)]) != real
+
+
+def resolved_data(model: onnx.ModelProto, data_dir) -> tuple:
+    """(model, data_dir) to hand onnxruntime for a model in memory whose data lives in
+    `data_dir`: as given, or, where a data file resolves elsewhere, a copy of the graph pointing
+    at the files where they resolve (their common folder), which onnxruntime accepts."""
+    locs = data_locations(model)
+    if not any(_escapes(Path(data_dir), loc) for loc in locs):
+        return model, data_dir
+    real = {loc: os.path.realpath(Path(data_dir) / loc) for loc in locs}
+    base = os.path.commonpath([os.path.dirname(r) for r in real.values()])
+    m = onnx.ModelProto()
+    m.CopyFrom(model)  # (the weights are not in it: only their locations change)
+    for t in _all_tensors(m):
+        for e in t.external_data:
+            if e.key == "location" and e.value in real:
+                e.value = os.path.relpath(real[e.value], base)
+    return m, base
+
+
 def _all_tensors(model):
     yield from model.graph.initializer
     for n in model.graph.node:
@@ -337,7 +362,8 @@ class Output:
         # relative, inside src_dir (load_model checked them); expert slices are written below
         locs = [loc for loc in data_locations(model) if loc != EXPERT_SLICE]
         self.check_model_path(out)
-        in_place = not owned and same_file(out_dir, src_dir)
+        # Shared only where onnxruntime will load it: data symlinked out of the folder is copied.
+        in_place = not owned and same_file(out_dir, src_dir) and not any(_escapes(out_dir, loc) for loc in locs)
         if owned:
             for loc in locs:
                 dst = out_dir / loc

@@ -47,6 +47,20 @@ def resolve(path) -> Path:
     return path
 
 
+def check_folder_output(dst) -> None:
+    """Refuses an output folder path before any work: it must be new, in an existing folder (as
+    an output file must), and not named like a graph."""
+    dst = Path(dst)
+    if dst.exists():
+        raise MoeExportError(f"{dst} exists; remove it or choose another name")
+    parent = dst.parent if str(dst.parent) else Path(".")
+    if not parent.is_dir():
+        raise MoeExportError(f"output directory {parent} " + ("is not a directory" if parent.exists() else
+                                                                "does not exist"))
+    if dst.suffix == ".onnx":
+        raise MoeExportError(f"output {dst}: a GenAI model folder is written to a new folder; give a folder name")
+
+
 def write_folder(src, dst, transform, protect=(), load=None):
     """Writes the GenAI folder `src` to the new folder `dst` with its decoder graph passed through
     `transform` (ModelProto -> ModelProto, in memory); every other file is copied, the
@@ -55,6 +69,7 @@ def write_folder(src, dst, transform, protect=(), load=None):
     (a copy of one the caller has loaded)."""
     src, dst = Path(src), Path(dst)
     dec = decoder_file(src)
+    check_folder_output(dst)
     if dst.resolve().is_relative_to(src.resolve()):
         raise MoeExportError(f"output {dst} is inside the input folder {src}; moe-export never modifies its inputs")
     model = load_model(dec) if load is None else load()
@@ -66,8 +81,16 @@ def write_folder(src, dst, transform, protect=(), load=None):
         out.model(model, out.mkdir((stage / rel).parent) / rel.name, dec.parent)
         cfg = read_config(src)
         options = cfg["model"]["decoder"].setdefault("session_options", {})
+        ours_name = Path(custom_op_library()).name
         old_lib = options.pop("custom_ops_library", None)
         lib = Path(custom_op_library()) if any(o.domain == DOMAIN for o in model.opset_import) else None
+        if old_lib is not None and Path(old_lib).name != ours_name:  # the model's own ops, kept
+            if lib is not None:
+                raise MoeExportError(f"{src}'s decoder loads its own custom ops library {old_lib}, and "
+                                     "onnxruntime-genai takes one per session: convert with --portable (the "
+                                     "router in standard ONNX ops, no library)")
+            options["custom_ops_library"] = old_lib
+            old_lib = None
         if lib is not None:
             out.copy(lib, stage / lib.name)
             options["custom_ops_library"] = lib.name

@@ -2,6 +2,7 @@
 (--target-experts), or the cheapest routing within a quality budget (--max-ppl-increase, budget.py)."""
 from __future__ import annotations
 
+from numbers import Real
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from ..conversion.write import convert_model, repolicy
 from ..conversion.policy import Policy
 from ..conversion.record import Routing
 from ..model.files import Output, Progress
+from ..model.genai import check_folder_output
 from ..model.source import Source
 from .budget import budget_policy, calibrate_budget
 from .runtime import load_inputs
@@ -71,13 +73,15 @@ def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p
     notes about the written files, the budget search's report or None)."""
     if (target is None) == (max_ppl_increase is None):
         raise UsageError("give one of --target-experts (a compute budget) or --max-ppl-increase (a quality budget)")
+    for name, v in (("target", target), ("max_ppl_increase", max_ppl_increase)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, Real)):
+            raise UsageError(f"{name} must be a number, got {v!r}")
     if policy == "auto" and max_ppl_increase is None:
         raise UsageError("--policy auto picks each layer's policy by perplexity: it needs --max-ppl-increase")
     src, out = Source.of(model_path), Path(out)
     protect = src.files() + [Path(data_path)]
     if src.is_folder:  # before the long part
-        if out.exists():
-            raise MoeExportError(f"{out} exists; remove it or choose another name")
+        check_folder_output(out)
     else:
         Output(protected=protect).check_model_path(out)
     converted = Routing.read(src.model) is not None

@@ -10,7 +10,7 @@ from ..conversion.record import Routing
 from ..model.source import Source
 from ..op.spec import dynamic_router
 from .runtime import load_inputs, run_exposed
-from .stats import routed_pairs, router_inputs
+from .stats import fewer, routed_pairs, router_inputs
 
 
 def flops_per_pair(model, E, n_layers):
@@ -77,6 +77,6 @@ def print_profile(rep) -> str:
         top = max(x["load"]) or 1
         lines.append("  load " + "".join(" .:-=+*#%@"[min(9, int(9 * v / top))] for v in x["load"]))
     t = rep["total"]
-    lines.append(f"routed pairs {t['pairs_static']} -> {t['pairs']} ({100 * t['pair_reduction']:.1f}% fewer)"
-                 + (f"; expert FLOPs {100 * t['flops_reduction']:.1f}% fewer" if "flops_reduction" in t else ""))
+    lines.append(f"routed pairs {t['pairs_static']} -> {t['pairs']} ({fewer(t['pair_reduction'])})"
+                 + (f"; expert FLOPs {fewer(t['flops_reduction'])}" if "flops_reduction" in t else ""))
     return "\n".join(lines + [f"note: {n}" for n in rep.get("notes", [])])

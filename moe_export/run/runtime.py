@@ -35,6 +35,10 @@ def session(model, providers=None, cpu_isa=None, *, custom_ops=True, data_dir=No
             raise TypeError(f"onnxruntime.SessionOptions has no field {key!r}")
         setattr(so, key, value)
     if data_dir is not None:
+        if hasattr(model, "SerializeToString"):
+            from ..model.files import resolved_data
+
+            model, data_dir = resolved_data(model, data_dir)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_dir))
     if custom_ops:
         so.register_custom_ops_library(custom_op_library())
@@ -246,10 +250,10 @@ def make_feeds(model, dims=None, seed=0, tokens=16, batch=2, past=None, base=Non
     window = next((int(p.value) for p in model.metadata_props if p.key == SLIDING_WINDOW), 0)
     if window and past is None and tokens // 2 + tokens <= window:
         tokens = window + 2  # a prefix of half the window, then the rest: past the window
+    # GroupQueryAttention takes several tokens after a cached prefix only for a batch of one:
+    # its graphs get a prefill from an empty cache, as ONNX Runtime GenAI runs them.
+    gqa = any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
     if past is None:
-        # GroupQueryAttention takes several tokens after a cached prefix only for a batch of one:
-        # its graphs get a prefill from an empty cache, as ONNX Runtime GenAI runs them.
-        gqa = any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
         past = 0 if gqa else tokens // 2
     dims = cache_dims(model, base) | dict(dims or {})
     ix = GraphIndex(model.graph)
@@ -277,6 +281,12 @@ def make_feeds(model, dims=None, seed=0, tokens=16, batch=2, past=None, base=Non
         return size(first) if first else 0
 
     start = prefix()
+    batches = [size(q) for q in params if "batch" in q.lower() and _dim_names(q) == {q}]
+    new_tokens = size("sequence_length") if "sequence_length" in symbolic else tokens
+    cached = max([start] + [size(q) - new_tokens for q in params if "total" in q.lower() and _dim_names(q) == {q}])
+    if gqa and cached > 0 and new_tokens > 1 and max(batches, default=1) > 1:
+        raise MoeExportError(f"GroupQueryAttention runs {new_tokens} new tokens after a cached prefix of {cached} only "
+                             "for a batch of one: add --dim batch_size=1, or --dim sequence_length=1 (a decode step)")
     feeds = {}
     for inp in graph_inputs(model):
         tt = inp.type.tensor_type

@@ -102,3 +102,8 @@ class Thresholds:
     def solve(self, target):
         """(threshold, mean experts per token) closest to `target`."""
         return solve(self.mean, target, self.increasing, hi=self.hi)
+
+
+def fewer(reduction: float) -> str:
+    """A saving for people: "24.5% fewer", or "59.4% more" where hard tokens took more than k."""
+    return f"{100 * reduction:.1f}% fewer" if reduction >= 0 else f"{-100 * reduction:.1f}% more"
