@@ -48,6 +48,14 @@ def data_locations(model: onnx.ModelProto) -> list[str]:
     return locs
 
 
+def check_output_parent(out: Path) -> None:
+    """An output goes into an existing folder: none is made for it (a typo would be)."""
+    parent = Path(out).parent if str(Path(out).parent) else Path(".")
+    if not parent.is_dir():
+        raise MoeExportError(f"output directory {parent} " + ("is not a directory" if parent.exists() else
+                                                                "does not exist"))
+
+
 def _escapes(folder: Path, loc: str) -> bool:
     """Whether a data file resolves outside `folder` (a symlink into a Hugging Face cache's
     blobs, say): onnxruntime refuses a model whose data does so."""
@@ -268,10 +276,7 @@ class Output:
         out = Path(out)
         if out.is_dir():
             raise MoeExportError(f"output {out} is a directory; give a file name")
-        parent = out.parent if str(out.parent) else Path(".")
-        if not parent.is_dir():
-            raise MoeExportError(f"output directory {parent} " + ("is not a directory" if parent.exists() else
-                                                                    "does not exist"))
+        check_output_parent(out)
         self.check(out)
         self.check_unreferenced(out, out)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import MoeExportError
 from ..native import custom_op_library
-from .files import Output, model_files, same_file
+from .files import Output, check_output_parent, model_files, same_file
 from .graph import load_model
 from ..op.schema import DOMAIN
 
@@ -53,10 +53,7 @@ def check_folder_output(dst) -> None:
     dst = Path(dst)
     if dst.exists():
         raise MoeExportError(f"{dst} exists; remove it or choose another name")
-    parent = dst.parent if str(dst.parent) else Path(".")
-    if not parent.is_dir():
-        raise MoeExportError(f"output directory {parent} " + ("is not a directory" if parent.exists() else
-                                                                "does not exist"))
+    check_output_parent(dst)
     if dst.suffix == ".onnx":
         raise MoeExportError(f"output {dst}: a GenAI model folder is written to a new folder; give a folder name")
 
