@@ -179,7 +179,8 @@ def test_a_folder_with_its_own_ops_library_keeps_it_or_is_refused(tmp_path):
 
 
 def test_a_cached_prefix_with_several_tokens_needs_a_batch_of_one(tmp_path):
-    """GroupQueryAttention's rule, said in one line before anything runs (it was ORT's error)."""
+    """GroupQueryAttention's rule, and the model's context length, said in one line before
+    anything runs (both were ORT's errors)."""
     folder = GRAPHS / "genai" / "gpt_oss_int4_cpu"
     out = tmp_path / "static"
     assert run_cli("convert", folder, "-o", out).returncode == 0
@@ -187,6 +188,10 @@ def test_a_cached_prefix_with_several_tokens_needs_a_batch_of_one(tmp_path):
     assert r.returncode == 1 and "only for a batch of one: add --dim batch_size=1" in r.stderr, r.stderr
     r = run_cli("validate", folder, out, "--dim", "past_sequence_length=20", "--dim", "batch_size=1")
     assert r.returncode == 0 and "reproduces the original: yes" in r.stdout, r.stdout + r.stderr
+    context = json.loads((folder / "genai_config.json").read_text())["model"]["context_length"]
+    np.save(tmp_path / "long.npy", np.zeros((1, context + 1), dtype=np.int64))
+    r = run_cli("profile", out, "--data", tmp_path / "long.npy")
+    assert r.returncode == 1 and f"exceed the model's context_length {context}" in r.stderr, r.stderr
 
 
 def test_cache_feeds_follow_the_graph_and_its_config():

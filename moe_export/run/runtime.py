@@ -207,23 +207,29 @@ def _rows(ix: GraphIndex, t):
     return None
 
 
+def _genai_model(base) -> dict:
+    """The "model" section of the genai_config.json in folder `base`, or {}."""
+    import json
+
+    cfg = Path(base) / "genai_config.json" if base is not None else None
+    if cfg is None or not cfg.is_file():
+        return {}
+    try:
+        found = json.loads(cfg.read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def cache_dims(model, base=None) -> dict:
     """Sizes of the KV-cache dimensions a graph cannot run without: a sliding-window layer's cache
     capacity (GroupQueryAttention refuses one below its local_window_size) and, from an ONNX
     Runtime GenAI genai_config.json in `base`, the cache's head size."""
-    import json
-
     params = {d.dim_param for i in graph_inputs(model) for d in i.type.tensor_type.shape.dim if d.dim_param}
     out = {}
     windows = [a.i for n in model.graph.node if n.op_type == "GroupQueryAttention"
                for a in n.attribute if a.name == "local_window_size" and a.i > 0]
-    cfg = Path(base) / "genai_config.json" if base is not None else None
-    dec = {}
-    if cfg is not None and cfg.is_file():
-        try:
-            dec = json.loads(cfg.read_text()).get("model", {}).get("decoder", {})
-        except (OSError, ValueError, AttributeError):
-            dec = {}
+    dec = _genai_model(base).get("decoder") or {}
     window = (dec.get("sliding_window") or {}).get("window_size") or (max(windows) if windows else None)
     for p in params:
         if "sliding" in p.lower() and window:
@@ -284,6 +290,10 @@ def make_feeds(model, dims=None, seed=0, tokens=16, batch=2, past=None, base=Non
     batches = [size(q) for q in params if "batch" in q.lower() and _dim_names(q) == {q}]
     new_tokens = size("sequence_length") if "sequence_length" in symbolic else tokens
     cached = max([start] + [size(q) - new_tokens for q in params if "total" in q.lower() and _dim_names(q) == {q}])
+    context = _genai_model(base).get("context_length")
+    if isinstance(context, int) and cached + new_tokens > context:  # (past it, ORT's rotary cache errs)
+        raise MoeExportError(f"{cached + new_tokens} tokens ({cached} cached, {new_tokens} new) exceed the model's "
+                             f"context_length {context} (genai_config.json)")
     if gqa and cached > 0 and new_tokens > 1 and max(batches, default=1) > 1:
         raise MoeExportError(f"GroupQueryAttention runs {new_tokens} new tokens after a cached prefix of {cached} only "
                              "for a batch of one: add --dim batch_size=1, or --dim sequence_length=1 (a decode step)")
