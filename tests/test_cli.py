@@ -97,6 +97,20 @@ def test_the_api_policy_refuses_what_the_command_line_refuses(args, kw, expect):
         Policy(*args, **kw)
 
 
+def test_per_layer_thresholds_without_a_default_cover_every_layer(tmp_path):
+    """With no threshold, a layer per_layer leaves out has none: refused, not routed at 0."""
+    from moe_export import MoeExportError
+    from moe_export.conversion import Policy, convert
+    from moe_export.model.graph import load_model
+    from moe_export.rules.base import find_gates
+
+    layers = [g.name for g in find_gates(load_model(MIXTRAL))[0]]
+    with pytest.raises(MoeExportError, match=f"no threshold for layer {layers[1]}"):
+        convert(MIXTRAL, tmp_path / "x.onnx", Policy("top-p", per_layer={layers[0]: 0.5}))
+    convert(MIXTRAL, tmp_path / "y.onnx", Policy("top-p", per_layer={n: 0.5 for n in layers}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["y.onnx"]
+
+
 def test_the_api_wants_a_policy_object(tmp_path):
     from moe_export import MoeExportError
     from moe_export.conversion import convert

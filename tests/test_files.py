@@ -291,6 +291,21 @@ def test_data_symlinked_out_of_the_folder_is_copied_and_loads(tmp_path):
     assert v.returncode == 0 and "reproduces the original: yes" in v.stdout, v.stdout + v.stderr
 
 
+def test_data_named_outside_the_folder_stays_onnxruntimes_to_refuse(tmp_path):
+    """Only links inside the folder are followed for an in-memory session: a location that
+    names a place outside ("../") is left as written, and onnxruntime refuses it."""
+    m = onnx.load(str(MIXTRAL))
+    (tmp_path / "m").mkdir(), (tmp_path / "secret").mkdir()
+    onnx.save_model(m, str(tmp_path / "secret" / "x.onnx"), save_as_external_data=True, location="s.bin")
+    g = onnx.load(str(tmp_path / "secret" / "x.onnx"), load_external_data=False)
+    for t in g.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../secret/s.bin"
+    with pytest.raises(Exception, match="escapes|outside|path"):
+        moe_export.session(g, data_dir=tmp_path / "m")
+
+
 def test_no_progress_bar_off_a_terminal(user_model, tmp_path):
     r = run_cli("convert", user_model, "-o", tmp_path / "m.onnx")
     assert r.returncode == 0 and r.stderr == ""

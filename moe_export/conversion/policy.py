@@ -25,12 +25,13 @@ class Policy:
         value that would otherwise be cast or replaced silently (max_experts 0 or 2.5) is refused."""
         if self.policy not in POLICIES:
             raise UsageError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        if self.threshold is None:
-            if self.policy != "static" and not self.per_layer:
+        if self.threshold is None and (self.policy == "static" or not self.per_layer):
+            if self.policy != "static":
                 raise UsageError(f"policy {self.policy} needs a threshold")
             self.threshold = 0.0
-        self.threshold, self.renormalize = _number("threshold", self.threshold), _number("renormalize",
-                                                                                          self.renormalize)
+        if self.threshold is not None:  # (None: every layer's is in per_layer; of() holds it to that)
+            self.threshold = _number("threshold", self.threshold)
+        self.renormalize = _number("renormalize", self.renormalize)
         self.min_experts = _count("min_experts", self.min_experts)
         if self.max_experts is not None:
             self.max_experts = _count("max_experts", self.max_experts)
@@ -38,6 +39,8 @@ class Policy:
     def of(self, layer) -> tuple:
         """(policy, threshold, renormalize) of one layer."""
         v = (self.per_layer or {}).get(layer, self.threshold)
+        if v is None:
+            raise UsageError(f"no threshold for layer {layer}: per_layer leaves it out and the policy has none")
         if not isinstance(v, (tuple, list)):
             return self.policy, float(v), self.renormalize
         return v[0], float(v[1]), float(v[2]) if len(v) > 2 else self.renormalize

@@ -13,13 +13,13 @@ from .record import Routing
 from .rewrite import already_converted, rewrite_model, router_nodes, set_policy
 
 
-def _write(src: Source, dst, transform, protect=()):
+def _write(src: Source, dst, transform, protect=(), portable=False):
     """Writes transform(a copy of src's graph) -> (model, result) to `dst`: a graph file, or for a
     GenAI folder a new folder. `protect`: further input files no output may replace (a calibration
     set, ...). Returns (result, notes about the written files)."""
     dst = Path(dst)
     if src.is_folder:
-        return genai.write_folder(src.path, dst, transform, protect, load=src.copy)
+        return genai.write_folder(src.path, dst, transform, protect, load=src.copy, needs_library=not portable)
     with Output(protected=src.files() + [Path(p) for p in protect]) as out:
         out.check_model_path(dst)
         model, result = transform(src.copy())
@@ -40,7 +40,7 @@ def convert_model(src, dst, pol: Policy, portable=False, group_experts=True, pro
                                      per_expert_weights=per_expert_weights)
         model.producer_name = "moe-export"
         return model, gates
-    return _write(src, dst, transform, protect)
+    return _write(src, dst, transform, protect, portable)
 
 
 def convert(src, dst, pol: Policy, portable=False, group_experts=True, per_expert_weights=False):

@@ -68,8 +68,9 @@ def resolved_data(model: onnx.ModelProto, data_dir) -> tuple:
     `data_dir`: as given, or, where a data file resolves elsewhere, a copy of the graph pointing
     at the files where they resolve (their common folder), which onnxruntime accepts."""
     locs = data_locations(model)
-    if not any(_escapes(Path(data_dir), loc) for loc in locs):
-        return model, data_dir
+    lexical = lambda loc: not os.path.isabs(loc) and ".." not in Path(loc).parts
+    if not any(_escapes(Path(data_dir), loc) for loc in locs) or not all(map(lexical, locs)):
+        return model, data_dir  # (a location that names a place outside is onnxruntime's to refuse)
     real = {loc: os.path.realpath(Path(data_dir) / loc) for loc in locs}
     base = os.path.commonpath([os.path.dirname(r) for r in real.values()])
     m = onnx.ModelProto()

@@ -47,29 +47,44 @@ def resolve(path) -> Path:
     return path
 
 
-def check_folder_output(dst) -> None:
+def check_folder_output(src, dst) -> None:
     """Refuses an output folder path before any work: it must be new, in an existing folder (as
-    an output file must), and not named like a graph."""
-    dst = Path(dst)
+    an output file must), outside the input folder, and not named like a graph."""
+    src, dst = Path(src), Path(dst)
     if dst.exists():
         raise MoeExportError(f"{dst} exists; remove it or choose another name")
     check_output_parent(dst)
     if dst.suffix == ".onnx":
         raise MoeExportError(f"output {dst}: a GenAI model folder is written to a new folder; give a folder name")
+    if dst.resolve().is_relative_to(src.resolve()):
+        raise MoeExportError(f"output {dst} is inside the input folder {src}; moe-export never modifies its inputs")
 
 
-def write_folder(src, dst, transform, protect=(), load=None):
+def own_library(src, model, needs_library) -> str | None:
+    """The custom ops library the folder's decoder loads for ops of its own (a converted decoder
+    names moe-export's), or None; refused where the conversion needs moe-export's, since genai
+    loads one library per session."""
+    lib = (read_config(src)["model"]["decoder"].get("session_options") or {}).get("custom_ops_library")
+    if lib is None or any(o.domain == DOMAIN for o in model.opset_import):
+        return None
+    if needs_library:
+        raise MoeExportError(f"{src}'s decoder loads its own custom ops library {lib}, and onnxruntime-genai "
+                             "takes one per session: convert with --portable (the router in standard ONNX ops, "
+                             "no library)")
+    return lib
+
+
+def write_folder(src, dst, transform, protect=(), load=None, needs_library=True):
     """Writes the GenAI folder `src` to the new folder `dst` with its decoder graph passed through
     `transform` (ModelProto -> ModelProto, in memory); every other file is copied, the
     DynamicRouter library put inside unless the graph needs none (--portable). Returns what
     transform returned with the model, and notes for the user. `load`: returns the decoder graph
-    (a copy of one the caller has loaded)."""
+    (a copy of one the caller has loaded). needs_library: whether the output will (not --portable)."""
     src, dst = Path(src), Path(dst)
     dec = decoder_file(src)
-    check_folder_output(dst)
-    if dst.resolve().is_relative_to(src.resolve()):
-        raise MoeExportError(f"output {dst} is inside the input folder {src}; moe-export never modifies its inputs")
+    check_folder_output(src, dst)
     model = load_model(dec) if load is None else load()
+    own = own_library(src, model, needs_library)
     ours = model_files(dec)
     with Output(protected=ours + [Path(p) for p in protect]) as out:
         stage = out.directory(dst)
@@ -78,16 +93,10 @@ def write_folder(src, dst, transform, protect=(), load=None):
         out.model(model, out.mkdir((stage / rel).parent) / rel.name, dec.parent)
         cfg = read_config(src)
         options = cfg["model"]["decoder"].setdefault("session_options", {})
-        ours_name = Path(custom_op_library()).name
         old_lib = options.pop("custom_ops_library", None)
         lib = Path(custom_op_library()) if any(o.domain == DOMAIN for o in model.opset_import) else None
-        if old_lib is not None and Path(old_lib).name != ours_name:  # the model's own ops, kept
-            if lib is not None:
-                raise MoeExportError(f"{src}'s decoder loads its own custom ops library {old_lib}, and "
-                                     "onnxruntime-genai takes one per session: convert with --portable (the "
-                                     "router in standard ONNX ops, no library)")
-            options["custom_ops_library"] = old_lib
-            old_lib = None
+        if own is not None:  # the model's own ops: kept, the library copied with the other files
+            options["custom_ops_library"], old_lib = own, None
         if lib is not None:
             out.copy(lib, stage / lib.name)
             options["custom_ops_library"] = lib.name

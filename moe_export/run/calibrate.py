@@ -13,7 +13,7 @@ from ..conversion.write import convert_model, repolicy
 from ..conversion.policy import Policy
 from ..conversion.record import Routing
 from ..model.files import Output, Progress
-from ..model.genai import check_folder_output
+from ..model.genai import check_folder_output, own_library
 from ..model.source import Source
 from .budget import budget_policy, calibrate_budget
 from .runtime import load_inputs
@@ -81,7 +81,8 @@ def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p
     src, out = Source.of(model_path), Path(out)
     protect = src.files() + [Path(data_path)]
     if src.is_folder:  # before the long part
-        check_folder_output(out)
+        check_folder_output(src.path, out)
+        own_library(src.path, src.model, needs_library=not portable)
     else:
         Output(protected=protect).check_model_path(out)
     converted = Routing.read(src.model) is not None

@@ -294,7 +294,7 @@ def make_feeds(model, dims=None, seed=0, tokens=16, batch=2, past=None, base=Non
     if isinstance(context, int) and cached + new_tokens > context:  # (past it, ORT's rotary cache errs)
         raise MoeExportError(f"{cached + new_tokens} tokens ({cached} cached, {new_tokens} new) exceed the model's "
                              f"context_length {context} (genai_config.json)")
-    if gqa and cached > 0 and new_tokens > 1 and max(batches, default=1) > 1:
+    if gqa and "sequence_length" in symbolic and cached > 0 and new_tokens > 1 and max(batches, default=1) > 1:
         raise MoeExportError(f"GroupQueryAttention runs {new_tokens} new tokens after a cached prefix of {cached} only "
                              "for a batch of one: add --dim batch_size=1, or --dim sequence_length=1 (a decode step)")
     feeds = {}
