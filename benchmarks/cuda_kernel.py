@@ -47,16 +47,23 @@ def main():
     args = ap.parse_args()
     lib = ctypes.CDLL(str(args.lib or build(Path(tempfile.mkdtemp()))))
     lib.moe_dynamic_router_cuda.argtypes = [ctypes.POINTER(CParams), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+                                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                            ctypes.c_void_p]
     dev = torch.device("cuda")
     dtypes = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
 
-    def run(p, a, x, bias=None, code=0):
+    def ptr(t):
+        return None if t is None else t.data_ptr()
+
+    def host(t):
+        return None if t is None else t.float().cpu().numpy()
+
+    def run(p, a, x, bias=None, code=0, sizes=None):
         W = a.width
         w = torch.empty((x.shape[0], W), dtype=x.dtype, device=dev)
         i = torch.empty((x.shape[0], W), dtype=torch.int64, device=dev)
-        rc = lib.moe_dynamic_router_cuda(ctypes.byref(p), code, x.data_ptr(), None if bias is None else bias.data_ptr(),
-                                         w.data_ptr(), i.data_ptr(), x.shape[0], torch.cuda.current_stream().cuda_stream)
+        rc = lib.moe_dynamic_router_cuda(ctypes.byref(p), code, x.data_ptr(), ptr(bias), ptr(sizes), w.data_ptr(),
+                                         i.data_ptr(), x.shape[0], torch.cuda.current_stream().cuda_stream)
         assert rc == 0, f"kernel returned {rc}"
         return w, i
 
@@ -66,7 +73,7 @@ def main():
              dict(score_func="sigmoid", normalize=1, scale=2.5, n_group=8, topk_group=4)]
     checked = mismatched = 0
     for form in ([] if args.skip_parity else forms):
-        for policy, thr in [("static", 0.0), ("top-p", 0.6), ("ratio", 0.3), ("entropy", 0.4)]:
+        for policy, thr in [("static", 0.0), ("top-p", 0.6), ("ratio", 0.3), ("entropy", 0.4), ("probe", 0.1)]:
             for E in (8, 64, 128, 256, 512):
                 if form.get("n_group", 1) > E // 2:
                     continue
@@ -76,11 +83,12 @@ def main():
                     x = torch.from_numpy(rng.standard_normal((4097, E)).astype(np.float32) * 3).to(dev).to(dt)
                     b = torch.from_numpy(rng.standard_normal(E).astype(np.float32) * 0.1).to(dev).to(dt) \
                         if form.get("score_func") == "sigmoid" else None
-                    w, i = run(p, a, x, b, code)
+                    sz = torch.from_numpy(rng.standard_normal((4097, E)).astype(np.float32)).to(dev).to(dt) \
+                        if policy == "probe" else None
+                    w, i = run(p, a, x, b, code, sz)
                     torch.cuda.synchronize()
-                    xs = x.float().cpu().numpy()
-                    rw, ri, _, amb = dynamic_router(xs, None if b is None else b.float().cpu().numpy(),
-                                                    return_counts=True, **attrs)
+                    xs = host(x)
+                    rw, ri, _, amb = dynamic_router(xs, host(b), host(sz), return_counts=True, **attrs)
                     ok = ~amb
                     bad = (i.cpu().numpy()[ok] != ri[ok]).any(axis=1).sum()
                     tol = {0: 1e-5, 1: 2e-3, 2: 2e-2}[code]

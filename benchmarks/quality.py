@@ -41,9 +41,10 @@ BUDGETS = (0.005, 0.01)
 # (policy, whether hard tokens may take k + 1 experts, renormalize: None searched per layer,
 # check) of the budget-calibrated rows; side by side with the default search: the search as it
 # was before renormalize, the pooled check (budget.py, step 4), and hard tokens taking one expert
-# more than the model was trained with while easy ones take fewer (issue 27)
+# more than the model was trained with while easy ones take fewer (issue 27); probe: a linear
+# probe of each expert's output size beside the router (conversion/probe.py), also among auto's
 BUDGET_RUNS = (("top-p", False, None, "heldout"), ("ratio", False, None, "heldout"),
-               ("entropy", False, None, "heldout"), ("auto", False, None, "heldout"),
+               ("entropy", False, None, "heldout"), ("probe", False, None, "heldout"), ("auto", False, None, "heldout"),
                ("auto", False, 1.0, "heldout"), ("ratio", False, None, "pooled"),
                ("auto", True, None, "heldout"))
 
@@ -168,7 +169,7 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
     model = load_model(original)
     searches = {}  # the measured curves do not depend on the budget or the check
     for policy, wide, rn, check in runs:
-        wide = wide and gates_k + 1  # hard tokens may take one expert more than the model's k
+        wide = gates_k + 1 if wide else None  # hard tokens may take one expert more than the model's k
         if (policy, wide, rn) not in searches:
             searches[policy, wide, rn] = BudgetSearch(model, work, {"input_ids": calib}, policy, max_experts=wide,
                                                       renormalize=rn if rn is not None else renormalize_grid)

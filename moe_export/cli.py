@@ -55,7 +55,8 @@ def _json_arg(c):
 
 def _add_policy_args(p):
     p.add_argument("--policy", choices=POLICIES, default="static",
-                   help="routing policy: static (the graph's own top-k), top-p, ratio or entropy (default: static)")
+                   help="routing policy: static (the graph's own top-k), top-p, ratio or entropy (default: static); "
+                        "probe needs a probe fitted on data (calibrate --policy probe)")
     p.add_argument("--threshold", type=_threshold, default=None,
                    help="top-p: cumulative mass to reach; ratio: fraction of the top score; entropy: "
                         "normalized entropy below which tokens get min experts")
@@ -372,8 +373,9 @@ def _calibrate_args(c):
                      help="with --max-ppl-increase: the part of --data held out to check the budget (default 0.25)")
     _output_arg(c, "the calibrated, converted model")
     c.add_argument("--policy", choices=[p for p in POLICIES if p != "static"] + ["auto"], default="top-p",
-                     help="dynamic policy whose threshold is calibrated (default top-p); with --max-ppl-increase, "
-                          "auto picks each layer's policy too")
+                     help="dynamic policy whose threshold is calibrated (default top-p); probe fits a linear probe "
+                          "of each expert's output size on the data and drops the slots of least weight x size; "
+                          "with --max-ppl-increase, auto picks each layer's policy too, probe among them")
     c.add_argument("--mode", choices=("per-layer", "global"), default="per-layer",
                      help="a threshold per layer hitting the target in each, or one threshold for all")
     c.add_argument("--min-experts", type=int, default=1, help="fewest experts per token (default 1)")

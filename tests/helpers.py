@@ -25,20 +25,24 @@ ALL_GRAPHS = FAMILY_GRAPHS + GATE_GRAPHS
 _DT = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 
 
-def router_model(attrs, dtype=TensorProto.FLOAT, bias=False, rank=2):
-    """A graph holding one DynamicRouter node (logits [, bias] -> weights, indices).
-    bfloat16 is fed and fetched as float32 through Cast nodes (numpy has no bfloat16 that
-    onnxruntime's Python binding accepts)."""
+def router_model(attrs, dtype=TensorProto.FLOAT, bias=False, rank=2, sizes=False):
+    """A graph holding one DynamicRouter node (logits [, bias] [, sizes] -> weights, indices;
+    sizes without bias leaves input 1 empty). bfloat16 is fed and fetched as float32 through Cast
+    nodes (numpy has no bfloat16 that onnxruntime's Python binding accepts)."""
     E = attrs["num_experts"]
     dims = ["n", E] if rank == 2 else ["b", "s", E][-rank:]
     io = TensorProto.FLOAT if dtype == TensorProto.BFLOAT16 else dtype
     ins = [helper.make_tensor_value_info("logits", io, dims)]
     if bias:
         ins.append(helper.make_tensor_value_info("bias", io, [E]))
+    if sizes:
+        ins.append(helper.make_tensor_value_info("sizes", io, dims))
     nodes, names = [], [i.name for i in ins]
     if io != dtype:
         nodes = [helper.make_node("Cast", [n], [n + "_c"], to=dtype) for n in names]
         names = [n + "_c" for n in names]
+    if sizes and not bias:
+        names.insert(1, "")
     w = "weights" if io == dtype else "weights_c"
     nodes.append(helper.make_node("DynamicRouter", names, [w, "indices"], domain="moe_export", **attrs))
     if io != dtype:

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from moe_export.model.graph import _reads_of
+from moe_export.model.graph import reads_of
 
 import moe_export
 from helpers import FAMILY_GRAPHS, GRAPHS, ROOT, benchmark, input_feeds, run_cli
@@ -174,7 +174,7 @@ def test_no_unused_initializers_or_dead_nodes_in_converted_graphs(tmp_path):
             out = tmp_path / f"{graph.stem}.onnx"
             assert run_cli("convert", graph, "-o", out, *args).returncode == 0
             m = onnx.load(str(out), load_external_data=False)
-            read = _reads_of(m.graph.node)  # loop bodies read initializers of the main graph too
+            read = reads_of(m.graph.node)  # loop bodies read initializers of the main graph too
             unused = [t.name for t in m.graph.initializer if t.name not in read]
             assert unused == [], (graph.stem, args, unused[:5])
             used = read | {o.name for o in m.graph.output}

@@ -35,24 +35,23 @@ def isa_session(model, isa, **opts):
     return session_of(model, cpu_isa=isa, **opts)
 
 
-def cached_session(attrs, onnx_type, bias, isa):
-    key = (tuple(sorted(attrs.items())), onnx_type, bias, isa)
+def cached_session(attrs, onnx_type, bias, isa, sizes=False):
+    key = (tuple(sorted(attrs.items())), onnx_type, bias, isa, sizes)
     if key not in _SESSIONS:
-        _SESSIONS[key] = isa_session(router_model(attrs, onnx_type, bias), isa, intra_op_num_threads=2)
+        _SESSIONS[key] = isa_session(router_model(attrs, onnx_type, bias, sizes=sizes), isa, intra_op_num_threads=2)
     return _SESSIONS[key]
 
 
-def check(attrs, x, bias, dtype_name, isa="auto"):
+def check(attrs, x, bias, dtype_name, isa="auto", sizes=None):
     np_t, onnx_t, tol = DTYPES[dtype_name]
     # The spec sees exactly the values the kernel saw (after rounding to the dtype).
-    xs = x.astype(np_t).astype(np.float32)
-    bs = None if bias is None else bias.astype(np_t).astype(np.float32)
+    def rounded(a):
+        return None if a is None else a.astype(np_t).astype(np.float32)
+    xs, bs, ss = rounded(x), rounded(bias), rounded(sizes)
     io_t = np.float32 if dtype_name == "bfloat16" else np_t
-    feeds = {"logits": xs.astype(io_t)}
-    if bias is not None:
-        feeds["bias"] = bs.astype(io_t)
-    w, i = cached_session(attrs, onnx_t, bias is not None, isa).run(None, feeds)
-    rw, ri, counts, amb = dynamic_router(xs, bs, return_counts=True, **attrs)
+    feeds = {name: v.astype(io_t) for name, v in (("logits", xs), ("bias", bs), ("sizes", ss)) if v is not None}
+    w, i = cached_session(attrs, onnx_t, bias is not None, isa, sizes is not None).run(None, feeds)
+    rw, ri, counts, amb = dynamic_router(xs, bs, ss, return_counts=True, **attrs)
     assert w.shape == rw.shape and i.shape == ri.shape and i.dtype == np.int64
     ok = ~amb.reshape(-1)
     I, RI = i.reshape(-1, i.shape[-1]), ri.reshape(-1, ri.shape[-1])
@@ -79,6 +78,25 @@ def ulp_neighbours(rng, shape):
 KINDS = ("normal", "wide", "ties", "ulps", "adversarial")
 
 
+def probe_sizes(rng, shape):
+    """Log output sizes for policy probe: mostly normal, a few NaN, infinite or huge."""
+    sizes = rng.standard_normal(shape) * 2
+    odd = rng.random(shape) < 0.05
+    sizes[odd] = rng.choice([np.nan, np.inf, -np.inf, 1e4, -1e4], odd.sum())
+    return sizes
+
+
+def probe_threshold(attrs, x, bias, sizes, quantile):
+    """A threshold among the signals w_j * exp(size_j) of the static routing's weights, so that
+    probe keeps some slots and drops others."""
+    static = dict(attrs, policy="static", threshold=0.0)
+    w, i = dynamic_router(x.astype(np.float32), None if bias is None else bias.astype(np.float32), **static)
+    with np.errstate(over="ignore", invalid="ignore"):
+        sig = w.astype(np.float64) / attrs.get("scale", 1.0) * np.exp(np.take_along_axis(sizes, i, axis=-1))
+    sig = sig[np.isfinite(sig)]
+    return float(np.float32(max(np.quantile(sig, quantile), 0.0))) if sig.size else quantile
+
+
 @st.composite
 def router_case(draw, kinds=KINDS, dtypes=tuple(sorted(DTYPES)), isas=ISAS):
     form = draw(st.sampled_from(sorted(FORMS)))
@@ -93,10 +111,10 @@ def router_case(draw, kinds=KINDS, dtypes=tuple(sorted(DTYPES)), isas=ISAS):
     else:
         extra = {}
     k = draw(st.integers(1, min(E, 16)))
-    policy = draw(st.sampled_from(["static", "top-p", "ratio", "entropy"]))
-    max_e = draw(st.integers(1, min(E, 20)))
+    policy = draw(st.sampled_from(["static", "top-p", "ratio", "entropy", "probe"]))
+    max_e = draw(st.integers(1, min(E, 20) if policy != "probe" else k))
     min_e = draw(st.integers(1, max_e))
-    thr = draw(st.floats(0.0, 0.99)) if policy != "static" else 0.0
+    thr = draw(st.floats(0.0, 0.99)) if policy != "static" else 0.0  # probe: a quantile of the signals
     renorm = draw(st.sampled_from([1.0, 1.0, 0.5, 0.0, float(np.float32(0.3))]))
     attrs = dict(num_experts=E, k=k, policy=policy, threshold=float(np.float32(thr)), min_experts=min_e,
                  max_experts=max_e, renormalize=renorm, **FORMS[form], **extra)
@@ -118,8 +136,12 @@ def router_case(draw, kinds=KINDS, dtypes=tuple(sorted(DTYPES)), isas=ISAS):
                        size=(tokens, E))
     # a correction bias ranks with every form (DeepSeek-V3 sigmoid, ERNIE softmax, Kolibri logits)
     bias = rng.standard_normal(E) * (0.1 if form == "sigmoid_grouped" else 1.0) if draw(st.booleans()) else None
+    sizes = None
+    if policy == "probe":
+        sizes = probe_sizes(rng, x.shape)
+        attrs["threshold"] = probe_threshold(attrs, x, bias, sizes, thr)
     dtype = draw(st.sampled_from(dtypes))
-    return attrs, x, bias, dtype, draw(st.sampled_from(isas))
+    return attrs, x, bias, dtype, draw(st.sampled_from(isas)), sizes
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
@@ -130,12 +152,13 @@ def test_kernel_matches_spec(case):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
-@pytest.mark.parametrize("policy", ["static", "top-p", "ratio", "entropy"])
+@pytest.mark.parametrize("policy", ["static", "top-p", "ratio", "entropy", "probe"])
 def test_large_token_counts_use_thread_pool(dtype, policy, isa):
-    attrs = dict(num_experts=64, k=8, policy=policy, threshold=0.5 if policy != "entropy" else 0.3,
+    attrs = dict(num_experts=64, k=8, policy=policy, threshold={"entropy": 0.3, "probe": 0.1}.get(policy, 0.5),
                  max_experts=8, normalize=1)
-    x = np.random.default_rng(1).standard_normal((20000, 64)) * 2
-    check(attrs, x, None, dtype, isa)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((20000, 64)) * 2
+    check(attrs, x, None, dtype, isa, probe_sizes(rng, x.shape) if policy == "probe" else None)
 
 
 @pytest.mark.parametrize("E, k", [(8, 2), (16, 4), (64, 8), (256, 8), (512, 16), (40, 6), (60, 4), (13, 8), (3, 2)])
@@ -249,10 +272,37 @@ def test_nan_and_inf_rows_are_defined():
     (dict(num_experts=8, k=2, n_group=3), "n_group"),
     (dict(num_experts=0, k=1), "num_experts"),
     (dict(num_experts=8, k=2, score_func="tanh"), "score_func"),
+    (dict(num_experts=8, k=2, policy="probe", threshold=-0.5), "threshold must be >= 0 for probe"),
+    (dict(num_experts=8, k=2, policy="probe", max_experts=3), "max_experts must be <= k for probe"),
+    (dict(num_experts=8, k=2, policy="probe"), "policy probe needs the sizes input"),  # no sizes input
 ])
 def test_bad_attributes_fail_at_session_creation(attrs, message):
     with pytest.raises(Exception, match=message):
         session_of(router_model(attrs))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_probe_keeps_a_later_slot_and_drops_an_earlier(bias, isa):
+    """Probe decides slot by slot: the second-ranked expert, predicted to add little, is dropped
+    while the third is kept; the kept come first, in ranking order."""
+    attrs = dict(num_experts=4, k=3, policy="probe", threshold=0.2, normalize=1)
+    x = np.float32([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    sizes = np.float32([[0.0, -10.0, 2.0, 0.0], [0.0, 2.0, -10.0, 0.0]])
+    b = np.zeros(4, np.float32) if bias else None
+    w, i = isa_session(router_model(attrs, bias=bias, sizes=True), isa).run(
+        None, {"logits": x, "sizes": sizes, **({"bias": b} if bias else {})})
+    assert i.tolist() == [[0, 2, 4], [3, 1, 4]]
+    rw, ri = dynamic_router(x, b, sizes, **attrs)
+    assert np.array_equal(i, ri) and np.array_equal(w, rw)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-6)  # renormalize=1: the kept take it all
+
+
+def test_probe_sizes_must_have_the_logits_shape():
+    s = session_of(router_model(dict(num_experts=8, k=2, policy="probe"), sizes=True))
+    x = np.zeros((4, 8), np.float32)
+    with pytest.raises(Exception, match="sizes must have the logits' shape"):
+        s.run(None, {"logits": x, "sizes": np.zeros((3, 8), np.float32)})
 
 
 def test_wrong_logits_width_is_an_error_not_a_crash():

@@ -19,6 +19,8 @@ class Policy:
     # renormalize])}
     per_layer: dict | None = None
     renormalize: float = 1.0
+    # policy probe's fitted probes, {gate name: (P [H, E], b [E])} (calibrate; probe.py)
+    probes: dict | None = None
 
     def __post_init__(self):
         """The Python API's arguments held to what the command line accepts, in its words: a
@@ -45,10 +47,20 @@ class Policy:
             return self.policy, float(v), self.renormalize
         return v[0], float(v[1]), float(v[2]) if len(v) > 2 else self.renormalize
 
+    def probe_of(self, layer):
+        """The probe (P, b) of a layer that policy probe routes, else None; refused where missing."""
+        if self.of(layer)[0] != "probe":
+            return None
+        probe = (self.probes or {}).get(layer)
+        if probe is None:
+            raise MoeExportError(f"policy probe at {layer} needs a probe fitted on data: `moe-export calibrate "
+                                 "--policy probe` fits it")
+        return probe
+
     def check_layers(self, layers) -> None:
         """Refuses per-layer choices for layers the graph does not have (a misspelt name would
         otherwise route that layer by the global threshold, silently)."""
-        unknown = sorted(set(self.per_layer or ()) - set(layers))
+        unknown = sorted((set(self.per_layer or ()) | set(self.probes or ())) - set(layers))
         if unknown:
             raise MoeExportError(f"per_layer names {', '.join(map(repr, unknown))}, not a MoE layer of this graph "
                                  f"(its layers: {', '.join(layers)})")

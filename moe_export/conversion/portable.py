@@ -9,8 +9,10 @@ from ..model.graph import NodeBuilder
 from ..op.spec import RouterAttrs
 
 
-def portable_router(b: NodeBuilder, a: RouterAttrs, logits: str, bias: str | None, float_type: int):
-    """DynamicRouter in standard ONNX ops (opset >= 13), following spec.dynamic_router step by step."""
+def portable_router(b: NodeBuilder, a: RouterAttrs, logits: str, bias: str | None, float_type: int,
+                    sizes: str | None = None):
+    """DynamicRouter in standard ONNX ops (opset >= 13), following spec.dynamic_router step by step.
+    sizes: the log predicted output sizes [..., E], read by policy probe (required there)."""
     E, W = a.num_experts, a.width
     f32 = lambda v: b.const(np.float32(v))
     i64 = lambda v: b.const(np.asarray(v, dtype=np.int64))
@@ -36,8 +38,36 @@ def portable_router(b: NodeBuilder, a: RouterAttrs, logits: str, bias: str | Non
         key = b.op("Where", [valid, key, f32(-np.inf)])
     vals, idx = b.op("TopK", [key, i64([W])], n_out=2, axis=-1, largest=1, sorted=1)
     slot = b.op("Unsqueeze", [i64(list(range(W))), i64([0])])
+    softmax_kept = a.select == "before_score" and a.score_func == "softmax"
     if a.policy == "static":
         keep = b.op("Less", [slot, i64(a.k)])
+    elif a.policy == "probe":  # W = k (max_experts <= k): every slot is one of the static k
+        if sizes is None:
+            raise ValueError("policy probe needs the sizes input")
+        # the static weights (spec.static_weights) times the predicted sizes
+        v = b.op("GatherElements", [x if softmax_kept else s, idx], axis=1)
+        if softmax_kept:
+            ws = b.op("Softmax", [v], axis=-1)
+        elif a.normalize:
+            tot = b.op("ReduceSum", [v, i64([-1])], keepdims=1)
+            pos = b.op("Greater", [tot, f32(0.0)])
+            ws = b.op("Where", [pos, b.op("Div", [v, b.op("Where", [pos, tot, f32(1.0)])]), f32(0.0)])
+        else:
+            ws = v
+        z = b.op("Cast", [sizes], to=TensorProto.FLOAT) if float_type != TensorProto.FLOAT else sizes
+        z = b.op("Reshape", [z, i64([-1, E])])
+        z = b.op("Where", [b.op("IsNaN", [z]), f32(-np.inf), z])
+        sig = b.op("Mul", [ws, b.op("Exp", [b.op("GatherElements", [z, idx], axis=1)])])
+        kept = b.op("Or", [b.op("Less", [slot, i64(a.min_experts)]),
+                           b.op("And", [b.op("Less", [slot, i64(a.max_experts)]),
+                                        b.op("GreaterOrEqual", [sig, f32(a.threshold)])])])
+        # a later slot can be kept past a dropped one: a stable partition (TopK breaks ties by
+        # the lower index, so each part stays in rank order) makes the kept a prefix as below
+        perm = b.op("TopK", [b.op("Cast", [kept], to=TensorProto.FLOAT), i64([W])], n_out=2, axis=-1,
+                    largest=1, sorted=1)[1]
+        idx, vals = (b.op("GatherElements", [t, perm], axis=1) for t in (idx, vals))
+        cnt = b.op("ReduceSum", [b.op("Cast", [kept], to=TensorProto.INT64), i64([-1])], keepdims=1)
+        keep = b.op("Less", [slot, cnt])
     else:
         if a.score_func == "softmax":
             q = b.op("Softmax", [b.op("Where", [valid, x, f32(-np.inf)])], axis=-1) if valid else s
@@ -69,7 +99,6 @@ def portable_router(b: NodeBuilder, a: RouterAttrs, logits: str, bias: str | Non
         hi = min(a.max_experts, n_valid)
         cnt = b.op("Cast", [b.op("Clip", [cnt, f32(min(a.min_experts, hi)), f32(hi)])], to=TensorProto.INT64)
         keep = b.op("Less", [slot, cnt])
-    softmax_kept = a.select == "before_score" and a.score_func == "softmax"
     # With renormalize < 1 the values are normalized over the static k (or the kept, where more
     # are kept) and the kept take (sk / sc)^renormalize of it (spec._part_factor); rows keeping
     # k are the same either way.

@@ -25,6 +25,7 @@ class Router:
     flops_per_pair: float | None = None  # measured at conversion for fused expert ops
     expert_section: str | None = None  # what the conversion did with the experts, for people
     static_only: str | None = None  # why no policy that drops a slot may be set (keep_ids_right)
+    sizes: str | None = None   # policy probe's input (probe.py), where one is attached
     extra: dict = field(default_factory=dict)  # keys another version wrote, kept as they were
 
     @property
@@ -48,7 +49,7 @@ class Router:
     def to_json(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "extra"}
         d["attrs"] = node_attributes(self.attrs)
-        for optional in ("flops_per_pair", "expert_section", "static_only"):
+        for optional in ("flops_per_pair", "expert_section", "static_only", "sizes"):
             if d[optional] is None:
                 del d[optional]
         return {**d, **self.extra}

@@ -17,6 +17,7 @@ from .experts import group_by_expert
 from .ids import keep_ids_right
 from .policy import Policy
 from .portable import portable_router
+from .probe import attach_probes, check_probe, probe_sizes, router_input, zero_bias
 from .record import Router, Routing
 
 
@@ -51,13 +52,15 @@ def _float_type(ix: GraphIndex, gate: Gate):
     return t or TensorProto.FLOAT
 
 
-def _router(b: NodeBuilder, a: RouterAttrs, logits, bias, ftype, portable):
+def _router(b: NodeBuilder, a: RouterAttrs, logits, bias, ftype, portable, sizes=None):
     """The router's (weights, indices): one DynamicRouter node, or its expansion."""
     if portable:
-        return portable_router(b, a, logits, bias, ftype)
+        return portable_router(b, a, logits, bias, ftype, sizes=sizes)
+    if sizes and not bias:
+        bias = zero_bias(b, a.num_experts, ftype)
     w, idx = b.name("weights"), b.name("indices")
-    b.nodes.append(helper.make_node(OP_TYPE, [logits] + ([bias] if bias else []), [w, idx],
-                                    name=b.name("DynamicRouter"), domain=DOMAIN, **node_attributes(a)))
+    b.nodes.append(helper.make_node(OP_TYPE, [logits] + ([bias] if bias else []) + ([sizes] if sizes else []),
+                                    [w, idx], name=b.name("DynamicRouter"), domain=DOMAIN, **node_attributes(a)))
     return w, idx
 
 
@@ -85,13 +88,18 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
         for v in gate.logits_views:  # the views the gate took its scores through, on the logits
             logits = b.op(v.op_type, [logits, *v.input[1:]],
                           **{x.name: helper.get_attribute_value(x) for x in v.attribute})
-        w, idx = _router(b, a, logits, gate.bias, ftype, portable)
+        sizes = None
+        if (probe := pol.probe_of(gate.name)) is not None:
+            x = router_input(ix, gate.logits)
+            check_probe(probe, ix.static_last_dim(x), a.num_experts, gate.name)
+            sizes = probe_sizes(b, x, probe, logits, ftype)
+        w, idx = _router(b, a, logits, gate.bias, ftype, portable, sizes)
         if gate.cast_to is not None and gate.cast_to != ftype:
             w = b.op("Cast", [w], to=gate.cast_to)
         weights = rule.wire(Wiring(surgery, ix, gate, a, b, logits, w, idx, gate.cast_to or ftype))
         fused = [gate.topk] if rule.fused else fused_after(ix, gate.indices)
         routers.append(Router(gate.name, gate.family, weights, idx, gate.logits, gate.bias, a,
-                              flops_per_pair(ix, fused[0]) if fused else None))
+                              flops_per_pair(ix, fused[0]) if fused else None, sizes=sizes))
         if not rule.fused:  # (a fused rule's wire raises its op's k itself)
             for f in fused:  # an in-graph selection scattered into a fused op: it runs as many as kept
                 k = next(x for x in f.attribute if x.name == "k")
@@ -152,6 +160,9 @@ def set_policy(model, pol: Policy):
         raise MoeExportError("a --portable conversion has no DynamicRouter nodes to re-set; convert the "
                              "original model again")
     pol.check_layers([r.layer for r in routing.routers])
+    if pol.probes:
+        attach_probes(model, pol.probes)
+        routing = Routing.read(model)
     for r, node in zip(routing.routers, router_nodes(model, routing)):
         if node is None:
             raise MoeExportError(f"router {r.layer}: its DynamicRouter node is missing from the graph")
@@ -163,6 +174,8 @@ def set_policy(model, pol: Policy):
         except SpecError as e:
             raise MoeExportError(f"invalid policy arguments: {e}") from None
         r.check_drops(a)
+        if a.policy == "probe" and not r.sizes:
+            pol.probe_of(r.layer)  # (refuses: a layer with no probe attached nor given)
         if a.width != old.width:
             raise MoeExportError(f"--max-experts {a.max_experts} changes {r.layer}'s router width "
                                  f"({old.width} -> {a.width}); convert the original model again for that")

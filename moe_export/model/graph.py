@@ -267,7 +267,7 @@ class NodeBuilder:
 
 def _reads(graph: onnx.GraphProto, acc: set) -> set:
     """Every tensor name read by the graph's nodes, subgraphs (If/Loop/Scan bodies) included."""
-    acc |= _reads_of(graph.node)
+    acc |= reads_of(graph.node)
     return acc
 
 
@@ -290,17 +290,17 @@ def share_constants(graph: onnx.GraphProto, prefix: str) -> None:
         elif t.name not in fed:
             first.setdefault(key, t.name)
     if alias:
-        _rename_reads(graph, alias)
+        rename_reads(graph, alias)
         drop_unused_initializers(graph)
 
 
-def _rename_reads(graph: onnx.GraphProto, alias: dict) -> None:
+def rename_reads(graph: onnx.GraphProto, alias: dict) -> None:
     for n in graph.node:
         for i, t in enumerate(n.input):
             n.input[i] = alias.get(t, t)
         for a in n.attribute:
             for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                _rename_reads(sub, alias)
+                rename_reads(sub, alias)
 
 
 def drop_unused_initializers(graph: onnx.GraphProto) -> None:
@@ -395,7 +395,7 @@ def prune(nodes, outputs, removable=None):
     """Removes nodes (of `removable`, by name; default any) whose outputs neither the other nodes
     nor `outputs` read (iteratively)."""
     while True:
-        used = _reads_of(nodes) | outputs
+        used = reads_of(nodes) | outputs
         keep = [n for n in nodes if (removable is not None and n.name not in removable)
                 or any(o in used for o in n.output if o)]
         if len(keep) == len(nodes):
@@ -403,7 +403,7 @@ def prune(nodes, outputs, removable=None):
         nodes = keep
 
 
-def _reads_of(nodes) -> set:
+def reads_of(nodes) -> set:
     acc = set()
     for n in nodes:
         acc.update(i for i in n.input if i)

@@ -38,6 +38,8 @@ def check_threshold(policy: str, threshold) -> None:
         raise SpecError(f"threshold for policy {policy} must be in [0, 1], got {t}")
     if policy == "entropy" and not (0.0 <= t < 1.0):
         raise SpecError(f"threshold for policy entropy must be in [0, 1), got {t}")
+    if policy == "probe" and t < 0.0:
+        raise SpecError(f"threshold for policy probe must be >= 0, got {t}")
 
 
 class _Rules:
@@ -85,6 +87,8 @@ class _Rules:
         check_threshold(self.policy, self.threshold)
         if not (1 <= self.max_experts <= E):
             bad(f"max_experts must be in [1, num_experts={E}], got {self.max_experts}")
+        if self.policy == "probe" and self.max_experts > self.k:
+            bad(f"max_experts must be <= k={self.k} for policy probe, got {self.max_experts}")
         if not (1 <= self.min_experts <= self.max_experts):
             bad(f"min_experts must be in [1, max_experts={self.max_experts}], got {self.min_experts}")
         if not (0.0 <= float(self.renormalize) <= 1.0):
@@ -176,14 +180,17 @@ def _stable_desc_order(v: np.ndarray) -> np.ndarray:
     return np.argsort(-v, axis=-1, kind="stable")
 
 
-def dynamic_router(logits, bias=None, *, return_counts=False, **attrs):
+def dynamic_router(logits, bias=None, sizes=None, *, return_counts=False, **attrs):
     """Reference DynamicRouter. Returns (weights, indices[, counts, ambiguous]).
 
-    logits: [..., E] float32/float16/bfloat16-as-float32; bias: [E] or None.
+    logits: [..., E] float32/float16/bfloat16-as-float32; bias: [E] or None; sizes: [..., E]
+    (the log of each expert's predicted output size), read by policy probe only.
     """
     a = RouterAttrs(**attrs).resolved()
+    if a.policy == "probe" and sizes is None:
+        raise SpecError("policy probe needs the sizes input")
     with np.errstate(over="ignore", invalid="ignore"):
-        return _route(a, logits, bias, return_counts)
+        return _route(a, logits, bias, sizes, return_counts)
 
 
 @dataclass
@@ -273,6 +280,50 @@ def policy_counts(a: RouterAttrs, v: PolicyView):
     return np.minimum(counts, np.maximum(v.n_valid, 1)).astype(np.int64), ambiguous
 
 
+def _chosen(a, x, s, order):
+    """The values the weights are made of, in ranking order: the logits (softmax before_score,
+    a softmax over the kept follows) or the scores."""
+    return np.take_along_axis(x if a.select == "before_score" and a.score_func == "softmax" else s, order, axis=1)
+
+
+def static_weights(a, v):
+    """The static routing's weights of the first k ranked experts from their values v (_chosen),
+    before `scale`: what each would weigh with k kept."""
+    v = v[:, : a.k]
+    if a.select == "before_score" and a.score_func == "softmax":
+        return _softmax_rows(v)
+    if a.normalize:
+        tot = _lane_sum(v)
+        return np.where(tot[:, None] > 0, v * (_F(1.0) / np.where(tot > 0, tot, 1))[:, None], _F(0.0)).astype(_F)
+    return v
+
+
+def probe_signal(a, x, s, order, sizes):
+    """Policy probe's signal at each of the first k ranked experts: static weight times predicted
+    output size, w_j * exp(sizes_j), an estimate of |w_j E_j(x)|, what dropping slot j takes away."""
+    z = exp32(_sanitize(np.take_along_axis(sizes, order[:, : a.k], axis=1)))
+    return (static_weights(a, _chosen(a, x, s, order)) * z).astype(_F)
+
+
+def probe_keep(a, sig):
+    """Which of the first k slots policy probe keeps (the first min_experts always, else up to
+    max_experts those whose signal reaches the threshold), and which decisions sit on it."""
+    j = np.arange(sig.shape[1])[None, :]
+    t = _F(a.threshold)
+    keep = (j < a.min_experts) | ((j < a.max_experts) & (sig >= t))
+    near = np.isfinite(sig) & (np.abs(sig - t) <= DECISION_EPS * np.maximum(np.maximum(sig, t), _F(1e-30)))
+    return keep, (near & (j >= a.min_experts) & (j < a.max_experts)).any(axis=1)
+
+
+def _probe(a, x, s, order, sizes):
+    """Counts and the ranking with the kept slots first (a stable partition of the first k: a
+    dropped slot can precede a kept one), and the ambiguous tokens."""
+    keep, ambiguous = probe_keep(a, probe_signal(a, x, s, order, sizes))
+    perm = np.argsort(~keep, axis=1, kind="stable")
+    order = np.concatenate([np.take_along_axis(order[:, : a.k], perm, axis=1), order[:, a.k:]], axis=1)
+    return keep.sum(axis=1).astype(np.int64), order, ambiguous
+
+
 def _part_factor(a, w, keep):
     """With the static k's total sk and the kept experts' total sc of the values w, the factor
     (sk / sc)^renormalize / sk: the kept get their static weights times (sk / sc)^renormalize."""
@@ -303,7 +354,16 @@ def policy_view(logits, bias=None, **attrs) -> PolicyView:
         return _policy_view(a, x, s, valid, order)
 
 
-def _route(a, logits, bias, return_counts):
+def probe_signals(logits, bias=None, sizes=None, **attrs) -> np.ndarray:
+    """Policy probe's signal [tokens, k] at each of the first k ranked experts (for calibration)."""
+    a = RouterAttrs(**attrs).resolved()
+    with np.errstate(over="ignore", invalid="ignore"):
+        _, x, b = _prepare(a, logits, bias)
+        s, _, order, _ = _rank(a, x, b)
+        return probe_signal(a, x, s, order, np.asarray(sizes, dtype=_F).reshape(-1, a.num_experts))
+
+
+def _route(a, logits, bias, sizes, return_counts):
     x0, x, b = _prepare(a, logits, bias)
     out_dtype = x0.dtype if x0.dtype in (np.float16, np.float32) else np.float32
     E, K = a.num_experts, a.width
@@ -311,6 +371,11 @@ def _route(a, logits, bias, return_counts):
     s, valid, order, near = _rank(a, x, b)
     if a.policy == "static":
         counts, ambiguous = policy_counts(a, PolicyView(np.zeros((x.shape[0], 0), _F), None, None))
+    elif a.policy == "probe":
+        sz = np.asarray(sizes)
+        if sz.shape != x0.shape:
+            raise SpecError(f"sizes must have the logits' shape {x0.shape}, got {sz.shape}")
+        counts, order, ambiguous = _probe(a, x, s, order, sz.reshape(-1, E).astype(_F))
     else:
         counts, ambiguous = policy_counts(a, _policy_view(a, x, s, valid, order))
     ambiguous = ambiguous | near
@@ -324,9 +389,9 @@ def _route(a, logits, bias, return_counts):
     part = ((counts != a.k) & (_F(a.renormalize) != _F(1.0)) & a.sums_to_one)[:, None]
     over = np.where(part, slot < np.maximum(counts, a.k)[:, None], keep)
     if softmax_kept:
-        w = _softmax_rows(np.take_along_axis(x, order, axis=1), over)
+        w = _softmax_rows(_chosen(a, x, s, order), over)
     else:
-        w = np.where(over, np.take_along_axis(s, order, axis=1), _F(0.0)).astype(_F)
+        w = np.where(over, _chosen(a, x, s, order), _F(0.0)).astype(_F)
         if a.normalize:
             tot = _lane_sum(np.where(part, _F(0.0), w))
             w = np.where(tot[:, None] > 0, w * (_F(1.0) / np.where(tot > 0, tot, 1))[:, None], w)

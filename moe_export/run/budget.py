@@ -35,10 +35,12 @@ import math
 import numpy as np
 from ..errors import MoeExportError
 from ..conversion.policy import Policy
+from ..conversion.probe import attach_probes
 from ..conversion.record import Routing
 from ..conversion.rewrite import router_nodes, set_attrs
 from ..model.files import Progress
 from .runtime import BATCH_TOKENS, expose, fixed_batch, run_guarded, session_from_proto, take_rows
+from .probe import fit_probes
 from .stats import Thresholds, routed_pairs, router_logits, static_copy
 
 DYNAMIC = ("top-p", "ratio", "entropy")
@@ -102,17 +104,17 @@ def check_causal_lm(model, feeds):
         raise MoeExportError("--max-ppl-increase needs sequences of at least 2 tokens in --data")
 
 
-def _thresholds(router, policy, logits, bias, min_experts, max_experts):
+def _thresholds(router, policy, logits, bias, min_experts, max_experts, sizes=None):
     """(fraction, threshold) pairs: the thresholds bringing this layer to k x fraction mean
     experts per token on these logits, for the FRACTIONS it can reach."""
-    th = Thresholds(router, policy, logits, bias, min_experts, max_experts)
+    th = Thresholds(router, policy, logits, bias, min_experts, max_experts, sizes)
     k, out = th.attrs.k, []
     for f in FRACTIONS:
         target = k * f
         if target < th.attrs.min_experts:
             break
         t, got = th.solve(target)
-        if abs(got - target) <= 0.025 * k and all(abs(t - u) > 1e-6 for _, u in out):  # within half a step
+        if abs(got - target) <= 0.025 * k and all(abs(t - u) > 1e-6 * (max(t, u) if policy == "probe" else 1.0) for _, u in out):  # within half a step
             out.append((f, t))
     return out
 
@@ -198,19 +200,31 @@ class BudgetSearch:
         order = np.random.default_rng(0).permutation(n)
         self.hold, self.fit = np.sort(order[:n_hold]), np.sort(order[n_hold:])
         m = static_copy(model, max_experts)
-        Routing.read(m).check_dynamic()
-        self.ev = ev = Evaluator(m, base_dir, feeds, batch)
+        routing = Routing.read(m)
+        routing.check_dynamic()
         self.policy = policy
         policies = DYNAMIC if policy == "auto" else (policy,)
+        self.probes, self.notes = None, []
+        if policy == "probe" or (policy == "auto" and not (max_experts or 0) > min(r.k for r in routing.routers)):
+            try:
+                self.probes = fit_probes(m, base_dir, take_rows(m, feeds, self.fit))
+            except MoeExportError as e:
+                if policy == "probe":
+                    raise
+                self.notes.append(f"policy probe left out: {e}")
+            else:
+                attach_probes(m, self.probes)
+                policies += ("probe",) if policy == "auto" else ()
+        self.ev = ev = Evaluator(m, base_dir, feeds, batch)
         with Progress("measuring each layer's perplexity cost", 1) as bar:
             self.base_fit, self.static_pairs, self.fit_rows = ev.run({}, self.fit)
             self.base_hold, self.static_hold, self.hold_rows = ev.run({}, self.hold)
             logits = router_logits(m, base_dir, take_rows(m, feeds, self.fit))
             plan, self.uniform = [], {}
-            for r, (lg, b) in zip(ev.routers, logits):
+            for r, (lg, b, sz) in zip(ev.routers, logits):
                 rns = _renormalizations(r, renormalize)
                 for p in policies:
-                    for f, t in _thresholds(r, p, lg, b, min_experts, max_experts):
+                    for f, t in _thresholds(r, p, lg, b, min_experts, max_experts, sz):
                         plan += [(r, (p, t, rn)) for rn in rns]
                         # every layer at the same fraction of k (what target calibration gives), at
                         # each renormalize the gate allows: which one serves a model best differs
@@ -293,8 +307,9 @@ class BudgetSearch:
                             "static_ppl": math.exp(self.base_hold)},
                 "all": {"sequences": int(len(d)), "ppl_increase": math.expm1(float(d.mean())),
                         "ppl_increase_upper": math.expm1(_upper(d, se))},
-                "check": check, "se": se,
-                "evaluations": self.measured + 2 * len(tried)}
+                "check": check, "se": se, "notes": self.notes,
+                "evaluations": self.measured + 2 * len(tried),
+                "probes": {layer: self.probes[layer] for layer, ch in routing.items() if ch[0] == "probe"}}
 
 
 def calibrate_budget(model, base_dir, feeds, max_ppl_increase, policy="top-p", min_experts=1, max_experts=None,
@@ -309,5 +324,6 @@ def calibrate_budget(model, base_dir, feeds, max_ppl_increase, policy="top-p", m
 
 def budget_policy(report, min_experts=1, max_experts=None) -> Policy:
     """The Policy that converts a model to the routing the report chose."""
-    return Policy("static", 0.0, min_experts, max_experts, per_layer=dict(report["routing"]))
+    return Policy("static", 0.0, min_experts, max_experts, per_layer=dict(report["routing"]),
+                  probes=report.get("probes") or None)
 

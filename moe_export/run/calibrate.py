@@ -15,7 +15,9 @@ from ..conversion.record import Routing
 from ..model.files import Output, Progress
 from ..model.genai import check_folder_output, own_library
 from ..model.source import Source
+from ..conversion.probe import attach_probes
 from .budget import budget_policy, calibrate_budget
+from .probe import fit_probes
 from .runtime import load_inputs
 from .stats import Thresholds, router_logits, solve, static_copy
 
@@ -24,21 +26,24 @@ def calibrate(model, feeds, target, policy="top-p", mode="per-layer", min_expert
     """Thresholds (per layer, or one global) that give `target` experts per token on the data.
     `model`: a path, a Source or a ModelProto (then `base_dir` is where its data lives)."""
     if policy == "static":
-        raise MoeExportError("calibration needs a dynamic policy (top-p, ratio or entropy)")
+        raise MoeExportError("calibration needs a dynamic policy (top-p, ratio, entropy or probe)")
     if mode not in ("per-layer", "global"):
         raise MoeExportError(f"unknown mode {mode!r} (per-layer or global)")
     if not isinstance(model, onnx.ModelProto):
         src = Source.of(model)
         model, base_dir = src.model, src.base_dir
     static = static_copy(model)
-    routing = Routing.read(static)
-    routing.check_dynamic()
-    routers = routing.routers
+    Routing.read(static).check_dynamic()
+    probes = None
+    if policy == "probe":
+        probes = fit_probes(static, base_dir, feeds)
+        attach_probes(static, probes)
+    routers = Routing.read(static).routers
     with Progress("running the model on the calibration data", 1) as bar:
         logits = router_logits(static, base_dir, feeds, progress=bar)
     layers = []
-    for r, (lg, b) in zip(routers, logits):
-        th = Thresholds(r, policy, lg, b, min_experts, max_experts)
+    for r, (lg, b, sz) in zip(routers, logits):
+        th = Thresholds(r, policy, lg, b, min_experts, max_experts, sz)
         if not (th.attrs.min_experts <= target <= th.attrs.max_experts):
             raise MoeExportError(f"--target-experts {target} outside [{th.attrs.min_experts}, {th.attrs.max_experts}] "
                                  f"at {r.layer}")
@@ -47,9 +52,9 @@ def calibrate(model, feeds, target, policy="top-p", mode="per-layer", min_expert
         chosen = [th.solve(target) for th in layers]
     else:
         th0 = layers[0]
-        t, _ = solve(lambda t: np.mean([th.mean(t) for th in layers]), target, th0.increasing, hi=th0.hi)
+        t, _ = solve(lambda t: np.mean([th.mean(t) for th in layers]), target, th0.increasing, hi=max(th.hi for th in layers))
         chosen = [(t, th.mean(t)) for th in layers]
-    return [{"layer": r.layer, "threshold": t, "mean_experts": c, "k": r.k}
+    return [{"layer": r.layer, "threshold": t, "mean_experts": c, "k": r.k} | ({"probe": probes[r.layer]} if probes else {})
             for r, (t, c) in zip(routers, chosen)]
 
 
@@ -95,6 +100,7 @@ def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p
         report = calibrate_budget(src.model, src.base_dir, feeds, max_ppl_increase, policy, min_experts, max_experts,
                                   holdout, renormalize=renormalize)
         layers, pol = report["layers"], budget_policy(report, min_experts, max_experts)
+        warnings += report["notes"]
         if not report["routing"]:
             warnings.append(f"no layer's routing could change within +{100 * max_ppl_increase:g}% perplexity on "
                             "this data: the output routes statically")
@@ -102,7 +108,8 @@ def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p
         layers = calibrate(src, feeds, target, policy, mode, min_experts, max_experts)
         pol = Policy(policy, layers[0]["threshold"], min_experts, max_experts,
                      per_layer={r["layer"]: r["threshold"] for r in layers},
-                     renormalize=1.0 if renormalize is None else renormalize)
+                     renormalize=1.0 if renormalize is None else renormalize,
+                     probes={r["layer"]: r.pop("probe") for r in layers if "probe" in r} or None)
         warnings = unreachable(layers, target, mode)
     if converted:
         _, notes = repolicy(src, out, pol, protect=[data_path])

@@ -10,7 +10,7 @@ from ..conversion.record import Routing
 from ..model.source import Source
 from ..op.spec import dynamic_router
 from .runtime import load_inputs, run_exposed
-from .stats import fewer, routed_pairs, router_inputs
+from .stats import fewer, routed_pairs, router_inputs, router_tensors
 
 
 def flops_per_pair(model, E, n_layers):
@@ -28,7 +28,7 @@ def profile(model_path, data_path, flops_per_pair_override=None, batch=16):
         raise MoeExportError(f"{src.graph}: not written by moe-export convert; profile a converted model")
     notes = []
     feeds = load_inputs(data_path, model, src.base_dir, notes)
-    tensors = routing.tensors("indices", "logits", "bias")
+    tensors = routing.tensors("indices") + router_tensors(model, routing)
     got = dict(zip(tensors, run_exposed(model, src.base_dir, tensors, feeds, batch, custom_ops=not routing.portable)))
     layers, by_e = [], {}
     for r in routing.routers:
@@ -37,7 +37,7 @@ def profile(model_path, data_path, flops_per_pair_override=None, batch=16):
         a = r.attrs
         E, k = r.num_experts, r.k
         idx = np.concatenate([x.reshape(-1, x.shape[-1]) for x in got[r.indices]])
-        logits, bias = router_inputs(got, r)
+        logits, bias, _ = router_inputs(got, r, model)
         _, sidx = dynamic_router(logits, bias, **asdict(r.with_policy("static", 0.0, max_experts=k, min_experts=1)))
         # a fused op's experts were measured at conversion (quantized weights unpacked)
         fpp = flops_per_pair_override or r.flops_per_pair or flops_per_pair(model, E, by_e[E])

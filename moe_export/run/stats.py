@@ -12,8 +12,8 @@ from ..errors import MoeExportError
 from ..conversion.policy import Policy
 from ..conversion.record import Router, Routing
 from ..conversion.rewrite import rewrite_model, set_policy
-from ..op.schema import ATTRIBUTES, SpecError
-from ..op.spec import RouterAttrs, policy_counts, policy_view
+from ..op.schema import ATTRIBUTES, DOMAIN, OP_TYPE, SpecError
+from ..op.spec import RouterAttrs, policy_counts, policy_view, probe_keep, probe_signals
 from .runtime import run_exposed
 
 _ROUTING = tuple(a.name for a in ATTRIBUTES if a.routing)  # what a policy sets, not the gate
@@ -38,19 +38,33 @@ def static_copy(model: onnx.ModelProto, max_experts=None) -> onnx.ModelProto:
 
 def router_logits(model, base_dir, feeds, batch=16, progress=None) -> list[tuple]:
     """Per router of the converted `model` (static_copy): ([tokens, E] float32 logits, its bias or
-    None) on `feeds`."""
+    None, its probe's [tokens, E] sizes or None) on `feeds`."""
     routing = Routing.read(model)
-    tensors = routing.tensors("logits", "bias")
+    tensors = router_tensors(model, routing)
     got = dict(zip(tensors, run_exposed(model, base_dir, tensors, feeds, batch, progress=progress)))
-    return [router_inputs(got, r) for r in routing.routers]
+    return [router_inputs(got, r, model) for r in routing.routers]
 
 
-def router_inputs(got: dict, r: Router) -> tuple:
-    """A router's ([tokens, E] float32 logits, [E] bias or None) from the batches of a run that
-    exposed them ({tensor: [per-batch arrays]})."""
+def _logits_in(model, r: Router) -> str:
+    """The logits the router node reads: the gate's logits through the views it took them by (a
+    column slice, in Inkling's gate), which only the node has."""
+    node = next((n for n in model.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN and
+                 len(n.output) > 1 and n.output[1] == r.indices), None)
+    return node.input[0] if node is not None else r.logits
+
+
+def router_tensors(model, routing: Routing) -> list[str]:
+    """What router_inputs reads of each router, to expose in a run."""
+    return [t for r in routing.routers for t in (_logits_in(model, r), r.bias, r.sizes) if t]
+
+
+def router_inputs(got: dict, r: Router, model) -> tuple:
+    """A router's ([tokens, E] float32 logits, [E] bias or None, [tokens, E] sizes or None) from
+    the batches of a run that exposed router_tensors ({tensor: [per-batch arrays]})."""
     E = r.num_experts
-    logits = np.concatenate([c.reshape(-1, E) for c in got[r.logits]]).astype(np.float32)
-    return logits, got[r.bias][0].reshape(E).astype(np.float32) if r.bias else None
+    rows = lambda t: np.concatenate([c.reshape(-1, E) for c in got[t]]).astype(np.float32)
+    return (rows(_logits_in(model, r)), got[r.bias][0].reshape(E).astype(np.float32) if r.bias else None,
+            rows(r.sizes) if r.sizes else None)
 
 
 def routed_pairs(indices: np.ndarray, num_experts: int) -> int:
@@ -78,25 +92,35 @@ class Thresholds:
     """One router's logits under one dynamic policy: the mean experts per token at a threshold,
     and the threshold giving a target mean."""
 
-    def __init__(self, router: Router, policy, logits, bias, min_experts=1, max_experts=None):
+    def __init__(self, router: Router, policy, logits, bias, min_experts=1, max_experts=None, sizes=None):
         gate = {k: v for k, v in asdict(router.attrs).items() if k not in _ROUTING}
         try:
             self.attrs = RouterAttrs(**gate, policy=policy, threshold=0.5, min_experts=min_experts,
                                      max_experts=max_experts or router.attrs.max_experts or router.k).resolved()
         except SpecError as e:
             raise MoeExportError(f"invalid policy arguments: {e}") from None
-        self.view = policy_view(logits, bias, **asdict(self.attrs))
+        if policy == "probe":
+            if sizes is None:
+                raise MoeExportError(f"policy probe at {router.layer}: the router has no probe attached")
+            self.signal = probe_signals(logits, bias, sizes, **asdict(self.attrs))
+        else:
+            self.view = policy_view(logits, bias, **asdict(self.attrs))
 
     def mean(self, t) -> float:
         self.attrs.threshold = float(t)
+        if self.attrs.policy == "probe":
+            return float(probe_keep(self.attrs, self.signal)[0].sum(axis=1).mean())
         return float(policy_counts(self.attrs, self.view)[0].mean())
 
     @property
     def hi(self):
+        if self.attrs.policy == "probe":  # (its threshold is in output-size units: any value >= 0)
+            top = self.signal[np.isfinite(self.signal)]
+            return float(top.max()) * 1.001 + 1e-30 if top.size else 1.0
         return 0.999 if self.attrs.policy == "entropy" else 1.0
 
     @property
-    def increasing(self):  # more mass wanted -> more experts; ratio and entropy go the other way
+    def increasing(self):  # more mass wanted -> more experts; the others go the other way
         return self.attrs.policy == "top-p"
 
     def solve(self, target):

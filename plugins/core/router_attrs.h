@@ -8,8 +8,8 @@
 
 namespace moe {
 
-enum Policy : int32_t { kStatic = 0, kTopP = 1, kRatio = 2, kEntropy = 3 };
-constexpr const char* kPolicyNames[] = {"static", "top-p", "ratio", "entropy"};
+enum Policy : int32_t { kStatic = 0, kTopP = 1, kRatio = 2, kEntropy = 3, kProbe = 4 };
+constexpr const char* kPolicyNames[] = {"static", "top-p", "ratio", "entropy", "probe"};
 enum ScoreFunc : int32_t { kSoftmax = 0, kSigmoid = 1 };
 constexpr const char* kScoreFuncNames[] = {"softmax", "sigmoid"};
 enum Select : int32_t { kAfterScore = 0, kBeforeScore = 1 };
@@ -20,7 +20,7 @@ constexpr int kMaxExperts = 4096;
 #define MOE_ROUTER_ATTRS(X) \
   X(num_experts, int32_t, -1, nullptr, 0) \
   X(k, int32_t, -1, nullptr, 0) \
-  X(policy, int32_t, 0, ::moe::kPolicyNames, 4) \
+  X(policy, int32_t, 0, ::moe::kPolicyNames, 5) \
   X(threshold, float, 0.0f, nullptr, 0) \
   X(min_experts, int32_t, 1, nullptr, 0) \
   X(max_experts, int32_t, 0, nullptr, 0) \

@@ -42,7 +42,7 @@ inline const char* validate(const Params& p) {
   const int E = p.num_experts;
   if (E < 1 || E > kMaxExperts) return "num_experts must be in [1, 4096]";
   if (p.k < 1 || p.k > E) return "k must be in [1, num_experts]";
-  if (p.policy < kStatic || p.policy > kEntropy) return "unknown policy";
+  if (p.policy < kStatic || p.policy > kProbe) return "unknown policy";
   if (p.score_func != kSoftmax && p.score_func != kSigmoid) return "unknown score_func";
   if (p.select != kAfterScore && p.select != kBeforeScore) return "unknown select";
   if (!(p.threshold == p.threshold) || isinf(p.threshold)) return "threshold must be finite";
@@ -50,7 +50,9 @@ inline const char* validate(const Params& p) {
     return "threshold must be in [0, 1] for top-p and ratio";
   if (p.policy == kEntropy && (p.threshold < 0.f || p.threshold >= 1.f))
     return "threshold must be in [0, 1) for entropy";
+  if (p.policy == kProbe && p.threshold < 0.f) return "threshold must be >= 0 for probe";
   if (p.max_experts < 1 || p.max_experts > E) return "max_experts must be in [1, num_experts]";
+  if (p.policy == kProbe && p.max_experts > p.k) return "max_experts must be <= k for probe";
   if (p.min_experts < 1 || p.min_experts > p.max_experts) return "min_experts must be in [1, max_experts]";
   if (!(p.renormalize >= 0.f && p.renormalize <= 1.f)) return "renormalize must be in [0, 1]";
   if (!(p.scale == p.scale) || isinf(p.scale)) return "scale must be finite";
@@ -248,6 +250,41 @@ MOE_HD int policy_count(const Params& p, const float* qs, float H, int n_valid) 
   return count > n_valid ? n_valid : count;
 }
 
+// Policy probe (spec._probe): slot j < k is kept when j < min_experts, or j < max_experts and its
+// signal, the static weight of its value w[j] times exp(sizes[order[j]]), reaches the threshold.
+// The first k slots of w and order are partitioned stably, the kept first (a dropped slot may
+// precede a kept one); returns how many are kept. ws and io hold k floats and ints.
+MOE_HD int probe_partition(const Params& p, const float* sizes, float* w, int32_t* order, float* ws, int32_t* io) {
+  const int k = p.k;
+  if (p.select == kBeforeScore && p.score_func == kSoftmax) {
+    softmax(w, nullptr, k, ws);
+  } else if (p.normalize) {
+    const float tot = lane_sum(w, k), inv = tot > 0.f ? 1.0f / tot : 0.f;
+    for (int j = 0; j < k; ++j) ws[j] = tot > 0.f ? w[j] * inv : 0.f;
+  } else {
+    for (int j = 0; j < k; ++j) ws[j] = w[j];
+  }
+  // Kept slots move down in place (c <= j); dropped ones wait in ws and io, whose entries below
+  // j are already read.
+  int c = 0, nd = 0;
+  for (int j = 0; j < k; ++j) {
+    const float v = w[j], signal = ws[j] * exp32(sanitize(sizes[order[j]]));
+    const int32_t e = order[j];
+    if (j < p.min_experts || (j < p.max_experts && signal >= p.threshold)) {
+      w[c] = v;
+      order[c++] = e;
+    } else {
+      ws[nd] = v;
+      io[nd++] = e;
+    }
+  }
+  for (int j = 0; j < nd; ++j) {
+    w[c + j] = ws[j];
+    order[c + j] = io[j];
+  }
+  return c;
+}
+
 // Stores a token's width(p) output slots from the kept experts' final weights w[0..count):
 // dropped slots get (index=E, weight=0).
 template <typename OutT, typename Store>
@@ -328,10 +365,10 @@ MOE_HD bool logit_order_is_exact(const float* l, const float* w, int K, float ne
 
 // How many rows route_block() takes at once: 8 in the AVX2 build for an ungrouped, unbiased
 // softmax gate with at most 8 experts to choose (not the entropy policy, whose logarithms stay
-// per row), else 1 (route_row alone).
+// per row, nor probe, which reads sizes), else 1 (route_row alone).
 MOE_HD int block_rows(const Params& p, const float* bias) {
 #if MOE_AVX2
-  if (p.score_func == kSoftmax && !bias && p.n_group == 1 && p.policy != kEntropy &&
+  if (p.score_func == kSoftmax && !bias && p.n_group == 1 && p.policy != kEntropy && p.policy != kProbe &&
       (logit_gate(p, bias) ? p.k : width(p)) <= 8)
     return 8;
 #endif
@@ -359,11 +396,11 @@ MOE_HD unsigned route_block(const Params& p, const float* x, int64_t stride, Out
 #endif
 }
 
-// Routes one token. x: E logits (already float), bias: E or nullptr, work: scratch_floats()
-// floats, order: 2E ints, valid: E bytes. Writes width(p) weights and indices.
-// Returns the number of experts kept.
+// Routes one token. x: E logits (already float), bias: E or nullptr, sizes: the row's E
+// predicted log output sizes (read by policy probe only), work: scratch_floats() floats, order:
+// 2E ints, valid: E bytes. Writes width(p) weights and indices. Returns the number of experts kept.
 template <typename OutT, typename Store>
-MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, float* work,
+MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, const float* sizes, float* work,
                      int32_t* order, unsigned char* valid, OutT* w_out, int64_t* i_out, Store store) {
   const int E = p.num_experts;
   float* x = work;          // sanitized logits
@@ -418,8 +455,15 @@ MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, floa
   }
   select_top(rkey, E, width(p), order, okey, sel, isel);
 
+  float* w = okey;  // holds the chosen values already unless the key was biased, masked or not them
+  const float* chosen = before && p.score_func == kSoftmax ? x : s;
+  if (rkey != chosen)
+    for (int j = 0; j < width(p); ++j) w[j] = chosen[order[j]];
+
   int count = p.k;
-  if (p.policy != kStatic) {
+  if (p.policy == kProbe) {
+    count = probe_partition(p, sizes, w, order, sel, isel);  // select_top is done with its scratch
+  } else if (p.policy != kStatic) {
     const float* qv = q;
     if (p.score_func == kSoftmax) {
       if (grouped) softmax(x, valid, E, q);
@@ -438,11 +482,6 @@ MOE_HD int route_row(const Params& p, const float* x_in, const float* bias, floa
     for (int j = 0; j < p.max_experts; ++j) qs[j] = qv[order[j]];
     count = policy_count(p, qs, p.policy == kEntropy ? entropy(qv, E) : 0.f, n_valid);
   }
-
-  float* w = okey;  // holds the chosen values already unless the key was biased, masked or not them
-  const float* chosen = before && p.score_func == kSoftmax ? x : s;
-  if (rkey != chosen)
-    for (int j = 0; j < width(p); ++j) w[j] = chosen[order[j]];
   write_slots(p, count, w, order, w_out, i_out, store);
   return count;
 }

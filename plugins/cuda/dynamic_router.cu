@@ -26,10 +26,12 @@ template <> __device__ void StoreAs<__nv_bfloat16>::operator()(__nv_bfloat16* d,
 // MAXE buckets keep that scratch small for the common expert counts.
 template <typename T, int MAXE>
 __global__ void __launch_bounds__(128) route_kernel(moe::Params p, const T* __restrict__ logits,
-                                                    const T* __restrict__ bias, T* __restrict__ weights,
-                                                    int64_t* __restrict__ indices, int64_t rows) {
+                                                    const T* __restrict__ bias, const T* __restrict__ sizes,
+                                                    T* __restrict__ weights, int64_t* __restrict__ indices,
+                                                    int64_t rows) {
   float x[MAXE];
   float b[MAXE];
+  float sz[MAXE];
   float work[6 * MAXE + 2 * MAXE + 8];
   int32_t order[2 * MAXE];
   unsigned char valid[MAXE];
@@ -39,7 +41,10 @@ __global__ void __launch_bounds__(128) route_kernel(moe::Params p, const T* __re
   for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows; r += (int64_t)gridDim.x * blockDim.x) {
     const T* row = logits + r * E;
     for (int i = 0; i < E; ++i) x[i] = to_f(row[i]);
-    moe::route_row(p, x, bias ? b : nullptr, work, order, valid, weights + r * K, indices + r * K, StoreAs<T>());
+    if (sizes)
+      for (int i = 0; i < E; ++i) sz[i] = to_f(sizes[r * E + i]);
+    moe::route_row(p, x, bias ? b : nullptr, sizes ? sz : nullptr, work, order, valid, weights + r * K,
+                   indices + r * K, StoreAs<T>());
   }
 }
 
@@ -57,7 +62,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 // (their summation order differs from the CPU's lane sums by rounding only); the selection is
 // width(p) rounds of a warp-wide arg-best under moe::before; the policy decision and the output
 // slots are the core's policy_count and write_slots, run by lane 0 on the gathered values.
-// Ungrouped routing only: DeepSeek-V3 group limiting takes route_kernel.
+// Ungrouped routing only, and not policy probe: DeepSeek-V3 group limiting and probe take route_kernel.
 template <typename T, int PL>
 __global__ void __launch_bounds__(128) route_warp_kernel(moe::Params p, const T* __restrict__ logits,
                                                          const T* __restrict__ bias, T* __restrict__ weights,
@@ -170,46 +175,48 @@ cudaError_t launch_warp(const moe::Params& p, const void* logits, const void* bi
 }
 
 template <typename T, int MAXE>
-cudaError_t launch(const moe::Params& p, const void* logits, const void* bias, void* weights, int64_t* indices,
-                   int64_t rows, cudaStream_t stream) {
+cudaError_t launch(const moe::Params& p, const void* logits, const void* bias, const void* sizes, void* weights,
+                   int64_t* indices, int64_t rows, cudaStream_t stream) {
   const int threads = 128;
   int64_t blocks = (rows + threads - 1) / threads;
   if (blocks > 65535) blocks = 65535;  // grid-stride beyond this
   route_kernel<T, MAXE><<<(unsigned)blocks, threads, 0, stream>>>(p, static_cast<const T*>(logits),
-      static_cast<const T*>(bias), static_cast<T*>(weights), indices, rows);
+      static_cast<const T*>(bias), static_cast<const T*>(sizes), static_cast<T*>(weights), indices, rows);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t dispatch(const moe::Params& p, const void* logits, const void* bias, void* weights, int64_t* indices,
-                     int64_t rows, cudaStream_t stream) {
+cudaError_t dispatch(const moe::Params& p, const void* logits, const void* bias, const void* sizes, void* weights,
+                     int64_t* indices, int64_t rows, cudaStream_t stream) {
   const int E = p.num_experts;
-  if (p.n_group == 1 && E > 16) {
+  if (p.n_group == 1 && E > 16 && p.policy != moe::kProbe) {
     if (E <= 64) return launch_warp<T, 2>(p, logits, bias, weights, indices, rows, stream);
     if (E <= 128) return launch_warp<T, 4>(p, logits, bias, weights, indices, rows, stream);
     if (E <= 256) return launch_warp<T, 8>(p, logits, bias, weights, indices, rows, stream);
     return launch_warp<T, 16>(p, logits, bias, weights, indices, rows, stream);
   }
-  if (E <= 16) return launch<T, 16>(p, logits, bias, weights, indices, rows, stream);
-  if (E <= 64) return launch<T, 64>(p, logits, bias, weights, indices, rows, stream);
-  if (E <= 128) return launch<T, 128>(p, logits, bias, weights, indices, rows, stream);
-  if (E <= 256) return launch<T, 256>(p, logits, bias, weights, indices, rows, stream);
-  return launch<T, MOE_CUDA_MAX_EXPERTS>(p, logits, bias, weights, indices, rows, stream);
+  if (E <= 16) return launch<T, 16>(p, logits, bias, sizes, weights, indices, rows, stream);
+  if (E <= 64) return launch<T, 64>(p, logits, bias, sizes, weights, indices, rows, stream);
+  if (E <= 128) return launch<T, 128>(p, logits, bias, sizes, weights, indices, rows, stream);
+  if (E <= 256) return launch<T, 256>(p, logits, bias, sizes, weights, indices, rows, stream);
+  return launch<T, MOE_CUDA_MAX_EXPERTS>(p, logits, bias, sizes, weights, indices, rows, stream);
 }
 
 }  // namespace
 
 extern "C" int moe_dynamic_router_cuda(const moe::Params* p, int dtype, const void* logits, const void* bias,
-                                       void* weights, int64_t* indices, int64_t rows, cudaStream_t stream) {
-  if (!p || moe::validate(*p)) return MOE_CUDA_BAD_PARAMS;
+                                       const void* sizes, void* weights, int64_t* indices, int64_t rows,
+                                       cudaStream_t stream) {
+  if (!p || moe::validate(*p) || (p->policy == moe::kProbe && !sizes)) return MOE_CUDA_BAD_PARAMS;
+  if (p->policy != moe::kProbe) sizes = nullptr;  // unread: no row of it to convert
   if (p->num_experts > MOE_CUDA_MAX_EXPERTS) return MOE_CUDA_TOO_MANY_EXPERTS;
   if (rows < 0) return MOE_CUDA_BAD_PARAMS;
   if (rows == 0) return 0;
   cudaError_t err;
   switch (dtype) {
-    case MOE_DTYPE_F32: err = dispatch<float>(*p, logits, bias, weights, indices, rows, stream); break;
-    case MOE_DTYPE_F16: err = dispatch<__half>(*p, logits, bias, weights, indices, rows, stream); break;
-    case MOE_DTYPE_BF16: err = dispatch<__nv_bfloat16>(*p, logits, bias, weights, indices, rows, stream); break;
+    case MOE_DTYPE_F32: err = dispatch<float>(*p, logits, bias, sizes, weights, indices, rows, stream); break;
+    case MOE_DTYPE_F16: err = dispatch<__half>(*p, logits, bias, sizes, weights, indices, rows, stream); break;
+    case MOE_DTYPE_BF16: err = dispatch<__nv_bfloat16>(*p, logits, bias, sizes, weights, indices, rows, stream); break;
     default: return MOE_CUDA_BAD_PARAMS;
   }
   return (int)err;

@@ -16,12 +16,13 @@
 extern "C" {
 #endif
 
-// Routes `rows` tokens: logits [rows, E] and optional bias [E] of `dtype`; writes weights
-// [rows, width] of `dtype` and indices [rows, width] int64. Returns 0, a cudaError_t from the
-// launch, or one of the negative codes above. Asynchronous on `stream`.
+// Routes `rows` tokens: logits [rows, E], optional bias [E] and sizes [rows, E] (required by
+// policy probe, else ignored) of `dtype`; writes weights [rows, width] of `dtype` and indices
+// [rows, width] int64. Returns 0, a cudaError_t from the launch, or one of the negative codes
+// above. Asynchronous on `stream`.
 __attribute__((visibility("default"))) int moe_dynamic_router_cuda(
-    const moe::Params* params, int dtype, const void* logits, const void* bias, void* weights,
-    int64_t* indices, int64_t rows, cudaStream_t stream);
+    const moe::Params* params, int dtype, const void* logits, const void* bias, const void* sizes,
+    void* weights, int64_t* indices, int64_t rows, cudaStream_t stream);
 
 
 #ifdef __cplusplus

@@ -16,6 +16,7 @@ namespace {
 
 constexpr const char* kDomain = "moe_export";
 constexpr const char* kOpName = "DynamicRouter";
+constexpr const char* kNeedsSizes = "DynamicRouter: policy probe needs the sizes input";
 
 using RouteRows = void (*)(const RowsTask&, int64_t, int64_t, const RowScratch&);
 
@@ -92,6 +93,15 @@ void read_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name, f
   if (st) api.ReleaseStatus(st);
 }
 
+// Whether the node gives input i (an omitted optional input has an empty name, or is left off).
+bool has_input(const OrtApi& api, const OrtKernelInfo* info, size_t i) {
+  size_t n = 0, len = 0;
+  if (OrtStatus* st = api.KernelInfo_GetInputCount(info, &n)) { api.ReleaseStatus(st); return true; }
+  if (i >= n) return false;
+  if (OrtStatus* st = api.KernelInfo_GetInputName(info, i, nullptr, &len)) { api.ReleaseStatus(st); return true; }
+  return len > 1;  // len counts the terminating '\0'
+}
+
 struct DynamicRouterKernel {
   moe::Params p{};
   DType dtype;
@@ -122,11 +132,20 @@ struct DynamicRouterKernel {
                                            : bf16_to_float(static_cast<const uint16_t*>(bp)[i]);
         }
       }
+      const void* sizes = nullptr;
+      if (p.policy == moe::kProbe) {
+        Ort::ConstValue sz = ctx.GetInputCount() > 2 ? ctx.GetInput(2) : Ort::ConstValue{nullptr};
+        if (sz == nullptr)
+          return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, kNeedsSizes);
+        if (sz.GetTensorTypeAndShapeInfo().GetShape() != info.GetShape())
+          return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, "DynamicRouter: sizes must have the logits' shape");
+        sizes = sz.GetTensorRawData();
+      }
       shape.back() = moe::width(p);
       Ort::UnownedValue w = ctx.GetOutput(0, shape);
       Ort::UnownedValue idx = ctx.GetOutput(1, shape);
       if (rows == 0) return nullptr;
-      Job j{RowsTask{&p, dtype, logits.GetTensorRawData(), bias.empty() ? nullptr : bias.data(),
+      Job j{RowsTask{&p, dtype, logits.GetTensorRawData(), bias.empty() ? nullptr : bias.data(), sizes,
                      w.GetTensorMutableRawData(), idx.GetTensorMutableData<int64_t>(), rows, 0},
             route};
       // ~128 rows of E=64 is ~5 us of work: enough to amortize a thread-pool task. Whole
@@ -161,6 +180,8 @@ struct DynamicRouterOp : Ort::CustomOpBase<DynamicRouterOp, DynamicRouterKernel,
     if (const char* err = moe::validate(p))
       return api.CreateStatus(ORT_INVALID_ARGUMENT, (std::string("DynamicRouter: ") + err +
                                                      (bad.empty() ? "" : " '" + bad + "'")).c_str());
+    if (p.policy == moe::kProbe && !has_input(api, info, 2))
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, kNeedsSizes);
     k->dtype = dtype;
     std::string err;
     k->route = pick_route_rows(err);
@@ -171,7 +192,7 @@ struct DynamicRouterOp : Ort::CustomOpBase<DynamicRouterOp, DynamicRouterKernel,
 
   const char* GetName() const { return kOpName; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 2; }
+  size_t GetInputTypeCount() const { return 3; }  // logits, bias, sizes
   ONNXTensorElementDataType GetInputType(size_t) const { return type; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;

@@ -43,26 +43,28 @@ void route_rows_as(const RowsTask& t, int64_t begin, int64_t end, const RowScrat
   const int E = p.num_experts, K = moe::width(p);
   const auto store = [](T* d, float v) { *d = D::store(v); };
   float* rows = s.work + moe::scratch_floats(p);  // 16-bit rows converted to float
-  // the float logits of rows [r, r + n): in place, or converted into `rows`
-  auto as_float = [&](int64_t r, int n) {
-    const T* src = static_cast<const T*>(t.logits) + r * E;
+  // rows [r, r + n) of `in` as float: in place, or converted into `to`
+  auto as_float = [&](const void* in, int64_t r, int n, float* to) {
+    const T* src = static_cast<const T*>(in) + r * E;
     if (!D::kConverts) return reinterpret_cast<const float*>(src);
-    D::load(src, n * E, rows);
-    return static_cast<const float*>(rows);
+    D::load(src, n * E, to);
+    return static_cast<const float*>(to);
   };
   auto route_one = [&](int64_t r, const float* x) {
-    moe::route_row(p, x, t.bias, s.work, s.order, s.valid, static_cast<T*>(t.weights) + r * K, t.indices + r * K,
-                   store);
+    // sizes converted beside the row of logits: probe routes one row at a time (block_rows)
+    const float* sz = p.policy == moe::kProbe ? as_float(t.sizes, r, 1, rows + E) : nullptr;
+    moe::route_row(p, x, t.bias, sz, s.work, s.order, s.valid, static_cast<T*>(t.weights) + r * K,
+                   t.indices + r * K, store);
   };
   int64_t r = begin;
   const int B = moe::block_rows(p, t.bias);
   if (B > 1)
     for (; r + B <= end; r += B) {
-      const float* x = as_float(r, B);
+      const float* x = as_float(t.logits, r, B, rows);
       unsigned left = moe::route_block(p, x, E, static_cast<T*>(t.weights) + r * K, t.indices + r * K, store);
       for (; left; left &= left - 1) route_one(r + __builtin_ctz(left), x + __builtin_ctz(left) * E);
     }
-  for (; r < end; ++r) route_one(r, as_float(r, 1));
+  for (; r < end; ++r) route_one(r, as_float(t.logits, r, 1, rows));
 }
 
 }  // namespace

@@ -53,6 +53,7 @@ struct RowsTask {
   DType dtype;
   const void* logits;
   const float* bias;
+  const void* sizes;  // laid out like the logits; read by policy probe only
   void* weights;
   int64_t* indices;
   int64_t rows;

@@ -3,6 +3,7 @@
 // The kernel is the CUDA entry point in plugins/cuda (the same routing core as the CPU kernel).
 #include <NvInferRuntime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -78,7 +79,7 @@ class DynamicRouterPlugin : public IPluginV3, public IPluginV3OneCore, public IP
                             public IPluginV3OneRuntime {
  public:
   explicit DynamicRouterPlugin(moe::Params const& p) : p_(p) { make_fields(); }
-  DynamicRouterPlugin(DynamicRouterPlugin const& o) : p_(o.p_), ns_(o.ns_), has_bias_(o.has_bias_) { make_fields(); }
+  DynamicRouterPlugin(DynamicRouterPlugin const& o) : p_(o.p_), ns_(o.ns_), nb_inputs_(o.nb_inputs_) { make_fields(); }
 
   // IPluginV3
   IPluginCapability* getCapabilityInterface(PluginCapabilityType type) noexcept override {
@@ -121,19 +122,24 @@ class DynamicRouterPlugin : public IPluginV3, public IPluginV3OneCore, public IP
     if (d.format != TensorFormat::kLINEAR) return false;
     if (pos == nbInputs + 1) return d.type == DataType::kINT64;  // indices
     bool float_type = d.type == DataType::kFLOAT || d.type == DataType::kHALF || d.type == DataType::kBF16;
-    return pos == 0 ? float_type : d.type == io[0].desc.type;  // bias and weights follow the logits
+    return pos == 0 ? float_type : d.type == io[0].desc.type;  // bias, sizes and weights follow the logits
   }
   int32_t configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const*,
                           int32_t) noexcept override {
-    if (nbInputs < 1 || nbInputs > 2) return -1;
-    has_bias_ = nbInputs == 2;
+    // (logits[, bias[, sizes]]); policy probe reads sizes
+    if (nbInputs < (p_.policy == moe::kProbe ? 3 : 1) || nbInputs > 3) return -1;
+    nb_inputs_ = nbInputs;
     int64_t last = in[0].desc.dims.d[in[0].desc.dims.nbDims - 1];
     return (last == -1 || last == p_.num_experts) ? 0 : -1;
   }
 
   // IPluginV3OneRuntime
   int32_t onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const*, int32_t) noexcept override {
-    has_bias_ = nbInputs == 2;  // the optional correction bias is the second input
+    nb_inputs_ = nbInputs;
+    if (nbInputs == 3) {
+      Dims const &x = in[0].dims, &sz = in[2].dims;
+      if (sz.nbDims != x.nbDims || !std::equal(x.d, x.d + x.nbDims, sz.d)) return -1;  // sizes: the logits' shape
+    }
     return in[0].dims.d[in[0].dims.nbDims - 1] == p_.num_experts ? 0 : -1;
   }
   int32_t enqueue(PluginTensorDesc const* inDesc, PluginTensorDesc const*, void const* const* inputs,
@@ -142,9 +148,10 @@ class DynamicRouterPlugin : public IPluginV3, public IPluginV3OneCore, public IP
     for (int i = 0; i + 1 < inDesc[0].dims.nbDims; ++i) rows *= inDesc[0].dims.d[i];
     int dtype = inDesc[0].type == DataType::kFLOAT ? MOE_DTYPE_F32
               : inDesc[0].type == DataType::kHALF ? MOE_DTYPE_F16 : MOE_DTYPE_BF16;
-    void const* bias = has_bias_ ? inputs[1] : nullptr;
-    return moe_dynamic_router_cuda(&p_, dtype, inputs[0], bias, outputs[0], static_cast<int64_t*>(outputs[1]),
-                                   rows, stream) == 0 ? 0 : -1;
+    void const* bias = nb_inputs_ > 1 ? inputs[1] : nullptr;
+    void const* sizes = nb_inputs_ > 2 ? inputs[2] : nullptr;
+    return moe_dynamic_router_cuda(&p_, dtype, inputs[0], bias, sizes, outputs[0],
+                                   static_cast<int64_t*>(outputs[1]), rows, stream) == 0 ? 0 : -1;
   }
   IPluginV3* attachToContext(IPluginResourceContext*) noexcept override { return clone(); }
   PluginFieldCollection const* getFieldsToSerialize() noexcept override { return &fc_; }
@@ -174,7 +181,7 @@ class DynamicRouterPlugin : public IPluginV3, public IPluginV3OneCore, public IP
 
   moe::Params p_;
   std::string ns_;
-  bool has_bias_ = false;
+  int32_t nb_inputs_ = 1;  // logits[, bias[, sizes]]
   std::vector<PluginField> fields_;
   PluginFieldCollection fc_{};
 };

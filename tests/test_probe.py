@@ -1,0 +1,158 @@
+"""Policy probe: the experts' output sizes read out of exported graphs, the probe's fit, and
+calibrate / convert / repolicy with it, on the real exporter's graphs and the real kernel."""
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from helpers import GRAPHS, run_cli, session_of
+from moe_export.conversion import routers_metadata
+from moe_export.conversion.record import Routing
+from moe_export.run.probe import expert_sizes, fit
+from moe_export.run.stats import static_copy
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "ernie4_5_moe", "kolibri1",
+            "phimoe", "mistral4", "deepseek_v4", "inkling_text"]
+
+
+def ids_file(tmp_path, n=12, seq=24, seed=0):
+    ids = np.random.default_rng(seed).integers(0, 128, (n, seq))
+    np.save(tmp_path / "ids.npy", ids)
+    return tmp_path / "ids.npy"
+
+
+def test_read_out_sizes_are_each_experts_output_in_pytorch():
+    """The sizes the fit learns from, read out of the ONNX graph, are the norms of each routed
+    expert's output that PyTorch computes for the same tokens."""
+    sys.path.insert(0, str(GRAPHS))
+    from make_graphs import tiny_model
+
+    torch_model = tiny_model("mixtral")
+    ids = np.random.default_rng(1).integers(0, 128, (2, 16))
+    model = static_copy(onnx.load(str(GRAPHS / "mixtral.onnx")))
+    seen = []
+    layers = torch_model.model.layers
+    hooks = [layer.mlp.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+             for layer in layers]
+    with torch.no_grad():
+        torch_model(input_ids=torch.as_tensor(ids))
+    for h in hooks:
+        h.remove()
+    for li, r in enumerate(Routing.read(model).routers):
+        x, idx, norms = expert_sizes(model, GRAPHS, {"input_ids": ids}, r)
+        hidden = seen[li].reshape(-1, x.shape[1])
+        np.testing.assert_allclose(x, hidden.numpy(), rtol=1e-4, atol=1e-5)
+        experts = layers[li].mlp.experts
+        with torch.no_grad():
+            want = torch.stack([experts(hidden, torch.as_tensor(idx[:, j:j + 1]), torch.ones(len(idx), 1)).norm(dim=-1)
+                                for j in range(idx.shape[1])], 1)
+        np.testing.assert_allclose(norms, want.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_the_fit_recovers_a_linear_log_size():
+    rng = np.random.default_rng(0)
+    N, H, E, k = 4000, 6, 4, 2
+    x = rng.standard_normal((N, H)).astype(np.float32)
+    ids = np.stack([rng.permutation(E)[:k] for _ in range(N)])
+    P, b = rng.standard_normal((H, E)), rng.standard_normal(E)
+    norms = np.exp(np.take_along_axis(x @ P + b, ids, axis=1))
+    P2, b2 = fit(x, ids, norms, E)
+    np.testing.assert_allclose(P2, P, atol=0.01)
+    np.testing.assert_allclose(b2, b, atol=0.01)
+    # an expert no token was routed to: its mean log size over the others, no slope
+    P3, b3 = fit(x, np.where(ids == 3, 0, ids), norms, E)
+    assert not P3[:, 3].any() and b3[3] == pytest.approx(np.log(norms).mean(), rel=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_probe_calibration_converts_every_family(family, tmp_path):
+    """calibrate --policy probe on each family's exported graph: the probe is fitted, wired in as
+    the routers' sizes input, and the written graph runs in ONNX Runtime with the mean experts
+    per token the calibration aimed at."""
+    data = ids_file(tmp_path)
+    model = onnx.load(str(GRAPHS / f"{family}.onnx"))
+    k = Routing.read(static_copy(model)).routers[0].k
+    target = k * 0.7
+    out = tmp_path / "out.onnx"
+    r = run_cli("calibrate", GRAPHS / f"{family}.onnx", "--data", data, "--policy", "probe", "--target-experts",
+                target, "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    layers = json.loads(r.stdout)["layers"]
+    assert all(abs(x["mean_experts"] - target) < 0.1 * k for x in layers), layers
+    routers = routers_metadata(onnx.load(str(out)))["routers"]
+    assert {x["attrs"]["policy"] for x in routers} == {"probe"} and all(x.get("sizes") for x in routers)
+    # the written graph, run on the calibration data, routes what calibration measured
+    written = Routing.read(onnx.load(str(out)))
+    from moe_export.run.runtime import run_exposed
+    got = run_exposed(onnx.load(str(out)), tmp_path, written.tensors("indices"), {"input_ids": np.load(data)})
+    for x, parts in zip(layers, got):
+        idx = np.concatenate([p.reshape(-1, p.shape[-1]) for p in parts])
+        assert (idx < written.routers[0].num_experts).sum(1).mean() == pytest.approx(x["mean_experts"], abs=0.1 * k)
+
+
+def test_graphs_whose_expert_outputs_cannot_be_read_are_refused_in_one_line(tmp_path):
+    data = ids_file(tmp_path)
+    for graph in ("llama4_text.onnx",):
+        out = tmp_path / "out.onnx"
+        r = run_cli("calibrate", GRAPHS / graph, "--data", data, "--policy", "probe", "--target-experts", 1.5, "-o", out)
+        assert r.returncode != 0 and "policy probe" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not out.exists()
+
+
+def test_probe_needs_a_fitted_probe_and_repolicy_keeps_it(tmp_path):
+    data = ids_file(tmp_path)
+    out = tmp_path / "probe.onnx"
+    r = run_cli("convert", GRAPHS / "mixtral.onnx", "--policy", "probe", "--threshold", "0.1", "-o", out)
+    assert r.returncode != 0 and "calibrate --policy probe" in r.stderr and not out.exists()
+    r = run_cli("calibrate", GRAPHS / "mixtral.onnx", "--data", data, "--policy", "probe", "--target-experts", 1.5,
+                "-o", out)
+    assert r.returncode == 0, r.stderr
+    feeds = {"input_ids": np.load(data)[:2]}
+    # re-set: another threshold keeps the probe; top-p leaves it unused; static reproduces the original
+    for policy, t in (("probe", "0"), ("top-p", "0.6"), ("static", None)):
+        re = tmp_path / f"re_{policy}.onnx"
+        r = run_cli("convert", out, "--repolicy", "--policy", policy, *(["--threshold", t] if t else []), "-o", re)
+        assert r.returncode == 0, r.stderr
+        got = session_of(str(re)).run(None, feeds)[0]
+        if policy != "top-p":  # threshold 0 keeps every slot: the static routing
+            want = session_of(str(GRAPHS / "mixtral.onnx")).run(None, feeds)[0]
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # a converted graph without probes cannot be re-set to probe
+    plain = tmp_path / "plain.onnx"
+    assert run_cli("convert", GRAPHS / "mixtral.onnx", "-o", plain).returncode == 0
+    r = run_cli("convert", plain, "--repolicy", "--policy", "probe", "--threshold", "0.1", "-o", tmp_path / "x.onnx")
+    assert r.returncode != 0 and "calibrate --policy probe" in r.stderr and not (tmp_path / "x.onnx").exists()
+
+
+def test_portable_probe_routes_as_the_kernel(tmp_path):
+    data = ids_file(tmp_path)
+    outs = {}
+    for portable in (False, True):
+        out = tmp_path / f"p{portable}.onnx"
+        r = run_cli("calibrate", GRAPHS / "qwen3_moe.onnx", "--data", data, "--policy", "probe", "--target-experts",
+                    2.5, "-o", out, *(["--portable"] if portable else []))
+        assert r.returncode == 0, r.stderr
+        outs[portable] = session_of(str(out)).run(None, {"input_ids": np.load(data)[:3]})[0]
+    np.testing.assert_allclose(outs[True], outs[False], rtol=1e-3, atol=1e-4)
+
+
+def test_budget_search_with_probe_and_auto(tmp_path):
+    """--max-ppl-increase with policy probe finds a routing within the budget; auto measures the
+    probe beside the other policies."""
+    from moe_export.run.budget import BudgetSearch
+
+    data = ids_file(tmp_path, n=16)
+    out = tmp_path / "out.onnx"
+    r = run_cli("calibrate", GRAPHS / "qwen3_moe.onnx", "--data", data, "--policy", "probe", "--max-ppl-increase",
+                "0.05", "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert {x["policy"] for x in rep["layers"]} <= {"probe", "static"}
+    assert any(x["policy"] == "probe" for x in rep["layers"]) and rep["heldout"]["ppl_increase_upper"] <= 0.05
+    routers = routers_metadata(onnx.load(str(out)))["routers"]
+    assert all(bool(x.get("sizes")) == (x["attrs"]["policy"] == "probe") for x in routers)
+    search = BudgetSearch(onnx.load(str(GRAPHS / "qwen3_moe.onnx")), GRAPHS, {"input_ids": np.load(data)}, "auto")
+    assert {ch[0] for pts in search.curves.values() for _, _, ch in pts} == {"top-p", "ratio", "entropy", "probe"}
