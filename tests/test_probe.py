@@ -52,6 +52,34 @@ def test_read_out_sizes_are_each_experts_output_in_pytorch():
         np.testing.assert_allclose(norms, want.numpy(), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("graph", ["mixtral.onnx", "legacy_mixtral_torchscript.onnx", "deepseek_v3.onnx",
+                                   "qwen2_moe.onnx", "gpt_oss.onnx", "genai/gpt_oss_fp32_cpu",
+                                   "genai/qwen3_5_moe_int4_cpu"])
+def test_the_slots_read_out_add_up_to_the_layers_expert_output(graph, tmp_path):
+    """Each expert-section form (a regrouped Scan, a per-expert loop, a shared expert beside the
+    routed ones, GenAI's fused MoE / QMoE op): the outputs read out one slot at a time, weighted by
+    the router's weights, add up to what the section computes with every slot."""
+    from moe_export.model.graph import GraphIndex
+    from moe_export.model.source import Source
+    from moe_export.run.probe import _SLOT, _layer_graph, router_input, section_output
+    from moe_export.run.runtime import load_inputs, run_exposed, session_from_proto
+
+    src = Source.of(GRAPHS / graph)
+    model = static_copy(src.model)
+    feeds = load_inputs(ids_file(tmp_path, n=2, seq=8), model, src.base_dir)
+    r = Routing.read(model).routers[-1]
+    ix = GraphIndex(model.graph)
+    x, y = router_input(ix, r.logits), section_output(ix, r)
+    whole, w = run_exposed(model, src.base_dir, [y, r.weights], feeds)
+    m, names = _layer_graph(model, r, x, y)
+    sess = session_from_proto(m, src.base_dir)
+    H = whole[0].shape[-1]
+    w = w[0].reshape(-1, w[0].shape[-1]).astype(np.float64)
+    total = sum(w[:, j:j + 1] * sess.run(names[:1], feeds | {_SLOT: np.array(j, np.int64)})[0].reshape(-1, H)
+                for j in range(r.k))
+    np.testing.assert_allclose(total, whole[0].reshape(-1, H), rtol=1e-3, atol=1e-4 * np.abs(whole[0]).max())
+
+
 def test_the_fit_recovers_a_linear_log_size():
     rng = np.random.default_rng(0)
     N, H, E, k = 4000, 6, 4, 2

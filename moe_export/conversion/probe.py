@@ -31,7 +31,7 @@ def router_input(ix: GraphIndex, logits: str) -> str:
             p = ix.producer.get(t)
             if p is None:
                 continue
-            if p.op_type in ("MatMul", "Gemm") and weight(p.input[1]) and not weight(p.input[0]):
+            if p.op_type in ("MatMul", "Gemm", "MatMulNBits") and weight(p.input[1]) and not weight(p.input[0]):
                 if not (p.op_type == "Gemm" and any(a.name == "transA" and a.i for a in p.attribute)):
                     return p.input[0]
             nxt += [i for i in p.input if i and i not in seen and ix.const(i) is None and i not in ix.initializers]

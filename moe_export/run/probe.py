@@ -6,8 +6,8 @@ The sizes are read out of the graph itself, so every expert-section form is serv
 per layer, the graph up to the routed experts' sum (`section_output`) is run with the router's
 weights and ids replaced by inputs, once per slot with only that slot's expert kept at weight 1,
 so the sum is that expert's output. Layers before it route statically, so each layer sees the
-hidden states it sees in the static model. Cost: (k + 1) runs of the graph up to each layer on
-at most MAX_TOKENS calibration tokens."""
+hidden states it sees in the static model. Cost: k runs of the graph up to each layer on at
+most MAX_TOKENS calibration tokens."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,6 +25,8 @@ RIDGE = 1.0       # the least squares' regularizer, in units of the inputs' mean
 MAX_TOKENS = 32768  # per layer: a fit of H + 1 unknowns per expert needs no more
 MIN_TOKENS = 8    # an expert routed fewer tokens than this gets a constant: its mean log size
 _SLOT = "moe_export.probe.slot"
+# where a layer's output joins the hidden states: an Add, or ORT's fusion of it with the next norm
+RESIDUAL_ADDS = ("Add", "SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
 
 
 def section_output(ix: GraphIndex, r) -> str:
@@ -36,15 +38,15 @@ def section_output(ix: GraphIndex, r) -> str:
     for n in ix.graph.node:
         reads = reads_of([n])
         if reads & routed:
-            if n.op_type == "Add" and len(n.input) == 2:
-                mine = [i in routed for i in n.input]
+            if n.op_type in RESIDUAL_ADDS and len(n.input) >= 2:
+                mine = [i in routed for i in n.input[:2]]
                 if mine[0] != mine[1] and n.input[mine[0]] in live:
                     return n.input[mine[1]]
             routed.update(o for o in n.output if o)
         if reads & live:
             live.update(o for o in n.output if o)
-    raise MoeExportError(f"policy probe: the output of {r.layer}'s experts is not added to the hidden states by "
-                         "an Add in this graph, so their sizes cannot be read out")
+    raise MoeExportError(f"policy probe: the output of {r.layer}'s experts is not added to the hidden states in "
+                         "this graph, so their sizes cannot be read out")
 
 
 def _layer_graph(model, r, x, y):
