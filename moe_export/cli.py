@@ -59,7 +59,8 @@ def _add_policy_args(p):
                         "probe needs a probe fitted on data (calibrate --policy probe)")
     p.add_argument("--threshold", type=_threshold, default=None,
                    help="top-p: cumulative mass to reach; ratio: fraction of the top score; entropy: "
-                        "normalized entropy below which tokens get min experts")
+                        "normalized entropy below which tokens get min experts; probe: the least weight x "
+                        "predicted output size a kept expert has (>= 0)")
     p.add_argument("--min-experts", type=int, default=None, help="fewest experts per token (default 1)")
     p.add_argument("--max-experts", type=int, default=None, help="most experts per token (default: the graph's k)")
     _renormalize_arg(p, "1: over the kept, the model run with fewer experts")

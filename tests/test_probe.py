@@ -15,7 +15,7 @@ from moe_export.run.probe import expert_sizes, fit
 from moe_export.run.stats import static_copy
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "ernie4_5_moe", "kolibri1",
-            "phimoe", "mistral4", "deepseek_v4", "inkling_text"]
+            "phimoe", "mistral4", "deepseek_v4", "legacy_mixtral_torchscript", "legacy_qwen2_moe_torchscript"]
 
 
 def ids_file(tmp_path, n=12, seq=24, seed=0):
@@ -52,13 +52,15 @@ def test_read_out_sizes_are_each_experts_output_in_pytorch():
         np.testing.assert_allclose(norms, want.numpy(), rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("graph", ["mixtral.onnx", "legacy_mixtral_torchscript.onnx", "deepseek_v3.onnx",
-                                   "qwen2_moe.onnx", "gpt_oss.onnx", "genai/gpt_oss_fp32_cpu",
+@pytest.mark.parametrize("graph", ["mixtral.onnx", "legacy_mixtral_torchscript.onnx", "legacy_olmoe_torchscript.onnx",
+                                   "deepseek_v3.onnx", "qwen2_moe.onnx", "gpt_oss.onnx", "genai/gpt_oss_fp32_cpu",
                                    "genai/qwen3_5_moe_int4_cpu"])
 def test_the_slots_read_out_add_up_to_the_layers_expert_output(graph, tmp_path):
     """Each expert-section form (a regrouped Scan, a per-expert loop, a shared expert beside the
     routed ones, GenAI's fused MoE / QMoE op): the outputs read out one slot at a time, weighted by
-    the router's weights, add up to what the section computes with every slot."""
+    the router's weights, add up to what the section computes with every slot, and every routed
+    expert's is read (a TorchScript loop adds each expert's rows to zeros of the tokens' shape:
+    taking that first sum for the section's read expert 0 alone)."""
     from moe_export.model.graph import GraphIndex
     from moe_export.model.source import Source
     from moe_export.run.probe import _SLOT, _layer_graph, router_input, section_output
@@ -78,6 +80,8 @@ def test_the_slots_read_out_add_up_to_the_layers_expert_output(graph, tmp_path):
     total = sum(w[:, j:j + 1] * sess.run(names[:1], feeds | {_SLOT: np.array(j, np.int64)})[0].reshape(-1, H)
                 for j in range(r.k))
     np.testing.assert_allclose(total, whole[0].reshape(-1, H), rtol=1e-3, atol=1e-4 * np.abs(whole[0]).max())
+    _, idx, norms = expert_sizes(model, src.base_dir, feeds, r)
+    assert (norms > 0).all() and len(np.unique(idx)) > 1
 
 
 def test_the_fit_recovers_a_linear_log_size():
@@ -123,7 +127,7 @@ def test_probe_calibration_converts_every_family(family, tmp_path):
 
 def test_graphs_whose_expert_outputs_cannot_be_read_are_refused_in_one_line(tmp_path):
     data = ids_file(tmp_path)
-    for graph in ("llama4_text.onnx",):
+    for graph in ("llama4_text.onnx", "inkling_text.onnx"):  # dense scattered weights; a section not linear in its slots
         out = tmp_path / "out.onnx"
         r = run_cli("calibrate", GRAPHS / graph, "--data", data, "--policy", "probe", "--target-experts", 1.5, "-o", out)
         assert r.returncode != 0 and "policy probe" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -184,3 +188,91 @@ def test_budget_search_with_probe_and_auto(tmp_path):
     assert all(bool(x.get("sizes")) == (x["attrs"]["policy"] == "probe") for x in routers)
     search = BudgetSearch(onnx.load(str(GRAPHS / "qwen3_moe.onnx")), GRAPHS, {"input_ids": np.load(data)}, "auto")
     assert {ch[0] for pts in search.curves.values() for _, _, ch in pts} == {"top-p", "ratio", "entropy", "probe"}
+
+
+def test_a_probe_graph_calibrated_again_replaces_its_probes(tmp_path):
+    data = ids_file(tmp_path)
+    src = GRAPHS / "mixtral.onnx"
+    for i in range(3):
+        out = tmp_path / f"p{i}.onnx"
+        r = run_cli("calibrate", src, "--data", data, "--policy", "probe", "--target-experts", 1.5, "-o", out)
+        assert r.returncode == 0, r.stderr
+        src = out
+    m = onnx.load(str(src))
+    assert len([t for t in m.graph.initializer if t.name.startswith("moe_export/probe/")]) == 3 * 2  # P, b, 0 bias
+    assert len({t.name for t in m.graph.initializer}) == len(m.graph.initializer)
+    session_of(str(src)).run(None, {"input_ids": np.load(data)[:2]})
+
+
+def test_float16_graphs_take_the_probe(tmp_path):
+    """The probe runs in float32 and its sizes take the router logits' type: a float16 export
+    calibrates with probe, and auto measures it."""
+    sys.path.insert(0, str(GRAPHS))
+    from make_graphs import tiny_model
+
+    tiny_model("mixtral").to(torch.float16).save_pretrained(tmp_path / "ckpt")
+    assert run_cli("export", tmp_path / "ckpt", "-o", tmp_path / "m16.onnx").returncode == 0
+    data = ids_file(tmp_path, n=16)
+    out = tmp_path / "p16.onnx"
+    r = run_cli("calibrate", tmp_path / "m16.onnx", "--data", data, "--policy", "auto", "--max-ppl-increase", "0.05",
+                "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert not any("probe left out" in w for w in json.loads(r.stdout)["warnings"])
+    r = run_cli("calibrate", tmp_path / "m16.onnx", "--data", data, "--policy", "probe", "--target-experts", 1.5,
+                "-o", tmp_path / "t16.onnx")
+    assert r.returncode == 0, r.stderr
+    session_of(str(tmp_path / "t16.onnx")).run(None, {"input_ids": np.load(data)[:2]})
+
+
+def test_a_router_wider_than_k_leaves_probe_out_of_auto_and_refuses_it(tmp_path):
+    data = ids_file(tmp_path, n=16)
+    wide = tmp_path / "wide.onnx"
+    assert run_cli("convert", GRAPHS / "qwen3_moe.onnx", "--policy", "top-p", "--threshold", 0.9, "--max-experts", 5,
+                   "-o", wide).returncode == 0
+    r = run_cli("calibrate", wide, "--data", data, "--policy", "auto", "--max-ppl-increase", "0.05",
+                "-o", tmp_path / "a.onnx", "--json")
+    assert r.returncode == 0, r.stderr
+    assert any("probe left out" in w and "5 wide" in w for w in json.loads(r.stdout)["warnings"])
+    r = run_cli("calibrate", wide, "--data", data, "--policy", "probe", "--target-experts", 2, "-o", tmp_path / "p.onnx")
+    assert r.returncode != 0 and "5 wide" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def test_the_gates_input_is_found_behind_a_dequantized_weight_and_never_guessed():
+    """A gate whose weight is dequantized (DequantizeLinear of an int8 initializer) still reads
+    the hidden states; a tensor above a matmul of two activations is refused, not probed."""
+    from onnx import helper, numpy_helper
+    from moe_export.conversion.probe import router_input
+    from moe_export.errors import MoeExportError
+    from moe_export.model.graph import GraphIndex
+
+    model = static_copy(onnx.load(str(GRAPHS / "mixtral.onnx")))
+    r = Routing.read(model).routers[0]
+    ix = GraphIndex(model.graph)
+    x = router_input(ix, r.logits)
+    gate = ix.producer[r.logits]
+    assert gate.op_type in ("MatMul", "Gemm") and gate.input[0] == x
+    W = numpy_helper.to_array(ix.initializers[gate.input[1]])
+    model.graph.initializer.extend([numpy_helper.from_array(np.round(W * 100).astype(np.int8), "wq"),
+                                    numpy_helper.from_array(np.float32(0.01), "wscale")])
+    model.graph.node.insert(0, helper.make_node("DequantizeLinear", ["wq", "wscale"], ["wdq"]))
+    gate.input[1] = "wdq"
+    assert router_input(GraphIndex(model.graph), r.logits) == x
+    gate.input[1] = x  # x @ x: no weight
+    with pytest.raises(MoeExportError, match="MatMul or Gemm of it by a weight"):
+        router_input(GraphIndex(model.graph), r.logits)
+
+
+def test_the_python_policy_checks_its_probes(tmp_path):
+    from moe_export import Policy, UsageError
+
+    good = (np.zeros((4, 8)), np.zeros(8))
+    for probes, message in (([good], "must be a dict"), ({"a": "abc"}, "pair"), ({"a": (np.zeros((4, 8)), np.zeros(7))},
+                            "shapes"), ({"a": (np.full((4, 8), np.nan), np.zeros(8))}, "finite")):
+        with pytest.raises(UsageError, match=message):
+            Policy("probe", 0.1, probes=probes)
+    from moe_export.conversion import convert
+    from moe_export.errors import MoeExportError
+    with pytest.raises(MoeExportError, match="probes names 'nope'"):
+        convert(GRAPHS / "mixtral.onnx", tmp_path / "out.onnx", Policy("probe", 0.1, probes={"nope": good}))
+    assert not (tmp_path / "out.onnx").exists()

@@ -5,6 +5,8 @@ import math
 from dataclasses import dataclass
 from numbers import Integral, Real
 
+import numpy as np
+
 from ..errors import MoeExportError, UsageError
 from ..op.spec import POLICIES
 
@@ -35,6 +37,10 @@ class Policy:
             self.threshold = _number("threshold", self.threshold)
         self.renormalize = _number("renormalize", self.renormalize)
         self.min_experts = _count("min_experts", self.min_experts)
+        if self.probes is not None:
+            if not isinstance(self.probes, dict):
+                raise UsageError(f"probes must be a dict {{layer: (P [H, E], b [E])}}, got {type(self.probes).__name__}")
+            self.probes = {layer: _probe(layer, v) for layer, v in self.probes.items()}
         if self.max_experts is not None:
             self.max_experts = _count("max_experts", self.max_experts)
 
@@ -60,10 +66,11 @@ class Policy:
     def check_layers(self, layers) -> None:
         """Refuses per-layer choices for layers the graph does not have (a misspelt name would
         otherwise route that layer by the global threshold, silently)."""
-        unknown = sorted((set(self.per_layer or ()) | set(self.probes or ())) - set(layers))
-        if unknown:
-            raise MoeExportError(f"per_layer names {', '.join(map(repr, unknown))}, not a MoE layer of this graph "
-                                 f"(its layers: {', '.join(layers)})")
+        for what, names in (("per_layer", self.per_layer), ("probes", self.probes)):
+            unknown = sorted(set(names or ()) - set(layers))
+            if unknown:
+                raise MoeExportError(f"{what} names {', '.join(map(repr, unknown))}, not a MoE layer of this graph "
+                                     f"(its layers: {', '.join(layers)})")
 
 
 def _number(name, v) -> float:
@@ -76,6 +83,19 @@ def _number(name, v) -> float:
     if not math.isfinite(x):
         raise UsageError(f"{name} must be finite, got {v!r}")
     return x
+
+
+def _probe(layer, v) -> tuple:
+    """(P [H, E], b [E]) as float32 arrays, finite, their E alike."""
+    try:
+        P, b = (np.asarray(x, dtype=np.float32) for x in v)
+    except (TypeError, ValueError):
+        raise UsageError(f"probes[{layer!r}] must be a pair (P [H, E], b [E]) of numbers") from None
+    if P.ndim != 2 or b.ndim != 1 or P.shape[1] != b.size:
+        raise UsageError(f"probes[{layer!r}] must be (P [H, E], b [E]), got shapes {P.shape} and {b.shape}")
+    if not (np.isfinite(P).all() and np.isfinite(b).all()):
+        raise UsageError(f"probes[{layer!r}] must be finite")
+    return P, b
 
 
 def _count(name, v) -> int:

@@ -10,20 +10,22 @@ import numpy as np
 from onnx import TensorProto
 
 from ..errors import MoeExportError
-from ..model.graph import GraphIndex, NodeBuilder, Surgery
+from ..model.graph import GraphIndex, NodeBuilder, Surgery, opset_version, reads_of
 from .record import Routing
 
 PREFIX = "moe_export/probe"
 
 
 def router_input(ix: GraphIndex, logits: str) -> str:
-    """The tensor the gate's matmul reads (the hidden states the experts read too): the input of
-    the nearest MatMul or Gemm of a weight above the router logits, within a few nodes (views,
-    casts, a bias, a score function such as DeepSeek-V4's sqrt(softplus(x)))."""
-    def weight(t):
-        while (p := ix.producer.get(t)) is not None and p.op_type in ("Cast", "Transpose"):
-            t = p.input[0]
-        return t in ix.initializers
+    """The tensor the gate's matmul reads (the hidden states the experts read too): the other
+    operand of the nearest MatMul or Gemm above the router logits whose one operand is a weight
+    (computed from constants only: an initializer, or one dequantized, cast or transposed), within
+    a few nodes (views, casts, a bias, a score function such as DeepSeek-V4's sqrt(softplus(x)))."""
+    live = {i.name for i in ix.graph.input} - set(ix.initializers)  # what the graph's inputs reach
+    for n in ix.graph.node:
+        if reads_of([n]) & live:
+            live.update(n.output)
+    constant = lambda t: t not in live
     frontier, seen = [logits], {logits}
     for _ in range(8):
         nxt = []
@@ -31,30 +33,40 @@ def router_input(ix: GraphIndex, logits: str) -> str:
             p = ix.producer.get(t)
             if p is None:
                 continue
-            if p.op_type in ("MatMul", "Gemm", "MatMulNBits") and weight(p.input[1]) and not weight(p.input[0]):
-                if not (p.op_type == "Gemm" and any(a.name == "transA" and a.i for a in p.attribute)):
+            if p.op_type in ("MatMul", "Gemm", "MatMulNBits"):
+                gemm_ta = p.op_type == "Gemm" and any(a.name == "transA" and a.i for a in p.attribute)
+                if constant(p.input[1]) and not constant(p.input[0]) and not gemm_ta:
                     return p.input[0]
-            nxt += [i for i in p.input if i and i not in seen and ix.const(i) is None and i not in ix.initializers]
+                break  # the nearest matmul is not the gate's: refuse rather than probe another tensor
+            nxt += [i for i in p.input if i and i not in seen and not constant(i)]
             seen.update(nxt)
-        frontier = nxt
+        else:
+            frontier = nxt
+            continue
+        break
     raise MoeExportError(f"policy probe reads the router's input, and the logits {logits!r} do not come from a "
-                         "MatMul or Gemm of it")
+                         "MatMul or Gemm of it by a weight")
 
 
-def probe_sizes(b: NodeBuilder, x: str, probe, like: str, ftype: int) -> str:
-    """Nodes computing x P + b shaped as the router logits `like`, of the router's float type."""
+def _like(b: NodeBuilder, t: str, like: str, ftype: int, opset: int) -> str:
+    """Float32 `t` in the type of `like` (whose type a graph without value_info may not state)."""
+    if opset >= 15:
+        return b.op("CastLike", [t, like])
+    return b.op("Cast", [t], to=ftype) if ftype != TensorProto.FLOAT else t
+
+
+def probe_sizes(b: NodeBuilder, x: str, probe, like: str, ftype: int, opset: int) -> str:
+    """Nodes computing x P + b in float32 (the gate's matmul may run in another type than its
+    logits), shaped and typed as the router logits `like`."""
     P, bias = (np.asarray(v, dtype=np.float32) for v in probe)
-    if ftype != TensorProto.FLOAT:
-        x = b.op("Cast", [x], to=TensorProto.FLOAT)
+    x = b.op("Cast", [x], to=TensorProto.FLOAT)
     s = b.op("Add", [b.op("MatMul", [x, b.const(P, hint="probe_weight")]), b.const(bias, hint="probe_bias")])
-    s = b.op("Reshape", [s, b.op("Shape", [like])])
-    return b.op("Cast", [s], to=ftype) if ftype != TensorProto.FLOAT else s
+    return _like(b, b.op("Reshape", [s, b.op("Shape", [like])]), like, ftype, opset)
 
 
-def zero_bias(b: NodeBuilder, num_experts: int, ftype: int) -> str:
+def zero_bias(b: NodeBuilder, num_experts: int, like: str, ftype: int, opset: int) -> str:
     """A correction bias of zeros, which ranks as none does: the op takes sizes as its third input."""
-    z = b.const(np.zeros(num_experts, np.float32), hint="no_bias")
-    return b.op("Cast", [z], to=ftype) if ftype != TensorProto.FLOAT else z
+    return _like(b, b.const(np.zeros(num_experts, np.float32), hint="no_bias"), like, ftype, opset)
 
 
 def check_probe(probe, hidden: int | None, num_experts: int, layer: str) -> None:
@@ -65,27 +77,42 @@ def check_probe(probe, hidden: int | None, num_experts: int, layer: str) -> None
                              f"needs [{hidden or 'H'}, {num_experts}] + [{num_experts}]")
 
 
+def build_probe(ix: GraphIndex, layer: str, logits: str, like: str, bias: str | None, probe, num_experts: int,
+                ftype: int, opset: int) -> tuple:
+    """(nodes under this layer's probe prefix, sizes, the bias the router reads): the probe of the
+    gate whose logits are `logits`, for a router reading `like`."""
+    x = router_input(ix, logits)
+    check_probe(probe, ix.static_last_dim(x), num_experts, layer)
+    b = NodeBuilder(f"{PREFIX}/{layer}")
+    sizes = probe_sizes(b, x, probe, like, ftype, opset)
+    return b, sizes, bias or zero_bias(b, num_experts, like, ftype, opset)
+
+
 def attach_probes(model, probes: dict) -> None:
     """Gives the DynamicRouter nodes of converted `model` the probes {layer: (P [H, E], b [E])} as
     their sizes input, in place (replacing one attached before)."""
     from .rewrite import router_nodes  # (rewrite imports this module)
 
     routing = Routing.read(model)
+    # a probe attached before goes first: the new one's nodes take the same names
+    old = tuple(f"{PREFIX}/{r.layer}/" for r in routing.routers if r.layer in probes)
+    g = model.graph
+    for field, named in ((g.node, lambda n: n.name), (g.initializer, lambda t: t.name)):
+        if any(named(x).startswith(old) for x in field):
+            keep = [x for x in field if not named(x).startswith(old)]
+            del field[:]
+            field.extend(keep)  # (copies: the router nodes are looked up after)
+    nodes = router_nodes(model, routing)
     ix = GraphIndex(model.graph)
     surgery = Surgery(model.graph)
-    for r, node in zip(routing.routers, router_nodes(model, routing)):
+    for r, node in zip(routing.routers, nodes):
         if r.layer not in probes:
             continue
         if node is None:
             raise MoeExportError(f"router {r.layer}: its DynamicRouter node is missing from the graph")
-        x = router_input(ix, r.logits)
-        check_probe(probes[r.layer], ix.static_last_dim(x), r.num_experts, r.layer)
-        prefix = f"{PREFIX}/{r.layer}"
-        surgery.remove(n.name for n in model.graph.node if n.name.startswith(prefix + "/"))
-        b = NodeBuilder(prefix)
-        ftype = ix.elem_type(node.output[0]) or ix.elem_type(node.input[0]) or TensorProto.FLOAT
-        r.sizes = probe_sizes(b, x, probes[r.layer], node.input[0], ftype)
-        bias = r.bias or zero_bias(b, r.num_experts, ftype)
+        ftype = ix.elem_type(node.input[0]) or ix.elem_type(node.output[0]) or TensorProto.FLOAT
+        b, r.sizes, bias = build_probe(ix, r.layer, r.logits, node.input[0], r.bias, probes[r.layer],
+                                       r.num_experts, ftype, opset_version(model))
         del node.input[1:]
         node.input.extend([bias, r.sizes])
         surgery.insert(b, before=node.name)

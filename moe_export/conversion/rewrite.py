@@ -17,7 +17,7 @@ from .experts import group_by_expert
 from .ids import keep_ids_right
 from .policy import Policy
 from .portable import portable_router
-from .probe import attach_probes, check_probe, probe_sizes, router_input, zero_bias
+from .probe import attach_probes, build_probe
 from .record import Router, Routing
 
 
@@ -56,8 +56,6 @@ def _router(b: NodeBuilder, a: RouterAttrs, logits, bias, ftype, portable, sizes
     """The router's (weights, indices): one DynamicRouter node, or its expansion."""
     if portable:
         return portable_router(b, a, logits, bias, ftype, sizes=sizes)
-    if sizes and not bias:
-        bias = zero_bias(b, a.num_experts, ftype)
     w, idx = b.name("weights"), b.name("indices")
     b.nodes.append(helper.make_node(OP_TYPE, [logits] + ([bias] if bias else []) + ([sizes] if sizes else []),
                                     [w, idx], name=b.name("DynamicRouter"), domain=DOMAIN, **node_attributes(a)))
@@ -88,12 +86,14 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
         for v in gate.logits_views:  # the views the gate took its scores through, on the logits
             logits = b.op(v.op_type, [logits, *v.input[1:]],
                           **{x.name: helper.get_attribute_value(x) for x in v.attribute})
-        sizes = None
+        sizes, bias = None, gate.bias
         if (probe := pol.probe_of(gate.name)) is not None:
-            x = router_input(ix, gate.logits)
-            check_probe(probe, ix.static_last_dim(x), a.num_experts, gate.name)
-            sizes = probe_sizes(b, x, probe, logits, ftype)
-        w, idx = _router(b, a, logits, gate.bias, ftype, portable, sizes)
+            pb, sizes, probe_bias = build_probe(ix, gate.name, gate.logits, logits, gate.bias, probe, a.num_experts,
+                                                ftype, opset_version(model))
+            b.nodes += pb.nodes
+            b.inits += pb.inits
+            bias = gate.bias if portable else probe_bias  # (the expansion takes no bias for none)
+        w, idx = _router(b, a, logits, bias, ftype, portable, sizes)
         if gate.cast_to is not None and gate.cast_to != ftype:
             w = b.op("Cast", [w], to=gate.cast_to)
         weights = rule.wire(Wiring(surgery, ix, gate, a, b, logits, w, idx, gate.cast_to or ftype))

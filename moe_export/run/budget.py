@@ -109,12 +109,14 @@ def _thresholds(router, policy, logits, bias, min_experts, max_experts, sizes=No
     experts per token on these logits, for the FRACTIONS it can reach."""
     th = Thresholds(router, policy, logits, bias, min_experts, max_experts, sizes)
     k, out = th.attrs.k, []
+    unit = lambda t, u: max(t, u) if policy == "probe" else 1.0  # (probe's threshold has the outputs' scale)
     for f in FRACTIONS:
         target = k * f
         if target < th.attrs.min_experts:
             break
         t, got = th.solve(target)
-        if abs(got - target) <= 0.025 * k and all(abs(t - u) > 1e-6 * (max(t, u) if policy == "probe" else 1.0) for _, u in out):  # within half a step
+        within_half_a_step = abs(got - target) <= 0.025 * k
+        if within_half_a_step and all(abs(t - u) > 1e-6 * unit(t, u) for _, u in out):
             out.append((f, t))
     return out
 
@@ -205,7 +207,7 @@ class BudgetSearch:
         self.policy = policy
         policies = DYNAMIC if policy == "auto" else (policy,)
         self.probes, self.notes = None, []
-        if policy == "probe" or (policy == "auto" and not (max_experts or 0) > min(r.k for r in routing.routers)):
+        if policy in ("probe", "auto"):
             try:
                 self.probes = fit_probes(m, base_dir, take_rows(m, feeds, self.fit))
             except MoeExportError as e:
