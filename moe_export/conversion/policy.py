@@ -39,7 +39,8 @@ class Policy:
         self.min_experts = _count("min_experts", self.min_experts)
         if self.probes is not None:
             if not isinstance(self.probes, dict):
-                raise UsageError(f"probes must be a dict {{layer: (P [H, E], b [E])}}, got {type(self.probes).__name__}")
+                raise UsageError("probes must be a dict {layer: (P [H, E], b [E])}, got "
+                                 f"{type(self.probes).__name__}")
             self.probes = {layer: _probe(layer, v) for layer, v in self.probes.items()}
         if self.max_experts is not None:
             self.max_experts = _count("max_experts", self.max_experts)

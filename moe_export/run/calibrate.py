@@ -11,11 +11,11 @@ import onnx
 from ..errors import MoeExportError, UsageError
 from ..conversion.write import convert_model, repolicy
 from ..conversion.policy import Policy
+from ..conversion.probe import attach_probes
 from ..conversion.record import Routing
 from ..model.files import Output, Progress
 from ..model.genai import check_folder_output, own_library
 from ..model.source import Source
-from ..conversion.probe import attach_probes
 from .budget import budget_policy, calibrate_budget
 from .probe import fit_probes
 from .runtime import load_inputs
@@ -52,10 +52,11 @@ def calibrate(model, feeds, target, policy="top-p", mode="per-layer", min_expert
         chosen = [th.solve(target) for th in layers]
     else:
         th0 = layers[0]
-        t, _ = solve(lambda t: np.mean([th.mean(t) for th in layers]), target, th0.increasing, hi=max(th.hi for th in layers))
+        t, _ = solve(lambda t: np.mean([th.mean(t) for th in layers]), target, th0.increasing,
+                     hi=max(th.hi for th in layers))
         chosen = [(t, th.mean(t)) for th in layers]
-    return [{"layer": r.layer, "threshold": t, "mean_experts": c, "k": r.k} | ({"probe": probes[r.layer]} if probes else {})
-            for r, (t, c) in zip(routers, chosen)]
+    return [{"layer": r.layer, "threshold": t, "mean_experts": c, "k": r.k}
+            | ({"probe": probes[r.layer]} if probes else {}) for r, (t, c) in zip(routers, chosen)]
 
 
 def unreachable(layers, target, mode, tolerance=0.05):
