@@ -116,9 +116,12 @@ def expert_sizes(model, base_dir, feeds, r, progress=None):
         if not seen:  # the read-out is this form's only if the slots add up to the section's output
             total = sum(w[:, j:j + 1].astype(np.float64) * slots[j] for j in range(k))
             ref = whole.reshape(-1, H).astype(np.float64)
-            zero = np.mean([np.mean(np.abs(y).max(axis=1) == 0) for y in slots])
-            if zero > 0.5 or not np.allclose(total, ref, rtol=1e-2, atol=1e-3 * max(float(np.abs(ref).max()), 1e-30)):
-                raise MoeExportError(unread)  # (zero: a partial sum, e.g. one expert's rows only)
+            read = {int(e) for j, y in enumerate(slots) for e in idx[np.abs(y).max(axis=1) > 0, j]}
+            # one expert alone reading anything: the first partial sum of a per-expert accumulation,
+            # not experts that are dead (zero weights, which the fit takes as never worth keeping)
+            if len(read) < 2 <= len(np.unique(idx)) or \
+                    not np.allclose(total, ref, rtol=1e-2, atol=1e-3 * max(float(np.abs(ref).max()), 1e-30)):
+                raise MoeExportError(unread)
         xs.append(x.astype(np.float32))
         ids.append(idx)
         norms.append(np.stack([np.linalg.norm(y, axis=1) for y in slots], axis=1))
@@ -138,10 +141,13 @@ def fit(x, ids, norms, num_experts):
     logn = np.log(np.maximum(norms, 1e-30))
     ridge = RIDGE * max(float(np.mean(np.square(x, dtype=np.float64))), 1e-12)
     P, b = np.zeros((H, num_experts), np.float32), np.zeros(num_experts, np.float32)
-    routed = ids < num_experts
+    routed = (ids < num_experts) & (norms > 0)
     fallback = float(logn[routed].mean()) if routed.any() else 0.0
     for e in range(num_experts):
-        tok, slot = np.nonzero(ids == e)
+        tok, slot = np.nonzero((ids == e) & (norms > 0))  # (a zero output has no log size to fit)
+        if not len(tok) and (ids == e).any():
+            b[e] = np.log(1e-30)  # an expert whose output is always zero: dropping it costs nothing
+            continue
         if len(tok) < MIN_TOKENS:
             b[e] = float(logn[tok, slot].mean()) if len(tok) else fallback
             continue
