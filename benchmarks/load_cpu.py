@@ -16,6 +16,12 @@ timed on one token and on a 128-token sequence, side by side. Then `moe-export c
 The same at depth, where what a layer adds to the graph outweighs the weights (which onnxruntime
 maps without reading): 48 layers of 128 experts top-8, hidden 128, expert intermediate 64; the
 original and the default conversion only, no calibration.
+
+    .venv/bin/python benchmarks/load_cpu.py --probe  # -> benchmarks/results/load_cpu_probe.json
+
+Policy probe at this size: `calibrate --policy probe --target-experts 2` on the original (its fit
+reads every expert's output out of the graph), beside top-p, and the probe-routed graph loaded and
+timed beside the original and the static conversion.
 """
 from __future__ import annotations
 
@@ -111,14 +117,16 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--turns", type=int, default=3, help="load each graph this many times, in turns")
     ap.add_argument("--deep", action="store_true", help="48 layers of 128 small experts: load at depth")
+    ap.add_argument("--probe", action="store_true", help="policy probe's calibration and graph at this size")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.deep:
         a.layers = 48
-    a.out = a.out or ROOT / "benchmarks" / "results" / ("load_cpu_deep.json" if a.deep else "load_cpu.json")
+    a.out = a.out or ROOT / "benchmarks" / "results" / ("load_cpu_deep.json" if a.deep else
+                                                        "load_cpu_probe.json" if a.probe else "load_cpu.json")
     graph = build(WORK, a.layers, DEEP if a.deep else SIZES)
     forms = {"original": None, "default": []}
-    if not a.deep:  # (--per-expert-weights would unroll all 48 x 128 experts; not what --deep is for)
+    if not (a.deep or a.probe):  # (--per-expert-weights would unroll all 48 x 128 experts; not what --deep is for)
         forms.update(per_expert_weights=["--per-expert-weights"], no_group_experts=["--no-group-experts"])
     paths = {"original": graph}
     convert_s = {}
@@ -130,6 +138,19 @@ def main():
         for extra in graph.parent.glob(f"static_{name}.onnx.*"):
             extra.unlink()
         convert_s[name] = child([EXE, "convert", graph, "-o", paths[name], *flags])
+    import numpy as np
+    ids = WORK / "calib_32x128.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 32000, (32, 128)))
+    calib = {}
+    runs_of = [] if a.deep else [("original", "top-p"), ("default", "top-p")] + ([("original", "probe")] * a.probe)
+    for name, policy in runs_of:
+        key = name if policy == "top-p" else f"{name}, {policy}"
+        out = graph.parent / f"cal_{name}_{policy}.onnx"
+        out.unlink(missing_ok=True)
+        calib[key] = dict(zip(("s", "rss_gb"), child([EXE, "calibrate", paths[name], "--data", ids, "--policy", policy,
+                                                       "--target-experts", "2", "-o", out])))
+        if policy == "probe":
+            paths["calibrated, probe"] = out
     runs = {name: [] for name in paths}
     for _ in range(a.turns):
         for name, p in paths.items():
@@ -145,15 +166,6 @@ def main():
     for row in rows:
         row["load_vs_original"] = row["load_s"] / base["load_s"]
         row["load_rss_vs_original"] = row["load_rss_gb"] / base["load_rss_gb"]
-    import numpy as np
-    ids = WORK / "calib_32x128.npy"
-    np.save(ids, np.random.default_rng(0).integers(0, 32000, (32, 128)))
-    calib = {}
-    for name in () if a.deep else ("original", "default"):
-        out = graph.parent / f"cal_{name}.onnx"
-        out.unlink(missing_ok=True)
-        calib[name] = dict(zip(("s", "rss_gb"), child([EXE, "calibrate", paths[name], "--data", ids,
-                                                        "--target-experts", "2", "-o", out])))
     result = {"date": date.today().isoformat(), "machine": f"{os.cpu_count()}-core {platform.machine()} build VM",
               "onnxruntime": __import__("onnxruntime").__version__, "layers": a.layers,
               "sizes": DEEP if a.deep else SIZES,
