@@ -9,7 +9,7 @@ import onnxruntime as ort
 from moe_export.model.graph import NodeBuilder
 from moe_export.conversion.portable import portable_router
 from moe_export.op.spec import RouterAttrs, dynamic_router
-from test_kernel import router_case
+from test_kernel import probe_threshold, router_case
 
 
 def portable_model(attrs, bias, sizes=False):
@@ -129,15 +129,7 @@ def probe_case(draw):
     sizes = (rng.standard_normal((T, E)) * 2).astype(np.float32)
     odd = rng.random((T, E)) < draw(st.sampled_from([0.0, 0.05]))
     sizes[odd] = rng.choice(np.float32([np.nan, np.inf, -np.inf]), odd.sum())
-    # thresholds among the signals the tokens make: the static weights times exp(sizes)
-    sw, si = dynamic_router(x, bias, **{n: v for n, v in attrs.items() if n not in ("policy", "min_experts",
-                                                                                    "max_experts", "renormalize")})
-    with np.errstate(over="ignore", invalid="ignore"):
-        z = np.exp(np.nan_to_num(np.take_along_axis(sizes, si, axis=1), nan=-np.inf))
-        sig = (sw / np.float32(attrs.get("scale", 1.0))) * z
-    sig = sig[np.isfinite(sig)]
-    q = draw(st.floats(0.0, 1.0))
-    attrs["threshold"] = float(np.float32(np.quantile(sig, q) if sig.size else q))
+    attrs["threshold"] = probe_threshold(attrs, x, bias, sizes, draw(st.floats(0.0, 1.0)))
     return attrs, x, bias, sizes
 
 

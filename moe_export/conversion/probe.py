@@ -10,7 +10,7 @@ import numpy as np
 from onnx import TensorProto
 
 from ..errors import MoeExportError
-from ..model.graph import GraphIndex, NodeBuilder, Surgery, opset_version, reads_of
+from ..model.graph import GraphIndex, NodeBuilder, Surgery, input_dependent, opset_version
 from .record import Routing
 
 PREFIX = "moe_export/probe"
@@ -21,10 +21,7 @@ def router_input(ix: GraphIndex, logits: str) -> str:
     operand of the nearest MatMul or Gemm above the router logits whose one operand is a weight
     (computed from constants only: an initializer, or one dequantized, cast or transposed), within
     a few nodes (views, casts, a bias, a score function such as DeepSeek-V4's sqrt(softplus(x)))."""
-    live = {i.name for i in ix.graph.input} - set(ix.initializers)  # what the graph's inputs reach
-    for n in ix.graph.node:
-        if reads_of([n]) & live:
-            live.update(n.output)
+    live = input_dependent(ix.graph)
     constant = lambda t: t not in live
     frontier, seen = [logits], {logits}
     for _ in range(8):

@@ -391,6 +391,17 @@ class Surgery:
         g.value_info.extend(keep_vi)
 
 
+def input_dependent(graph: onnx.GraphProto) -> set:
+    """The tensors whose values the graph's inputs reach (subgraph reads included; not through a
+    Shape or Size, whose outputs depend on the inputs' shapes alone)."""
+    init = {t.name for t in graph.initializer}
+    live = {i.name for i in graph.input} - init
+    for n in graph.node:
+        if n.op_type not in ("Shape", "Size") and reads_of([n]) & live:
+            live.update(o for o in n.output if o)
+    return live
+
+
 def prune(nodes, outputs, removable=None):
     """Removes nodes (of `removable`, by name; default any) whose outputs neither the other nodes
     nor `outputs` read (iteratively)."""

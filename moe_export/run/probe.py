@@ -20,7 +20,8 @@ from ..errors import MoeExportError
 from ..conversion.probe import router_input
 from ..conversion.record import Routing
 from ..model.files import Progress
-from ..model.graph import GraphIndex, NodeBuilder, drop_unused_initializers, prune, reads_of, rename_reads
+from ..model.graph import (GraphIndex, NodeBuilder, drop_unused_initializers, input_dependent, prune, reads_of,
+                           rename_reads)
 from .runtime import batches, run_guarded, session_from_proto
 
 RIDGE = 1.0       # the least squares' regularizer, in units of the inputs' mean square
@@ -36,18 +37,14 @@ def section_output(ix: GraphIndex, r) -> str:
     operand of the first Add whose other operand is computed from the values of the graph's
     inputs without them (the residual stream, or a shared expert's output; not zeros shaped like
     the tokens, which a per-expert loop exported by TorchScript adds each expert's rows to)."""
-    live = {i.name for i in ix.graph.input} - set(ix.initializers)
-    routed = {r.weights, r.indices}
+    live, routed = input_dependent(ix.graph), {r.weights, r.indices}
     for n in ix.graph.node:
-        reads = reads_of([n])
-        if reads & routed:
+        if reads_of([n]) & routed:
             if n.op_type in RESIDUAL_ADDS and len(n.input) >= 2:
                 mine = [i in routed for i in n.input[:2]]
                 if mine[0] != mine[1] and n.input[mine[0]] in live:
                     return n.input[mine[1]]
             routed.update(o for o in n.output if o)
-        if reads & live and n.op_type not in ("Shape", "Size"):
-            live.update(o for o in n.output if o)
     raise MoeExportError(f"policy probe: the output of {r.layer}'s experts is not added to the hidden states in "
                          "this graph, so their sizes cannot be read out")
 
@@ -86,10 +83,11 @@ def _layer_graph(model, r, x, y):
     return m, names
 
 
-def expert_sizes(model, base_dir, feeds, r, progress=None):
+def expert_sizes(model, base_dir, feeds, r, progress=None, ix=None):
     """Layer r's router inputs x [N, H] (float32), static expert ids [N, k] and each slot's expert
-    output norm [N, k] (float64), on at most MAX_TOKENS tokens of `feeds`."""
-    ix = GraphIndex(model.graph)
+    output norm [N, k] (float64), on at most MAX_TOKENS tokens of `feeds`. ix: the model's
+    GraphIndex, where the caller has one."""
+    ix = ix or GraphIndex(model.graph)
     x_name, y_name = router_input(ix, r.logits), section_output(ix, r)
     m, names = _layer_graph(model, r, x_name, y_name)
     sess = session_from_proto(m, base_dir)
@@ -187,7 +185,8 @@ def fit_probes(model, base_dir, feeds) -> dict:
         def tick():
             done[0] += 1
             bar.update(done[0])
+        ix = GraphIndex(model.graph)
         for r in routing.routers:
-            x, ids, norms = expert_sizes(model, base_dir, feeds, r, tick)
+            x, ids, norms = expert_sizes(model, base_dir, feeds, r, tick, ix)
             probes[r.layer] = fit(x, ids, norms, r.num_experts)
     return probes

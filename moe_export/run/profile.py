@@ -10,7 +10,7 @@ from ..conversion.record import Routing
 from ..model.source import Source
 from ..op.spec import dynamic_router
 from .runtime import load_inputs, run_exposed
-from .stats import fewer, routed_pairs, router_inputs, router_tensors
+from .stats import fewer, logits_in, routed_pairs, router_inputs, router_tensors
 
 
 def flops_per_pair(model, E, n_layers):
@@ -33,11 +33,11 @@ def profile(model_path, data_path, flops_per_pair_override=None, batch=16):
     layers, by_e = [], {}
     for r in routing.routers:
         by_e[r.num_experts] = by_e.get(r.num_experts, 0) + 1
-    for r in routing.routers:
+    for r, lg in zip(routing.routers, logits_in(model, routing)):
         a = r.attrs
         E, k = r.num_experts, r.k
         idx = np.concatenate([x.reshape(-1, x.shape[-1]) for x in got[r.indices]])
-        logits, bias, _ = router_inputs(got, r, model)
+        logits, bias, _ = router_inputs(got, r, lg)
         _, sidx = dynamic_router(logits, bias, **asdict(r.with_policy("static", 0.0, max_experts=k, min_experts=1)))
         # a fused op's experts were measured at conversion (quantized weights unpacked)
         fpp = flops_per_pair_override or r.flops_per_pair or flops_per_pair(model, E, by_e[E])

@@ -11,8 +11,8 @@ import onnx
 from ..errors import MoeExportError
 from ..conversion.policy import Policy
 from ..conversion.record import Router, Routing
-from ..conversion.rewrite import rewrite_model, set_policy
-from ..op.schema import ATTRIBUTES, DOMAIN, OP_TYPE, SpecError
+from ..conversion.rewrite import rewrite_model, router_nodes, set_policy
+from ..op.schema import ATTRIBUTES, SpecError
 from ..op.spec import RouterAttrs, policy_counts, policy_view, probe_keep, probe_signals
 from .runtime import run_exposed
 
@@ -42,28 +42,27 @@ def router_logits(model, base_dir, feeds, batch=16, progress=None) -> list[tuple
     routing = Routing.read(model)
     tensors = router_tensors(model, routing)
     got = dict(zip(tensors, run_exposed(model, base_dir, tensors, feeds, batch, progress=progress)))
-    return [router_inputs(got, r, model) for r in routing.routers]
+    return [router_inputs(got, r, lg) for r, lg in zip(routing.routers, logits_in(model, routing))]
 
 
-def _logits_in(model, r: Router) -> str:
-    """The logits the router node reads: the gate's logits through the views it took them by (a
-    column slice, in Inkling's gate), which only the node has."""
-    node = next((n for n in model.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN and
-                 len(n.output) > 1 and n.output[1] == r.indices), None)
-    return node.input[0] if node is not None else r.logits
+def logits_in(model, routing: Routing) -> list[str]:
+    """The logits each router node reads: the gate's logits through the views it took them by (a
+    column slice, in Inkling's gate), which only the node has (a portable router: the gate's)."""
+    return [n.input[0] if n is not None else r.logits for r, n in zip(routing.routers, router_nodes(model, routing))]
 
 
 def router_tensors(model, routing: Routing) -> list[str]:
     """What router_inputs reads of each router, to expose in a run."""
-    return [t for r in routing.routers for t in (_logits_in(model, r), r.bias, r.sizes) if t]
+    return [t for r, lg in zip(routing.routers, logits_in(model, routing)) for t in (lg, r.bias, r.sizes) if t]
 
 
-def router_inputs(got: dict, r: Router, model) -> tuple:
+def router_inputs(got: dict, r: Router, logits: str) -> tuple:
     """A router's ([tokens, E] float32 logits, [E] bias or None, [tokens, E] sizes or None) from
-    the batches of a run that exposed router_tensors ({tensor: [per-batch arrays]})."""
+    the batches of a run that exposed router_tensors ({tensor: [per-batch arrays]}); `logits`:
+    its logits_in."""
     E = r.num_experts
     rows = lambda t: np.concatenate([c.reshape(-1, E) for c in got[t]]).astype(np.float32)
-    return (rows(_logits_in(model, r)), got[r.bias][0].reshape(E).astype(np.float32) if r.bias else None,
+    return (rows(logits), got[r.bias][0].reshape(E).astype(np.float32) if r.bias else None,
             rows(r.sizes) if r.sizes else None)
 
 
