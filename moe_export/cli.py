@@ -370,15 +370,16 @@ def _calibrate_args(c):
     budget.add_argument("--max-ppl-increase", type=float, metavar="FRACTION",
                         help="a quality budget: the cheapest routing whose next-token perplexity on the data rises "
                              "at most this much (0.01 = +1%%); a causal LM graph (input_ids -> logits) is needed")
-    c.add_argument("--holdout", type=float, default=0.25, metavar="FRACTION",
+    c.add_argument("--holdout", type=float, default=None, metavar="FRACTION",
                      help="with --max-ppl-increase: the part of --data held out to check the budget (default 0.25)")
     _output_arg(c, "the calibrated, converted model")
     c.add_argument("--policy", choices=[p for p in POLICIES if p != "static"] + ["auto"], default="top-p",
                      help="dynamic policy whose threshold is calibrated (default top-p); probe fits a linear probe "
                           "of each expert's output size on the data and drops the slots of least weight x size; "
                           "with --max-ppl-increase, auto picks each layer's policy too, probe among them")
-    c.add_argument("--mode", choices=("per-layer", "global"), default="per-layer",
-                     help="a threshold per layer hitting the target in each, or one threshold for all")
+    c.add_argument("--mode", choices=("per-layer", "global"), default=None,
+                     help="with --target-experts: a threshold per layer hitting the target in each (default), or "
+                          "one threshold for all")
     c.add_argument("--min-experts", type=int, default=1, help="fewest experts per token (default 1)")
     c.add_argument("--max-experts", type=int, default=None, help="most experts per token (default: the graph's k)")
     _renormalize_arg(c, "1; with --max-ppl-increase chosen per layer among 1, 0.5 and 0")
@@ -394,7 +395,13 @@ def cmd_calibrate(args):
         raise UsageError(f"--target-experts must be >= 1 (experts per token), got {args.target_experts}")
     if args.max_ppl_increase is not None and not 0 < args.max_ppl_increase < 1:
         raise UsageError(f"--max-ppl-increase {args.max_ppl_increase}: a fraction, e.g. 0.01 for +1% perplexity")
-    if not 0 < args.holdout < 1:
+    if args.target_experts is not None and args.holdout is not None:
+        raise UsageError("--holdout applies to --max-ppl-increase (the part of --data that checks the quality budget); "
+                         "--target-experts uses all of --data")
+    if args.max_ppl_increase is not None and args.mode is not None:
+        raise UsageError("--mode applies to --target-experts; --max-ppl-increase chooses each layer's routing")
+    args.mode = args.mode or "per-layer"
+    if args.holdout is not None and not 0 < args.holdout < 1:
         raise UsageError(f"--holdout {args.holdout}: the fraction of the sequences held out, between 0 and 1")
     if args.min_experts < 1 or (args.max_experts is not None and args.max_experts < args.min_experts):
         raise UsageError(f"--min-experts {args.min_experts} / --max-experts {args.max_experts}: "

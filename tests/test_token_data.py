@@ -106,6 +106,11 @@ def test_validate_exit_codes(work):
       "-o", "{d}/out.onnx"], "--holdout"),
     (["calibrate", MIXTRAL, "--data", "{d}/ids.npy", "--target-experts", "1.5", "--policy", "auto",
       "-o", "{d}/out.onnx"], "--max-ppl-increase"),
+    # options of the other budget, which used to be ignored silently
+    (["calibrate", MIXTRAL, "--data", "{d}/ids.npy", "--target-experts", "1.5", "--holdout", "0.5",
+      "-o", "{d}/out.onnx"], "--holdout applies to --max-ppl-increase"),
+    (["calibrate", MIXTRAL, "--data", "{d}/ids.npy", "--max-ppl-increase", "0.01", "--mode", "global",
+      "-o", "{d}/out.onnx"], "--mode applies to --target-experts"),
     (["convert", MIXTRAL, "-o", "{d}/out.onnx", "--policy", "top-p", "--threshold", "nan"], "finite"),
     (["convert", MIXTRAL, "-o", "{d}/out.onnx", "--policy", "top-p", "--threshold", "1.5"], "[0, 1]"),
 ])
@@ -121,6 +126,22 @@ def test_a_holdout_that_leaves_nothing_to_fit_on_is_one_line(work):
                 "-o", work / "out.onnx")
     assert_clean_failure(r, work, "holds out all 16 sequences")
     assert r.returncode == 1
+
+
+def test_a_budget_checked_on_a_few_sequences_says_so(work):
+    """4 sequences: the held-out check rests on one, which bounds nothing; the output is written
+    with a warning rather than in silence."""
+    ids = work / "ids4.npy"
+    np.save(ids, np.load(work / "ids.npy")[:4])
+    r = run_cli("calibrate", MIXTRAL, "--data", ids, "--max-ppl-increase", "0.01", "-o", work / "few.onnx")
+    assert r.returncode == 0, r.stderr
+    assert "checked on 1 held-out sequence of the 4 in --data" in r.stderr
+    quiet = run_cli("calibrate", MIXTRAL, "--data", work / "ids.npy", "--max-ppl-increase", "0.01",
+                    "--holdout", "0.5", "-o", work / "more.onnx")  # 8 of 16 held out
+    assert quiet.returncode == 0 and "held-out sequence" not in quiet.stderr
+    (work / "few.onnx").unlink()
+    (work / "more.onnx").unlink()
+    ids.unlink()
 
 
 def test_convert_summary_names_every_setting(work):

@@ -45,6 +45,7 @@ from .stats import Thresholds, routed_pairs, router_logits, static_copy
 
 DYNAMIC = ("top-p", "ratio", "entropy")
 RENORMALIZE = (1.0, 0.5, 0.0)  # the kept experts' share of the dropped ones' weight, searched per layer
+MIN_HELDOUT = 8  # fewer held-out sequences than this: their spread cannot bound other text's increase
 FRACTIONS = tuple(round(1 - 0.05 * i, 2) for i in range(1, 15))  # 0.95 .. 0.3 of k: each curve's points
 
 
@@ -207,6 +208,9 @@ class BudgetSearch:
         self.policy = policy
         policies = DYNAMIC if policy == "auto" else (policy,)
         self.probes, self.notes = None, []
+        if n_hold < MIN_HELDOUT:
+            self.notes.append(f"the budget is checked on {n_hold} held-out sequence{'s' * (n_hold > 1)} of the {n} in "
+                              "--data, too few to bound the increase on other text; give more sequences")
         if policy in ("probe", "auto"):
             try:
                 self.probes = fit_probes(m, base_dir, take_rows(m, feeds, self.fit))

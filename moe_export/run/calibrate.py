@@ -60,28 +60,37 @@ def calibrate(model, feeds, target, policy="top-p", mode="per-layer", min_expert
 
 
 def unreachable(layers, target, mode, tolerance=0.05):
-    """Warnings for layers whose routing on this data cannot come near the target."""
+    """Warnings for layers whose routing on this data cannot come near the target; with one
+    threshold for all (global) only the layers' mean aims at it, so only the mean is judged."""
+    near = lambda got: abs(got - target) <= max(tolerance, tolerance * target)
+    if mode == "global":
+        mean = float(np.mean([r["mean_experts"] for r in layers]))
+        return [] if near(mean) else [f"every layer: {mean:.3f} experts/token at best on average, target {target} "
+                                      "(one threshold serves every layer, --mode global)"]
     out = []
     for r in layers:
-        if abs(r["mean_experts"] - target) > max(tolerance, tolerance * target):
-            why = ("one threshold serves every layer (--mode global)" if mode == "global" else
-                   "the router's scores on this data leave no threshold in between")
-            out.append(f"{r['layer']}: {r['mean_experts']:.3f} experts/token at best, target {target} ({why})")
+        if not near(r["mean_experts"]):
+            out.append(f"{r['layer']}: {r['mean_experts']:.3f} experts/token at best, target {target} (the router's "
+                       "scores on this data leave no threshold in between)")
     return out
 
 
 def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p", mode="per-layer",
-                          min_experts=1, max_experts=None, portable=False, max_ppl_increase=None, holdout=0.25,
+                          min_experts=1, max_experts=None, portable=False, max_ppl_increase=None, holdout=None,
                           renormalize=None):
     """Calibrates and writes the model: to `target` experts per token, or (max_ppl_increase) to
     the cheapest routing within that perplexity budget (budget.py; `renormalize` None: searched
-    per layer, else fixed). Returns (layers, warnings,
+    per layer, else fixed; `holdout`: the part of the data checking it, default 0.25). Returns (layers, warnings,
     notes about the written files, the budget search's report or None)."""
     if (target is None) == (max_ppl_increase is None):
         raise UsageError("give one of --target-experts (a compute budget) or --max-ppl-increase (a quality budget)")
     for name, v in (("target", target), ("max_ppl_increase", max_ppl_increase)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, Real)):
             raise UsageError(f"{name} must be a number, got {v!r}")
+    if target is not None and holdout is not None:
+        raise UsageError("holdout applies to a quality budget (max_ppl_increase); a target uses all the data")
+    if max_ppl_increase is not None and mode != "per-layer":
+        raise UsageError("mode applies to a target (experts per token); a quality budget chooses each layer's routing")
     if policy == "auto" and max_ppl_increase is None:
         raise UsageError("--policy auto picks each layer's policy by perplexity: it needs --max-ppl-increase")
     src, out = Source.of(model_path), Path(out)
@@ -99,7 +108,7 @@ def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p
     report, warnings = None, []
     if max_ppl_increase is not None:
         report = calibrate_budget(src.model, src.base_dir, feeds, max_ppl_increase, policy, min_experts, max_experts,
-                                  holdout, renormalize=renormalize)
+                                  0.25 if holdout is None else holdout, renormalize=renormalize)
         layers, pol = report["layers"], budget_policy(report, min_experts, max_experts)
         warnings += report["notes"]
         if not report["routing"]:
