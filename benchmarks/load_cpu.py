@@ -22,6 +22,12 @@ original and the default conversion only, no calibration.
 Policy probe at this size: `calibrate --policy probe --target-experts 2` on the original (its fit
 reads every expert's output out of the graph), beside top-p, and the probe-routed graph loaded and
 timed beside the original and the static conversion.
+
+    .venv/bin/python benchmarks/load_cpu.py --probe --probe-baseline /tmp/old   # a checkout of an earlier commit
+
+The same, with the probe's calibration also run by the moe-export source in /tmp/old (its native
+libraries copied into /tmp/old/moe_export/lib), in turns with this one (--turns each): what a
+change to the probe's read-out does to its time and memory, side by side.
 """
 from __future__ import annotations
 
@@ -118,6 +124,8 @@ def main():
     ap.add_argument("--turns", type=int, default=3, help="load each graph this many times, in turns")
     ap.add_argument("--deep", action="store_true", help="48 layers of 128 small experts: load at depth")
     ap.add_argument("--probe", action="store_true", help="policy probe's calibration and graph at this size")
+    ap.add_argument("--probe-baseline", type=Path, metavar="SRC",
+                    help="with --probe: an earlier moe-export source tree whose probe calibration runs in turns with this one")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.deep:
@@ -151,6 +159,26 @@ def main():
                                                        "--target-experts", "2", "-o", out])))
         if policy == "probe":
             paths["calibrated, probe"] = out
+    if a.probe and a.probe_baseline:
+        old = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(a.probe_baseline.resolve())!r}); "
+               "sys.argv[0] = 'moe-export'; from moe_export.cli import main; main()"]
+        turns = {"this": [], "baseline": []}
+        for _ in range(a.turns):
+            for who, exe in (("this", [EXE]), ("baseline", old)):
+                out = graph.parent / f"cal_probe_{who}.onnx"
+                out.unlink(missing_ok=True)
+                turns[who].append(child([*exe, "calibrate", paths["original"], "--data", ids, "--policy", "probe",
+                                         "--target-experts", "2", "-o", out]))
+        for who, rs in turns.items():
+            calib[f"original, probe, {who} (median of {a.turns})"] = {
+                "s": statistics.median(r[0] for r in rs), "rss_gb": statistics.median(r[1] for r in rs),
+                "s_each": [r[0] for r in rs]}
+        import onnx
+        from moe_export.conversion import routers_metadata
+        th = {who: np.array([r["attrs"]["threshold"] for r in routers_metadata(onnx.load(
+            str(graph.parent / f"cal_probe_{who}.onnx"), load_external_data=False))["routers"]]) for who in turns}
+        calib["probe thresholds, this vs baseline: max relative difference"] = float(
+            np.max(np.abs(th["this"] - th["baseline"]) / np.abs(th["baseline"])))
     runs = {name: [] for name in paths}
     for _ in range(a.turns):
         for name, p in paths.items():
@@ -177,7 +205,7 @@ def main():
               f"RSS {row['load_rss_gb']:.2f} GB ({row['load_rss_vs_original']:.2f}x); one token "
               f"{row['one_token_ms']:.1f} ms, 128 tokens {row['seq128_ms']:.1f} ms; run RSS {row['run_rss_gb']:.2f} GB")
     for name, c in calib.items():
-        print(f"calibrate {name}: {c['s']:.1f} s, peak RSS {c['rss_gb']:.2f} GB")
+        print(f"calibrate {name}: {c['s']:.1f} s, peak RSS {c['rss_gb']:.2f} GB" if isinstance(c, dict) else f"{name}: {c:.2g}")
     print(f"wrote {a.out}")
 
 

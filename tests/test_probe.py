@@ -67,23 +67,25 @@ def test_the_slots_read_out_add_up_to_the_layers_expert_output(graph, tmp_path):
     taking that first sum for the section's read expert 0 alone)."""
     from moe_export.model.graph import GraphIndex
     from moe_export.model.source import Source
-    from moe_export.run.probe import _SLOT, _layer_graph, router_input, section_output
-    from moe_export.run.runtime import load_inputs, run_exposed, session_from_proto
+    from moe_export.run.probe import SectionReader, section_output
+    from moe_export.run.runtime import load_inputs, run_exposed
 
     src = Source.of(GRAPHS / graph)
     model = static_copy(src.model)
     feeds = load_inputs(ids_file(tmp_path, n=2, seq=8), model, src.base_dir)
     r = Routing.read(model).routers[-1]
     ix = GraphIndex(model.graph)
-    x, y = router_input(ix, r.logits), section_output(ix, r)
-    whole, w = run_exposed(model, src.base_dir, [y, r.weights], feeds)
-    m, names = _layer_graph(model, r, x, y)
-    sess = session_from_proto(m, src.base_dir)
+    whole, w = run_exposed(model, src.base_dir, [section_output(ix, r), r.weights], feeds)
+    reader = SectionReader(model, src.base_dir, r, ix)
+    # the section alone: far fewer nodes than the graph, fed what the prefix computes
+    assert len(reader.section_nodes) < len(model.graph.node) / 2
+    cut, _, w_cut, _ = reader.prefix_run(feeds)
+    np.testing.assert_array_equal(w_cut, w[0])
     H = whole[0].shape[-1]
     w = w[0].reshape(-1, w[0].shape[-1]).astype(np.float64)
-    total = sum(w[:, j:j + 1] * sess.run(names[:1], feeds | {_SLOT: np.array(j, np.int64)})[0].reshape(-1, H)
-                for j in range(r.k))
+    total = sum(w[:, j:j + 1] * reader.slot(cut, j).reshape(-1, H) for j in range(r.k))
     np.testing.assert_allclose(total, whole[0].reshape(-1, H), rtol=1e-3, atol=1e-4 * np.abs(whole[0]).max())
+    np.testing.assert_allclose(reader.slot(cut, -1), whole[0], rtol=1e-5, atol=1e-6 * np.abs(whole[0]).max())
     _, idx, norms = expert_sizes(model, src.base_dir, feeds, r)
     assert (norms > 0).all() and len(np.unique(idx)) > 1
 

@@ -414,6 +414,17 @@ def prune(nodes, outputs, removable=None):
         nodes = keep
 
 
+def needed(nodes, outputs) -> list:
+    """The nodes of `nodes` (topologically ordered, as a graph's are) that `outputs` depend on: one
+    backward pass, where prune peels a long unread tail one node deep at a time."""
+    want, keep = set(outputs), []
+    for n in reversed(nodes):
+        if any(o in want for o in n.output if o):
+            keep.append(n)
+            want |= reads_of([n])
+    return keep[::-1]
+
+
 def reads_of(nodes) -> set:
     acc = set()
     for n in nodes:

@@ -3,11 +3,12 @@ least squares of the log of the expert's output size on the router's input, over
 static routing sends to it.
 
 The sizes are read out of the graph itself, so every expert-section form is served the same way:
-per layer, the graph up to the routed experts' sum (`section_output`) is run with the router's
-weights and ids replaced by inputs, once per slot with only that slot's expert kept at weight 1,
-so the sum is that expert's output. Layers before it route statically, so each layer sees the
-hidden states it sees in the static model; a run with every slot checks, on the first batch,
-that the slots add up to the section's output. Cost: k + 1 runs of the graph up to each layer on
+per layer, the expert section up to the routed experts' sum (`section_output`) is cut out of the
+graph and run with the router's weights and ids replaced, once per slot with only that slot's
+expert kept at weight 1, so the sum is that expert's output (`SectionReader`). Layers before it
+route statically, so each layer sees the hidden states it sees in the static model; a run with
+every slot checks, on the first batch, that the slots add up to the section's output. Cost: one
+run of the graph up to each layer and k + 1 runs of its section (on the first batch; k after) on
 at most MAX_TOKENS calibration tokens, and per expert a least-squares solve of the smaller of H
 and its token count, cubed."""
 from __future__ import annotations
@@ -20,9 +21,9 @@ from ..errors import MoeExportError
 from ..conversion.probe import router_input
 from ..conversion.record import Routing
 from ..model.files import Progress
-from ..model.graph import (GraphIndex, NodeBuilder, drop_unused_initializers, input_dependent, prune, reads_of,
+from ..model.graph import (GraphIndex, NodeBuilder, drop_unused_initializers, input_dependent, needed, reads_of,
                            rename_reads)
-from .runtime import batches, run_guarded, session_from_proto
+from .runtime import batches, expose, run_guarded, session_from_proto
 
 RIDGE = 1.0       # the least squares' regularizer, in units of the inputs' mean square
 MAX_TOKENS = 32768  # per layer, so the read-out's memory and the fit's time stay bounded at any data size
@@ -49,16 +50,11 @@ def section_output(ix: GraphIndex, r) -> str:
                          "this graph, so their sizes cannot be read out")
 
 
-def _layer_graph(model, r, x, y):
-    """A copy of `model` running only up to layer r's expert sum `y`, whose expert section is fed
-    one slot of the router's: the expert in slot `_SLOT` (an input) at weight 1, the others
-    dropped; slot -1 feeds every slot at its weight, the static routing. It outputs y, the
-    router input x, and the router's (static) weights and ids."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = m.graph
+def _slot_nodes(r):
+    """Nodes feeding the expert section one slot of the router's: the expert in slot `_SLOT` (an
+    input) at weight 1, the others dropped; slot -1 feeds every slot at its weight, the static
+    routing. Returns (builder, fed ids, fed weights)."""
     ids, w = f"{_SLOT}.ids", f"{_SLOT}.weights"
-    rename_reads(g, {r.weights: w, r.indices: ids})
     b = NodeBuilder("moe_export/probe_slot")
     every = b.op("Less", [_SLOT, b.const(np.int64(0))])
     one_slot = b.op("Equal", [b.const(np.arange(r.attrs.width, dtype=np.int64)), _SLOT])
@@ -67,53 +63,118 @@ def _layer_graph(model, r, x, y):
     one = b.op("Pow", [r.weights, b.const(np.float32(0.0))])  # ones of the weights' type and shape
     b.nodes.append(helper.make_node("Where", [every, r.weights, b.op("Where", [one_slot, one, b.op("Sub", [one, one])])],
                                     [w]))
-    last = max(i for i, n in enumerate(g.node) if {r.weights, r.indices} & set(n.output))
-    outs = [y, x, r.weights, r.indices]
-    names = [f"{_SLOT}.out{i}" for i in range(len(outs))]
-    b.nodes += [helper.make_node("Identity", [t], [o]) for t, o in zip(outs, names)]
-    nodes = list(g.node)
-    kept = prune(nodes[:last + 1] + b.nodes + nodes[last + 1:], set(names))
-    del g.node[:]
-    g.node.extend(kept)
-    g.initializer.extend(b.inits)
-    drop_unused_initializers(g)
-    del g.output[:]
-    g.output.extend(helper.make_empty_tensor_value_info(o) for o in names)
-    g.input.append(helper.make_tensor_value_info(_SLOT, onnx.TensorProto.INT64, []))
-    return m, names
+    return b, ids, w
+
+
+class SectionReader:
+    """Layer r's expert sum `y` computed one slot at a time, on the section alone. The graph is
+    cut in two: a prefix, run once per batch, outputs what the section reads from before it (the
+    hidden states, shapes, the router's weights and ids) and the router input x; the section (the
+    nodes the router's weights and ids reach, up to y) is then run per slot on those. So a layer
+    costs one run up to it plus k runs of its section, not k + 1 runs up to it."""
+
+    def __init__(self, model, base_dir, r, ix: GraphIndex):
+        self.base_dir = base_dir
+        x, self.y = router_input(ix, r.logits), section_output(ix, r)
+        b, ids, w = _slot_nodes(r)
+        nodes = [onnx.NodeProto() for _ in model.graph.node]
+        for n, src in zip(nodes, model.graph.node):
+            n.CopyFrom(src)
+        holder = onnx.GraphProto()
+        holder.node.extend(nodes)
+        rename_reads(holder, {r.weights: w, r.indices: ids})
+        reached, section = {ids, w}, []
+        for n in holder.node:
+            if reads_of([n]) & reached:
+                section.append(n)
+                reached.update(o for o in n.output if o)
+        section = needed(b.nodes + section, {self.y})
+        g = model.graph
+        known = {o for n in g.node for o in n.output if o} | {i.name for i in g.input}
+        inits = {t.name for t in g.initializer}
+        made = {o for n in section for o in n.output if o}
+        # (names read inside a Scan or Loop body that the body makes itself are not the graph's)
+        self.boundary = sorted((reads_of(section) - made - inits) & known)
+        cut = self.boundary + [x, r.weights, r.indices]
+        self.prefix = expose(model, cut, f"{_SLOT}.cut")
+        pg, outs = self.prefix.graph, self.cut_names(len(cut))
+        kept = needed(list(pg.node), outs)
+        del pg.node[:]
+        pg.node.extend(kept)
+        del pg.output[:]
+        pg.output.extend(helper.make_empty_tensor_value_info(o) for o in outs)
+        drop_unused_initializers(pg)
+        self.section_nodes, self.slot_inits, self.model = section, b.inits, model
+        self.psess = self.ssess = None
+
+    @staticmethod
+    def cut_names(n):
+        return [f"{_SLOT}.cut{i}" for i in range(n)]
+
+    def _section_model(self, feeds):
+        """The section as a graph of its own, its inputs typed as the prefix's outputs came."""
+        m = onnx.ModelProto()
+        m.CopyFrom(self.model)
+        g = m.graph
+        del g.node[:]
+        g.node.extend(self.section_nodes)
+        del g.input[:]
+        g.input.extend(helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(feeds[t].dtype), None)
+                       for t in self.boundary)
+        g.input.append(helper.make_tensor_value_info(_SLOT, onnx.TensorProto.INT64, []))
+        del g.output[:]
+        g.output.append(helper.make_empty_tensor_value_info(self.y))
+        keep = [v for v in g.value_info if v.name not in set(self.boundary)]
+        del g.value_info[:]
+        g.value_info.extend(keep)
+        g.initializer.extend(self.slot_inits)
+        drop_unused_initializers(g)
+        return m
+
+    def prefix_run(self, rows):
+        """(the section's inputs, x, weights, ids) on a batch of the graph's inputs."""
+        if self.psess is None:
+            self.psess = session_from_proto(self.prefix, self.base_dir)
+        got = run_guarded(self.psess, self.cut_names(len(self.boundary) + 3), rows)
+        return dict(zip(self.boundary, got)), *got[len(self.boundary):]
+
+    def slot(self, cut, slot):
+        """The section's output with only `slot` fed (-1: every slot), on prefix_run's inputs."""
+        if self.ssess is None:
+            self.ssess = session_from_proto(self._section_model(cut), self.base_dir)
+        return run_guarded(self.ssess, [self.y], cut | {_SLOT: np.array(slot, np.int64)})[0]
 
 
 def expert_sizes(model, base_dir, feeds, r, progress=None, ix=None):
     """Layer r's router inputs x [N, H] (float32), static expert ids [N, k] and each slot's expert
     output norm [N, k] (float64), on at most MAX_TOKENS tokens of `feeds`. ix: the model's
     GraphIndex, where the caller has one."""
-    ix = ix or GraphIndex(model.graph)
-    x_name, y_name = router_input(ix, r.logits), section_output(ix, r)
-    m, names = _layer_graph(model, r, x_name, y_name)
-    sess = session_from_proto(m, base_dir)
+    reader = SectionReader(model, base_dir, r, ix or GraphIndex(model.graph))
     k = r.k
     unread = (f"policy probe: {r.layer}'s expert outputs cannot be read out of this graph: its expert section "
               "does not compute the router's slots one at a time")
 
-    def run(rows, slot, outputs):
+    def run(f, *a):
         try:
-            return run_guarded(sess, outputs, rows | {_SLOT: np.array(slot, np.int64)})
-        except MoeExportError:
-            raise
+            return f(*a)
+        except MoeExportError as e:
+            if "cannot load" not in str(e):
+                raise
+            raise MoeExportError(f"{unread} ({str(e)[:200]})") from None
         except Exception as e:
             raise MoeExportError(f"{unread} (onnxruntime: {str(e).splitlines()[0][:160]})") from None
     xs, ids, norms, seen = [], [], [], 0
     for rows in batches(model, feeds):
-        whole, x, w, idx = run(rows, -1, names)
+        cut, x, w, idx = run(reader.prefix_run, rows)
         H = x.shape[-1]
         x, w, idx = x.reshape(-1, H), w.reshape(-1, w.shape[-1])[:, :k], idx.reshape(-1, idx.shape[-1])[:, :k]
-        if idx.shape[0] != x.shape[0] or whole.size != x.size:
+        slots = [run(reader.slot, cut, j).reshape(-1, H).astype(np.float64) for j in range(k)]
+        if idx.shape[0] != x.shape[0] or slots[0].size != x.size:
             raise MoeExportError(f"{unread} (its router input has {x.shape[0]} rows for {idx.shape[0]} routed tokens "
-                                 f"and an expert sum of {whole.size // max(H, 1)})")
-        slots = [run(rows, j, names[:1])[0].reshape(-1, H).astype(np.float64) for j in range(k)]
+                                 f"and an expert sum of {slots[0].size // max(H, 1)})")
         if not seen:  # the read-out is this form's only if the slots add up to the section's output
             total = sum(w[:, j:j + 1].astype(np.float64) * slots[j] for j in range(k))
-            ref = whole.reshape(-1, H).astype(np.float64)
+            ref = run(reader.slot, cut, -1).reshape(-1, H).astype(np.float64)
             read = {int(e) for j, y in enumerate(slots) for e in idx[np.abs(y).max(axis=1) > 0, j]}
             # one expert alone reading anything: the first partial sum of a per-expert accumulation,
             # not experts that are dead (zero weights, which the fit takes as never worth keeping)
