@@ -130,7 +130,8 @@ def nll(model, seqs, batch=32):
     return total / count
 
 
-def run(name, cuts, calib_seqs, eval_seqs):
+def trained(name, calib_seqs, eval_seqs):
+    """(model, experts, k, calibration windows, evaluation windows) of a samples/train_moe.py model."""
     import transformers as tf
 
     ckpt = CACHE / "models" / name
@@ -140,7 +141,18 @@ def run(name, cuts, calib_seqs, eval_seqs):
     cfg = model.config
     E, k = getattr(cfg, "num_local_experts", None) or cfg.n_routed_experts, cfg.num_experts_per_tok
     held = np.load(ckpt / "heldout.npy")
-    calib, ev = slices(held[: (len(held) // SEQ) * SEQ].reshape(-1, SEQ), calib_seqs, eval_seqs)
+    return (model, E, k, *slices(held[: (len(held) // SEQ) * SEQ].reshape(-1, SEQ), calib_seqs, eval_seqs))
+
+
+def save(out, a, results):
+    """Writes the models' results with the run's settings."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(date=str(date.today()), machine=f"{platform.machine()} build VM",
+                                   calib_seqs=a.calib_seqs, eval_seqs=a.eval_seqs, models=results), indent=1) + "\n")
+
+
+def run(name, cuts, calib_seqs, eval_seqs):
+    model, E, k, calib, ev = trained(name, calib_seqs, eval_seqs)
     drops = [Drop(layer.mlp.experts) for layer in model.model.layers if hasattr(layer.mlp, "experts")]
     base = nll(model, ev)
     for d in drops:  # each expert's mean output where it is routed, on the calibration text
@@ -188,10 +200,7 @@ def main():
     a = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    results = [run(m, a.cuts, a.calib_seqs, a.eval_seqs) for m in a.models]
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(dict(date=str(date.today()), machine=f"{platform.machine()} build VM",
-                                     calib_seqs=a.calib_seqs, eval_seqs=a.eval_seqs, models=results), indent=1) + "\n")
+    save(a.out, a, [run(m, a.cuts, a.calib_seqs, a.eval_seqs) for m in a.models])
 
 
 if __name__ == "__main__":

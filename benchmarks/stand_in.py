@@ -29,19 +29,14 @@ Cost, in multiply-adds per token against the static routing's expert MACs (k x 3
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import sys
-from datetime import date
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from drop_signals import Drop, nll  # noqa: E402
-from quality import CACHE, SEQ, slices  # noqa: E402
+from drop_signals import Drop, nll, save, trained  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RIDGE = 1.0  # in units of the inputs' mean square, as the product's probe fit (moe_export/run/probe.py)
@@ -114,18 +109,9 @@ def fit(xs, ids, outs, E, rank):
 
 
 def run(name, ranks, cuts, calib_seqs, eval_seqs):
-    import transformers as tf
-
-    ckpt = CACHE / "models" / name
-    if not (ckpt / "config.json").is_file():
-        raise SystemExit(f"{ckpt} missing: run samples/train_moe.py {name} first")
-    model = tf.AutoModelForCausalLM.from_pretrained(ckpt).eval()
-    cfg = model.config
-    E, k = getattr(cfg, "num_local_experts", None) or cfg.n_routed_experts, cfg.num_experts_per_tok
-    H = cfg.hidden_size
-    inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
-    held = np.load(ckpt / "heldout.npy")
-    calib, ev = slices(held[: (len(held) // SEQ) * SEQ].reshape(-1, SEQ), calib_seqs, eval_seqs)
+    model, E, k, calib, ev = trained(name, calib_seqs, eval_seqs)
+    H = model.config.hidden_size
+    inter = getattr(model.config, "moe_intermediate_size", None) or model.config.intermediate_size
     drops = [StandIn(layer.mlp.experts) for layer in model.model.layers if hasattr(layer.mlp, "experts")]
     base = nll(model, ev)
     for d in drops:
@@ -176,10 +162,7 @@ def main():
     a = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    results = [run(m, a.ranks, a.cuts, a.calib_seqs, a.eval_seqs) for m in a.models]
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(dict(date=str(date.today()), machine=f"{platform.machine()} build VM",
-                                     calib_seqs=a.calib_seqs, eval_seqs=a.eval_seqs, models=results), indent=1) + "\n")
+    save(a.out, a, [run(m, a.ranks, a.cuts, a.calib_seqs, a.eval_seqs) for m in a.models])
 
 
 if __name__ == "__main__":
