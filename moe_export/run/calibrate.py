@@ -65,7 +65,7 @@ def unreachable(layers, target, mode, tolerance=0.05):
     near = lambda got: abs(got - target) <= max(tolerance, tolerance * target)
     if mode == "global":
         mean = float(np.mean([r["mean_experts"] for r in layers]))
-        return [] if near(mean) else [f"every layer: {mean:.3f} experts/token at best on average, target {target} "
+        return [] if near(mean) else [f"the layers' mean: {mean:.3f} experts/token at best, target {target} "
                                       "(one threshold serves every layer, --mode global)"]
     out = []
     for r in layers:
@@ -80,8 +80,8 @@ def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p
                           renormalize=None):
     """Calibrates and writes the model: to `target` experts per token, or (max_ppl_increase) to
     the cheapest routing within that perplexity budget (budget.py; `renormalize` None: searched
-    per layer, else fixed; `holdout`: the part of the data checking it, default 0.25). Returns (layers, warnings,
-    notes about the written files, the budget search's report or None)."""
+    per layer, else fixed; `holdout`: the part of the data checking it, default 0.25). Returns
+    (layers, warnings, notes about the written files, the budget search's report or None)."""
     if (target is None) == (max_ppl_increase is None):
         raise UsageError("give one of --target-experts (a compute budget) or --max-ppl-increase (a quality budget)")
     for name, v in (("target", target), ("max_ppl_increase", max_ppl_increase)):

@@ -75,6 +75,8 @@ class SectionReader:
 
     def __init__(self, model, base_dir, r, ix: GraphIndex):
         self.base_dir = base_dir
+        self.unread = (f"policy probe: {r.layer}'s expert outputs cannot be read out of this graph: its expert "
+                       "section does not compute the router's slots one at a time")
         x, self.y = router_input(ix, r.logits), section_output(ix, r)
         b, ids, w = _slot_nodes(r)
         nodes = [onnx.NodeProto() for _ in model.graph.node]
@@ -131,17 +133,23 @@ class SectionReader:
         drop_unused_initializers(g)
         return m
 
+    def _session(self, m):
+        try:
+            return session_from_proto(m, self.base_dir)
+        except MoeExportError as e:
+            raise MoeExportError(f"{self.unread} ({e})") from None
+
     def prefix_run(self, rows):
         """(the section's inputs, x, weights, ids) on a batch of the graph's inputs."""
         if self.psess is None:
-            self.psess = session_from_proto(self.prefix, self.base_dir)
+            self.psess = self._session(self.prefix)
         got = run_guarded(self.psess, self.cut_names(len(self.boundary) + 3), rows)
         return dict(zip(self.boundary, got)), *got[len(self.boundary):]
 
     def slot(self, cut, slot):
         """The section's output with only `slot` fed (-1: every slot), on prefix_run's inputs."""
         if self.ssess is None:
-            self.ssess = session_from_proto(self._section_model(cut), self.base_dir)
+            self.ssess = self._session(self._section_model(cut))
         return run_guarded(self.ssess, [self.y], cut | {_SLOT: np.array(slot, np.int64)})[0]
 
 
@@ -150,17 +158,13 @@ def expert_sizes(model, base_dir, feeds, r, progress=None, ix=None):
     output norm [N, k] (float64), on at most MAX_TOKENS tokens of `feeds`. ix: the model's
     GraphIndex, where the caller has one."""
     reader = SectionReader(model, base_dir, r, ix or GraphIndex(model.graph))
-    k = r.k
-    unread = (f"policy probe: {r.layer}'s expert outputs cannot be read out of this graph: its expert section "
-              "does not compute the router's slots one at a time")
+    k, unread = r.k, reader.unread
 
     def run(f, *a):
         try:
             return f(*a)
-        except MoeExportError as e:
-            if "cannot load" not in str(e):
-                raise
-            raise MoeExportError(f"{unread} ({str(e)[:200]})") from None
+        except MoeExportError:
+            raise
         except Exception as e:
             raise MoeExportError(f"{unread} (onnxruntime: {str(e).splitlines()[0][:160]})") from None
     xs, ids, norms, seen = [], [], [], 0
