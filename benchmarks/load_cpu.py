@@ -23,6 +23,11 @@ Policy probe at this size: `calibrate --policy probe --target-experts 2` on the 
 reads every expert's output out of the graph), beside top-p, and the probe-routed graph loaded and
 timed beside the original and the static conversion.
 
+    .venv/bin/python benchmarks/load_cpu.py --probe --stand-in 4    # -> benchmarks/results/load_cpu_stand_in.json
+
+The same, with also `calibrate --policy probe --stand-in 4 --target-experts 2`, its graph timed
+beside the others (the stand-in computed for the dropped pairs).
+
     .venv/bin/python benchmarks/load_cpu.py --probe --probe-baseline /tmp/old   # a checkout of an earlier commit
 
 The same, with the probe's calibration also run by the moe-export source in /tmp/old (its native
@@ -126,12 +131,15 @@ def main():
     ap.add_argument("--probe", action="store_true", help="policy probe's calibration and graph at this size")
     ap.add_argument("--probe-baseline", type=Path, metavar="SRC",
                     help="with --probe: an earlier moe-export source tree whose probe calibration runs in turns with this one")
+    ap.add_argument("--stand-in", type=int, metavar="RANK",
+                    help="with --probe: also calibrate probe with a stand-in of this rank, and time its graph")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.deep:
         a.layers = 48
     a.out = a.out or ROOT / "benchmarks" / "results" / ("load_cpu_deep.json" if a.deep else
-                                                        "load_cpu_probe.json" if a.probe else "load_cpu.json")
+                                                        "load_cpu_stand_in.json" if a.probe and a.stand_in is not None
+                                                        else "load_cpu_probe.json" if a.probe else "load_cpu.json")
     graph = build(WORK, a.layers, DEEP if a.deep else SIZES)
     forms = {"original": None, "default": []}
     if not (a.deep or a.probe):  # (--per-expert-weights would unroll all 48 x 128 experts; not what --deep is for)
@@ -150,15 +158,17 @@ def main():
     ids = WORK / "calib_32x128.npy"
     np.save(ids, np.random.default_rng(0).integers(0, 32000, (32, 128)))
     calib = {}
-    runs_of = [] if a.deep else [("original", "top-p"), ("default", "top-p")] + ([("original", "probe")] * a.probe)
-    for name, policy in runs_of:
-        key = name if policy == "top-p" else f"{name}, {policy}"
-        out = graph.parent / f"cal_{name}_{policy}.onnx"
+    runs_of = [] if a.deep else [("original", "top-p", []), ("default", "top-p", [])] + \
+        [("original", "probe", [])] * a.probe + \
+        [("original", "probe", ["--stand-in", str(a.stand_in)])] * (a.probe and a.stand_in is not None)
+    for name, policy, more in runs_of:
+        key = name if policy == "top-p" else f"{name}, {policy}" + (f", stand-in rank {a.stand_in}" if more else "")
+        out = graph.parent / f"cal_{name}_{policy}{'_stand_in' * bool(more)}.onnx"
         out.unlink(missing_ok=True)
         calib[key] = dict(zip(("s", "rss_gb"), child([EXE, "calibrate", paths[name], "--data", ids, "--policy", policy,
-                                                       "--target-experts", "2", "-o", out])))
+                                                       "--target-experts", "2", "-o", out, *more])))
         if policy == "probe":
-            paths["calibrated, probe"] = out
+            paths["calibrated, probe" + (f" + stand-in rank {a.stand_in}" if more else "")] = out
     if a.probe and a.probe_baseline:
         old = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(a.probe_baseline.resolve())!r}); "
                "sys.argv[0] = 'moe-export'; from moe_export.cli import main; main()"]

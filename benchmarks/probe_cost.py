@@ -49,7 +49,7 @@ def main():
             model = load_model(original)
             static = static_copy(model)
             t0 = time.perf_counter()
-            probes = fit_probes(static, work, {"input_ids": calib})
+            probes = fit_probes(static, work, {"input_ids": calib})[0]
             fit_s = time.perf_counter() - t0
             paths = {"static": work / "static.onnx", "static + probe": work / "probe.onnx"}
             convert(original, paths["static"], Policy("static"))

@@ -49,10 +49,11 @@ BUDGET_RUNS = (("top-p", False, None, "heldout"), ("ratio", False, None, "heldou
                ("auto", True, None, "heldout"))
 
 
-def budget_label(policy, wide, k, renormalize=None, check="heldout"):
+def budget_label(policy, wide, k, renormalize=None, check="heldout", stand_in=None):
     return (f"{policy} budget" + (f", max {wide}" if wide and wide != k else "")
             + ("" if renormalize is None else f", renormalize {renormalize:g}")
-            + ("" if check == "heldout" else f", {check} check"))
+            + ("" if check == "heldout" else f", {check} check")
+            + ("" if stand_in is None else f", stand-in rank {stand_in}"))
 
 
 ORACLE = "auto budget, oracle (searched on the evaluation windows)"
@@ -101,7 +102,7 @@ def slices(seqs, calib_seqs, eval_seqs):
 
 
 def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget_se=0.5, reuse=None,
-              budget_policies=None, oracle=False, renormalize_grid=None):
+              budget_policies=None, oracle=False, renormalize_grid=None, stand_in=None):
     ckpt = CACHE / "models" / name
     if not (ckpt / "config.json").is_file():
         raise SystemExit(f"{ckpt} missing: run samples/train_moe.py {name} first")
@@ -122,7 +123,10 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
     runs = [r for r in BUDGET_RUNS if not budget_policies or r[0] in budget_policies]
     # rows of an earlier run of this model (same slices) that this run does not measure anew: the
     # sweep and target-calibrated rows, and the budget rows of runs not selected
-    fresh = {budget_label(p, w and gates_k + 1, gates_k, rn, c) for p, w, rn, c in runs} | ({ORACLE} if oracle else set())
+    if stand_in is not None:  # (a stand-in takes the dropped weight: renormalize is 0, not searched)
+        runs = list(dict.fromkeys((p, w, None, c) for p, w, rn, c in runs))
+    fresh = {budget_label(p, w and gates_k + 1, gates_k, rn, c, stand_in) for p, w, rn, c in runs} | \
+        ({ORACLE} if oracle else set())
     curve = [] if reuse is None else [c for c in next(m for m in json.loads(reuse.read_text())["models"]
                                                       if m["model"] == name)["curve"] if c["policy"] not in fresh]
     sweep = not budget_only and reuse is None
@@ -172,14 +176,15 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
         wide = gates_k + 1 if wide else None  # hard tokens may take one expert more than the model's k
         if (policy, wide, rn) not in searches:
             searches[policy, wide, rn] = BudgetSearch(model, work, {"input_ids": calib}, policy, max_experts=wide,
-                                                      renormalize=rn if rn is not None else renormalize_grid)
+                                                      renormalize=rn if rn is not None else renormalize_grid,
+                                                      stand_in=stand_in)
         for b in BUDGETS:
             rep = searches[policy, wide, rn].run(b, se=budget_se, check=check)
             out = work / f"{name}.budget.{policy}.{wide}.{rn}.{check}.{b}.onnx"
             convert(original, out, budget_policy(rep, max_experts=wide))
-            point(budget_label(policy, wide, gates_k, rn, check), b, out,
+            point(budget_label(policy, wide, gates_k, rn, check, stand_in), b, out,
                   {"budget_fit": rep["fit"], "budget_heldout": rep["heldout"], "budget_all": rep["all"],
-                   "max_experts": wide or gates_k,
+                   "max_experts": wide or gates_k, **stand_in_cost(ckpt, stand_in),
                    "routing": [[x["policy"], x["threshold"], x["renormalize"]] for x in rep["layers"]]})
     # The bound of the search space on this text: the same search with the evaluation windows as
     # its data and the mean over all of them as the check. Not a deployable result (it is chosen on
@@ -206,6 +211,16 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
             "curve": curve,
             "best_at_1pct": None if best is None else {k_: best[k_] for k_ in
                                                         ("policy", "threshold", "pair_reduction", "ppl_increase", "mean_experts")}}
+
+
+def stand_in_cost(ckpt, rank):
+    """A stand-in's multiply-adds per dropped pair against an expert's (3 H I): the row's pair cut
+    times (1 - this) is its cut in expert multiply-adds."""
+    if rank is None:
+        return {}
+    cfg = json.loads((ckpt / "config.json").read_text())
+    inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    return {"stand_in": rank, "stand_in_cost_per_dropped_pair": (2 * rank + 1) / (3 * inter)}
 
 
 def at_budget(curve):
@@ -279,6 +294,8 @@ def main():
                     help="also the bound of the search space: the search run on the evaluation windows themselves")
     ap.add_argument("--renormalize-grid", nargs="+", type=float, metavar="R",
                     help="the renormalize values the budget search tries per layer (default budget.RENORMALIZE)")
+    ap.add_argument("--stand-in", type=int, metavar="RANK",
+                    help="the budget rows with a stand-in of this rank for each dropped expert (calibrate --stand-in)")
     ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
                     help="measure nothing: write --out (and its plot) from these runs' models (runs of one model "
                          "each can go side by side, one per core)")
@@ -288,7 +305,7 @@ def main():
     else:
         with tempfile.TemporaryDirectory() as d:
             results = [run_model(m, args.eval_seqs, args.calib_seqs, Path(d), args.budget_only, args.budget_se,
-                                 args.reuse, args.budget_policies, args.oracle, args.renormalize_grid)
+                                 args.reuse, args.budget_policies, args.oracle, args.renormalize_grid, args.stand_in)
                        for m in args.models]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # Top level: every model's curve in one list, and the weaker of the models' best points.

@@ -383,6 +383,10 @@ def _calibrate_args(c):
     c.add_argument("--min-experts", type=int, default=1, help="fewest experts per token (default 1)")
     c.add_argument("--max-experts", type=int, default=None, help="most experts per token (default: the graph's k)")
     _renormalize_arg(c, "1; with --max-ppl-increase chosen per layer among 1, 0.5 and 0")
+    c.add_argument("--stand-in", type=int, default=None, metavar="RANK",
+                   help="add for each dropped (token, expert) pair a linear stand-in of the expert fitted on the data, "
+                        "of rank RANK (0: its mean output; 4 measured best), which takes the dropped weight "
+                        "(renormalize 0); it costs (2 x RANK + 1) x hidden multiply-adds per dropped pair")
     c.add_argument("--portable", action="store_true", help="write the routers in standard ONNX ops")
     _json_arg(c)
 
@@ -406,11 +410,14 @@ def cmd_calibrate(args):
     if args.min_experts < 1 or (args.max_experts is not None and args.max_experts < args.min_experts):
         raise UsageError(f"--min-experts {args.min_experts} / --max-experts {args.max_experts}: "
                          "need 1 <= min <= max")
+    if args.stand_in is not None and args.stand_in < 0:
+        raise UsageError(f"--stand-in {args.stand_in}: a rank, 0 (the mean output) or more")
 
     layers, warnings, notes, report = calibrate_and_convert(
         args.model, args.data, args.output, args.target_experts, policy=args.policy, mode=args.mode,
         min_experts=args.min_experts, max_experts=args.max_experts, portable=args.portable,
-        max_ppl_increase=args.max_ppl_increase, holdout=args.holdout, renormalize=args.renormalize)
+        max_ppl_increase=args.max_ppl_increase, holdout=args.holdout, renormalize=args.renormalize,
+        stand_in=args.stand_in)
     for w in warnings:
         _warn(w)
     if args.json:

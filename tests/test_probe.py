@@ -67,7 +67,8 @@ def test_the_slots_read_out_add_up_to_the_layers_expert_output(graph, tmp_path):
     taking that first sum for the section's read expert 0 alone)."""
     from moe_export.model.graph import GraphIndex
     from moe_export.model.source import Source
-    from moe_export.run.probe import SectionReader, section_output
+    from moe_export.run.probe import SectionReader
+    from moe_export.conversion.probe import section_output
     from moe_export.run.runtime import load_inputs, run_exposed
 
     src = Source.of(GRAPHS / graph)

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import MoeExportError, UsageError
 from ..op.spec import POLICIES
+from .stand_in import check_stand_in
 
 
 @dataclass
@@ -23,6 +24,9 @@ class Policy:
     renormalize: float = 1.0
     # policy probe's fitted probes, {gate name: (P [H, E], b [E])} (calibrate; probe.py)
     probes: dict | None = None
+    # stand-ins for dropped experts, {gate name: (c [E, H], G [E, H, r], V [E, r, H])} (calibrate
+    # --stand-in; stand_in.py); re-setting a converted model: None keeps those it has, {} removes them
+    stand_ins: dict | None = None
 
     def __post_init__(self):
         """The Python API's arguments held to what the command line accepts, in its words: a
@@ -42,6 +46,11 @@ class Policy:
                 raise UsageError("probes must be a dict {layer: (P [H, E], b [E])}, got "
                                  f"{type(self.probes).__name__}")
             self.probes = {layer: _probe(layer, v) for layer, v in self.probes.items()}
+        if self.stand_ins is not None:
+            if not isinstance(self.stand_ins, dict):
+                raise UsageError("stand_ins must be a dict {layer: (c [E, H], G [E, H, r], V [E, r, H])}, got "
+                                 f"{type(self.stand_ins).__name__}")
+            self.stand_ins = {layer: check_stand_in(layer, v) for layer, v in self.stand_ins.items()}
         if self.max_experts is not None:
             self.max_experts = _count("max_experts", self.max_experts)
 
@@ -67,7 +76,7 @@ class Policy:
     def check_layers(self, layers) -> None:
         """Refuses per-layer choices for layers the graph does not have (a misspelt name would
         otherwise route that layer by the global threshold, silently)."""
-        for what, names in (("per_layer", self.per_layer), ("probes", self.probes)):
+        for what, names in (("per_layer", self.per_layer), ("probes", self.probes), ("stand_ins", self.stand_ins)):
             unknown = sorted(set(names or ()) - set(layers))
             if unknown:
                 raise MoeExportError(f"{what} names {', '.join(map(repr, unknown))}, not a MoE layer of this graph "

@@ -10,10 +10,13 @@ import numpy as np
 from onnx import TensorProto
 
 from ..errors import MoeExportError
-from ..model.graph import GraphIndex, NodeBuilder, Surgery, input_dependent, opset_version
+from ..model.graph import (GraphIndex, NodeBuilder, Surgery, drop_named, input_dependent, opset_version,
+                           reads_of)
 from .record import Routing
 
 PREFIX = "moe_export/probe"
+# where a layer's output joins the hidden states: an Add, or ORT's fusion of it with the next norm
+RESIDUAL_ADDS = ("Add", "SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
 
 
 def router_input(ix: GraphIndex, logits: str) -> str:
@@ -45,7 +48,24 @@ def router_input(ix: GraphIndex, logits: str) -> str:
                          "MatMul or Gemm of it by a weight")
 
 
-def _like(b: NodeBuilder, t: str, like: str, ftype: int, opset: int) -> str:
+def section_output(ix: GraphIndex, r) -> str:
+    """The routed experts' weighted sum of router r: forward from its weights and ids, the routed
+    operand of the first Add whose other operand is computed from the values of the graph's
+    inputs without them (the residual stream, or a shared expert's output; not zeros shaped like
+    the tokens, which a per-expert loop exported by TorchScript adds each expert's rows to)."""
+    live, routed = input_dependent(ix.graph), {r.weights, r.indices}
+    for n in ix.graph.node:
+        if reads_of([n]) & routed:
+            if n.op_type in RESIDUAL_ADDS and len(n.input) >= 2:
+                mine = [i in routed for i in n.input[:2]]
+                if mine[0] != mine[1] and n.input[mine[0]] in live:
+                    return n.input[mine[1]]
+            routed.update(o for o in n.output if o)
+    raise MoeExportError(f"the output of {r.layer}'s experts is not added to the hidden states in this graph, so "
+                         "it cannot be read out (policy probe) nor stood in for (--stand-in)")
+
+
+def cast_like(b: NodeBuilder, t: str, like: str, ftype: int, opset: int) -> str:
     """Float32 `t` in the type of `like` (whose type a graph without value_info may not state)."""
     if opset >= 15:
         return b.op("CastLike", [t, like])
@@ -58,12 +78,12 @@ def probe_sizes(b: NodeBuilder, x: str, probe, like: str, ftype: int, opset: int
     P, bias = (np.asarray(v, dtype=np.float32) for v in probe)
     x = b.op("Cast", [x], to=TensorProto.FLOAT)
     s = b.op("Add", [b.op("MatMul", [x, b.const(P, hint="probe_weight")]), b.const(bias, hint="probe_bias")])
-    return _like(b, b.op("Reshape", [s, b.op("Shape", [like])]), like, ftype, opset)
+    return cast_like(b, b.op("Reshape", [s, b.op("Shape", [like])]), like, ftype, opset)
 
 
 def zero_bias(b: NodeBuilder, num_experts: int, like: str, ftype: int, opset: int) -> str:
     """A correction bias of zeros, which ranks as none does: the op takes sizes as its third input."""
-    return _like(b, b.const(np.zeros(num_experts, np.float32), hint="no_bias"), like, ftype, opset)
+    return cast_like(b, b.const(np.zeros(num_experts, np.float32), hint="no_bias"), like, ftype, opset)
 
 
 def check_probe(probe, hidden: int | None, num_experts: int, layer: str) -> None:
@@ -92,13 +112,7 @@ def attach_probes(model, probes: dict) -> None:
 
     routing = Routing.read(model)
     # a probe attached before goes first: the new one's nodes take the same names
-    old = tuple(f"{PREFIX}/{r.layer}/" for r in routing.routers if r.layer in probes)
-    g = model.graph
-    for field, named in ((g.node, lambda n: n.name), (g.initializer, lambda t: t.name)):
-        if any(named(x).startswith(old) for x in field):
-            keep = [x for x in field if not named(x).startswith(old)]
-            del field[:]
-            field.extend(keep)  # (copies: the router nodes are looked up after)
+    drop_named(model.graph, tuple(f"{PREFIX}/{r.layer}/" for r in routing.routers if r.layer in probes))
     nodes = router_nodes(model, routing)
     ix = GraphIndex(model.graph)
     surgery = Surgery(model.graph)

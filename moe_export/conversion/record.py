@@ -26,6 +26,7 @@ class Router:
     expert_section: str | None = None  # what the conversion did with the experts, for people
     static_only: str | None = None  # why no policy that drops a slot may be set (keep_ids_right)
     sizes: str | None = None   # policy probe's input (probe.py), where one is attached
+    stand_in: dict | None = None  # {"rank", "hidden", "of": the experts' sum, "sum": with the stand-in} (stand_in.py)
     extra: dict = field(default_factory=dict)  # keys another version wrote, kept as they were
 
     @property
@@ -42,14 +43,18 @@ class Router:
         return replace(self.attrs, policy=policy, threshold=float(threshold), renormalize=float(rn), **more)
 
     def check_drops(self, a: RouterAttrs) -> None:
-        """Refuses resolved attributes `a` that can drop a slot where the graph cannot take it."""
+        """Refuses resolved attributes `a` that can drop a slot where the graph cannot take it, or
+        that give a dropped expert's weight to the kept ones where a stand-in takes it."""
         if self.static_only and a.drops:
             raise MoeExportError(self.static_only)
+        if self.stand_in and a.drops and a.sums_to_one and a.renormalize != 0:
+            raise MoeExportError(f"{self.layer} has a stand-in for its dropped experts, which takes their weight: "
+                                 f"its renormalize must be 0 (--renormalize 0), not {a.renormalize:g}")
 
     def to_json(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "extra"}
         d["attrs"] = node_attributes(self.attrs)
-        for optional in ("flops_per_pair", "expert_section", "static_only", "sizes"):
+        for optional in ("flops_per_pair", "expert_section", "static_only", "sizes", "stand_in"):
             if d[optional] is None:
                 del d[optional]
         return {**d, **self.extra}

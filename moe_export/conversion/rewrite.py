@@ -19,6 +19,7 @@ from .policy import Policy
 from .portable import portable_router
 from .probe import attach_probes, build_probe
 from .record import Router, Routing
+from .stand_in import attach_stand_ins, detach_stand_ins
 
 
 _FORMS = {"batched": "batched: each (token, slot) gathers its expert's weights",
@@ -125,6 +126,8 @@ def rewrite_model(model: onnx.ModelProto, pol: Policy, portable=False, group_exp
     Routing(routers, portable, sum(v is None for v in kept.values())).write(model)
     if not portable and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
+    if pol.stand_ins:
+        attach_stand_ins(model, pol.stand_ins)
     return model, gates
 
 
@@ -162,7 +165,9 @@ def set_policy(model, pol: Policy):
     pol.check_layers([r.layer for r in routing.routers])
     if pol.probes:
         attach_probes(model, pol.probes)
-        routing = Routing.read(model)
+    if pol.stand_ins is not None:  # (new ones, or {}: none; attached once the routers take their attributes)
+        detach_stand_ins(model)
+    routing = Routing.read(model)
     for r, node in zip(routing.routers, router_nodes(model, routing)):
         if node is None:
             raise MoeExportError(f"router {r.layer}: its DynamicRouter node is missing from the graph")
@@ -182,4 +187,6 @@ def set_policy(model, pol: Policy):
         set_attrs(node, a)
         r.attrs = a
     routing.write(model)
+    if pol.stand_ins:
+        attach_stand_ins(model, pol.stand_ins)
     return model

@@ -303,6 +303,17 @@ def rename_reads(graph: onnx.GraphProto, alias: dict) -> None:
                 rename_reads(sub, alias)
 
 
+def drop_named(graph: onnx.GraphProto, prefixes: tuple) -> None:
+    """Removes the nodes and initializers named under `prefixes` (what an earlier pass attached,
+    before attaching it again under the same names). Node lookups made before go stale: the
+    fields are rebuilt from copies."""
+    for items in (graph.node, graph.initializer):
+        if prefixes and any(x.name.startswith(prefixes) for x in items):
+            keep = [x for x in items if not x.name.startswith(prefixes)]
+            del items[:]
+            items.extend(keep)
+
+
 def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     """Removes initializers nothing reads (ORT warns about each one in every session)."""
     live = _reads(graph, set()) | {o.name for o in graph.output} | {i.name for i in graph.input}

@@ -38,6 +38,7 @@ from ..conversion.policy import Policy
 from ..conversion.probe import attach_probes
 from ..conversion.record import Routing
 from ..conversion.rewrite import router_nodes, set_attrs
+from ..conversion.stand_in import attach_stand_ins
 from ..model.files import Progress
 from .runtime import BATCH_TOKENS, expose, fixed_batch, run_guarded, session_from_proto, take_rows
 from .probe import fit_probes
@@ -186,7 +187,7 @@ class BudgetSearch:
     `model`: an original or converted ModelProto (kept as is)."""
 
     def __init__(self, model, base_dir, feeds, policy="top-p", min_experts=1, max_experts=None, holdout=0.25,
-                 batch=16, renormalize=None):
+                 batch=16, renormalize=None, stand_in=None):
         check_causal_lm(model, feeds)
         bad = [r for r in np.ravel(() if renormalize is None else renormalize) if not 0 <= r <= 1]
         if bad:
@@ -207,20 +208,26 @@ class BudgetSearch:
         routing.check_dynamic()
         self.policy = policy
         policies = DYNAMIC if policy == "auto" else (policy,)
-        self.probes, self.notes = None, []
+        self.probes, self.stand_ins, self.notes = None, None, []
         if n_hold < MIN_HELDOUT:
             self.notes.append(f"the budget is checked on {n_hold} held-out sequence{'s' * (n_hold > 1)} of the {n} in "
                               "--data, too few to bound the increase on other text; give more sequences")
-        if policy in ("probe", "auto"):
+        fit_rows, want_probe = take_rows(m, feeds, self.fit), policy in ("probe", "auto")
+        if want_probe or stand_in is not None:  # (one read-out: a probe learns what the stand-in misses)
             try:
-                self.probes = fit_probes(m, base_dir, take_rows(m, feeds, self.fit))
+                self.probes, self.stand_ins = fit_probes(m, base_dir, fit_rows, want_probe, stand_in)
             except MoeExportError as e:
-                if policy == "probe":
+                if policy != "auto":
                     raise
                 self.notes.append(f"policy probe left out: {e}")
-            else:
-                attach_probes(m, self.probes)
-                policies += ("probe",) if policy == "auto" else ()
+                if stand_in is not None:
+                    self.stand_ins = fit_probes(m, base_dir, fit_rows, False, stand_in)[1]
+        if self.stand_ins:
+            attach_stand_ins(m, self.stand_ins)
+            renormalize = 0.0  # (the stand-in takes the dropped weight)
+        if self.probes:
+            attach_probes(m, self.probes)
+            policies += ("probe",) if policy == "auto" else ()
         self.ev = ev = Evaluator(m, base_dir, feeds, batch)
         with Progress("measuring each layer's perplexity cost", 1) as bar:
             self.base_fit, self.static_pairs, self.fit_rows = ev.run({}, self.fit)
@@ -315,21 +322,23 @@ class BudgetSearch:
                         "ppl_increase_upper": math.expm1(_upper(d, se))},
                 "check": check, "se": se, "notes": self.notes,
                 "evaluations": self.measured + 2 * len(tried),
-                "probes": {layer: self.probes[layer] for layer, ch in routing.items() if ch[0] == "probe"}}
+                "probes": {layer: self.probes[layer] for layer, ch in routing.items() if ch[0] == "probe"},
+                "stand_ins": {layer: self.stand_ins[layer] for layer in routing} if self.stand_ins else {}}
 
 
 def calibrate_budget(model, base_dir, feeds, max_ppl_increase, policy="top-p", min_experts=1, max_experts=None,
-                     holdout=0.25, batch=16, se=0.5, renormalize=None, check="heldout"):
+                     holdout=0.25, batch=16, se=0.5, renormalize=None, check="heldout", stand_in=None):
     """Per-layer routing within the perplexity budget (see the module docstring and BudgetSearch;
-    `renormalize`: one value, fixed; else the values searched per layer, None: RENORMALIZE)."""
+    `renormalize`: one value, fixed; else the values searched per layer, None: RENORMALIZE;
+    `stand_in`: the rank of the dropped experts' stand-ins, None: none)."""
     if not 0 < max_ppl_increase < 1:
         raise MoeExportError(f"--max-ppl-increase {max_ppl_increase}: a fraction, e.g. 0.01 for +1% perplexity")
     return BudgetSearch(model, base_dir, feeds, policy, min_experts, max_experts, holdout, batch,
-                        renormalize).run(max_ppl_increase, se, check)
+                        renormalize, stand_in).run(max_ppl_increase, se, check)
 
 
 def budget_policy(report, min_experts=1, max_experts=None) -> Policy:
     """The Policy that converts a model to the routing the report chose."""
     return Policy("static", 0.0, min_experts, max_experts, per_layer=dict(report["routing"]),
-                  probes=report.get("probes") or None)
+                  probes=report.get("probes") or None, stand_ins=report.get("stand_ins", {}))
 

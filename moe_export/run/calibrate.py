@@ -2,7 +2,7 @@
 (--target-experts), or the cheapest routing within a quality budget (--max-ppl-increase, budget.py)."""
 from __future__ import annotations
 
-from numbers import Real
+from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,11 @@ from .runtime import load_inputs
 from .stats import Thresholds, router_logits, solve, static_copy
 
 
-def calibrate(model, feeds, target, policy="top-p", mode="per-layer", min_experts=1, max_experts=None, base_dir=None):
+def calibrate(model, feeds, target, policy="top-p", mode="per-layer", min_experts=1, max_experts=None, base_dir=None,
+              stand_in=None):
     """Thresholds (per layer, or one global) that give `target` experts per token on the data.
-    `model`: a path, a Source or a ModelProto (then `base_dir` is where its data lives)."""
+    `model`: a path, a Source or a ModelProto (then `base_dir` is where its data lives);
+    `stand_in`: the rank of a stand-in fitted for each layer's dropped experts (None: none)."""
     if policy == "static":
         raise MoeExportError("calibration needs a dynamic policy (top-p, ratio, entropy or probe)")
     if mode not in ("per-layer", "global"):
@@ -34,9 +36,10 @@ def calibrate(model, feeds, target, policy="top-p", mode="per-layer", min_expert
         model, base_dir = src.model, src.base_dir
     static = static_copy(model)
     Routing.read(static).check_dynamic()
-    probes = None
-    if policy == "probe":
-        probes = fit_probes(static, base_dir, feeds)
+    probes = stand_ins = None
+    if policy == "probe" or stand_in is not None:
+        probes, stand_ins = fit_probes(static, base_dir, feeds, probe=policy == "probe", stand_in=stand_in)
+    if probes:
         attach_probes(static, probes)
     routers = Routing.read(static).routers
     with Progress("running the model on the calibration data", 1) as bar:
@@ -56,7 +59,8 @@ def calibrate(model, feeds, target, policy="top-p", mode="per-layer", min_expert
                      hi=max(th.hi for th in layers))
         chosen = [(t, th.mean(t)) for th in layers]
     return [{"layer": r.layer, "threshold": t, "mean_experts": c, "k": r.k}
-            | ({"probe": probes[r.layer]} if probes else {}) for r, (t, c) in zip(routers, chosen)]
+            | ({"probe": probes[r.layer]} if probes else {}) | ({"stand_in": stand_ins[r.layer]} if stand_ins else {})
+            for r, (t, c) in zip(routers, chosen)]
 
 
 def unreachable(layers, target, mode, tolerance=0.05):
@@ -77,11 +81,13 @@ def unreachable(layers, target, mode, tolerance=0.05):
 
 def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p", mode="per-layer",
                           min_experts=1, max_experts=None, portable=False, max_ppl_increase=None, holdout=None,
-                          renormalize=None):
+                          renormalize=None, stand_in=None):
     """Calibrates and writes the model: to `target` experts per token, or (max_ppl_increase) to
     the cheapest routing within that perplexity budget (budget.py; `renormalize` None: searched
-    per layer, else fixed; `holdout`: the part of the data checking it, default 0.25). Returns
-    (layers, warnings, notes about the written files, the budget search's report or None)."""
+    per layer, else fixed; `holdout`: the part of the data checking it, default 0.25). `stand_in`:
+    the rank of a linear stand-in fitted for each dropped expert (conversion/stand_in.py; None:
+    none), which takes the dropped weight (renormalize 0). Returns (layers, warnings, notes
+    about the written files, the budget search's report or None)."""
     if (target is None) == (max_ppl_increase is None):
         raise UsageError("give one of --target-experts (a compute budget) or --max-ppl-increase (a quality budget)")
     for name, v in (("target", target), ("max_ppl_increase", max_ppl_increase)):
@@ -93,6 +99,14 @@ def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p
         raise UsageError("mode applies to a target (experts per token); a quality budget chooses each layer's routing")
     if policy == "auto" and max_ppl_increase is None:
         raise UsageError("--policy auto picks each layer's policy by perplexity: it needs --max-ppl-increase")
+    if stand_in is not None:
+        if isinstance(stand_in, bool) or not isinstance(stand_in, Integral) or stand_in < 0:
+            raise UsageError(f"stand_in must be a rank, a whole number >= 0 (0: the mean output), got {stand_in!r}")
+        if renormalize is not None and np.any(np.asarray(renormalize) != 0):
+            raise UsageError("a stand-in takes the dropped experts' weight: renormalize must be 0 (or left out) with it")
+        if portable:
+            raise UsageError("a stand-in needs the DynamicRouter nodes: it cannot be written --portable")
+        renormalize = 0.0
     src, out = Source.of(model_path), Path(out)
     protect = src.files() + [Path(data_path)]
     if src.is_folder:  # before the long part
@@ -108,18 +122,19 @@ def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p
     report, warnings = None, []
     if max_ppl_increase is not None:
         report = calibrate_budget(src.model, src.base_dir, feeds, max_ppl_increase, policy, min_experts, max_experts,
-                                  0.25 if holdout is None else holdout, renormalize=renormalize)
+                                  0.25 if holdout is None else holdout, renormalize=renormalize, stand_in=stand_in)
         layers, pol = report["layers"], budget_policy(report, min_experts, max_experts)
         warnings += report["notes"]
         if not report["routing"]:
             warnings.append(f"no layer's routing could change within +{100 * max_ppl_increase:g}% perplexity on "
                             "this data: the output routes statically")
     else:
-        layers = calibrate(src, feeds, target, policy, mode, min_experts, max_experts)
+        layers = calibrate(src, feeds, target, policy, mode, min_experts, max_experts, stand_in=stand_in)
         pol = Policy(policy, layers[0]["threshold"], min_experts, max_experts,
                      per_layer={r["layer"]: r["threshold"] for r in layers},
                      renormalize=1.0 if renormalize is None else renormalize,
-                     probes={r["layer"]: r.pop("probe") for r in layers if "probe" in r} or None)
+                     probes={r["layer"]: r.pop("probe") for r in layers if "probe" in r} or None,
+                     stand_ins={r["layer"]: r.pop("stand_in") for r in layers if "stand_in" in r})
         warnings = unreachable(layers, target, mode)
     if converted:
         _, notes = repolicy(src, out, pol, protect=[data_path])

@@ -18,36 +18,19 @@ import onnx
 from onnx import helper
 
 from ..errors import MoeExportError
-from ..conversion.probe import router_input
+from ..conversion.probe import router_input, section_output
 from ..conversion.record import Routing
 from ..model.files import Progress
-from ..model.graph import (GraphIndex, NodeBuilder, drop_unused_initializers, input_dependent, needed, reads_of,
+from ..model.graph import (GraphIndex, NodeBuilder, drop_unused_initializers, needed, reads_of,
                            rename_reads)
 from .runtime import batches, expose, run_guarded, session_from_proto
+from .stand_in import fit_stand_in, stand_in_at
 
 RIDGE = 1.0       # the least squares' regularizer, in units of the inputs' mean square
 MAX_TOKENS = 32768  # per layer, so the read-out's memory and the fit's time stay bounded at any data size
 MIN_TOKENS = 8    # an expert routed fewer tokens than this gets a constant: its mean log size
+OUTPUT_BYTES = 1 << 30  # the experts' outputs a stand-in's fit holds per layer: fewer tokens at a large H
 _SLOT = "moe_export.probe.slot"
-# where a layer's output joins the hidden states: an Add, or ORT's fusion of it with the next norm
-RESIDUAL_ADDS = ("Add", "SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
-
-
-def section_output(ix: GraphIndex, r) -> str:
-    """The routed experts' weighted sum of router r: forward from its weights and ids, the routed
-    operand of the first Add whose other operand is computed from the values of the graph's
-    inputs without them (the residual stream, or a shared expert's output; not zeros shaped like
-    the tokens, which a per-expert loop exported by TorchScript adds each expert's rows to)."""
-    live, routed = input_dependent(ix.graph), {r.weights, r.indices}
-    for n in ix.graph.node:
-        if reads_of([n]) & routed:
-            if n.op_type in RESIDUAL_ADDS and len(n.input) >= 2:
-                mine = [i in routed for i in n.input[:2]]
-                if mine[0] != mine[1] and n.input[mine[0]] in live:
-                    return n.input[mine[1]]
-            routed.update(o for o in n.output if o)
-    raise MoeExportError(f"policy probe: the output of {r.layer}'s experts is not added to the hidden states in "
-                         "this graph, so their sizes cannot be read out")
 
 
 def _slot_nodes(r):
@@ -75,8 +58,8 @@ class SectionReader:
 
     def __init__(self, model, base_dir, r, ix: GraphIndex):
         self.base_dir = base_dir
-        self.unread = (f"policy probe: {r.layer}'s expert outputs cannot be read out of this graph: its expert "
-                       "section does not compute the router's slots one at a time")
+        self.unread = (f"policy probe and --stand-in: {r.layer}'s expert outputs cannot be read out of this graph: "
+                       "its expert section does not compute the router's slots one at a time")
         x, self.y = router_input(ix, r.logits), section_output(ix, r)
         b, ids, w = _slot_nodes(r)
         nodes = [onnx.NodeProto() for _ in model.graph.node]
@@ -153,9 +136,10 @@ class SectionReader:
         return run_guarded(self.ssess, [self.y], cut | {_SLOT: np.array(slot, np.int64)})[0]
 
 
-def expert_sizes(model, base_dir, feeds, r, progress=None, ix=None):
+def expert_sizes(model, base_dir, feeds, r, progress=None, ix=None, outputs=False):
     """Layer r's router inputs x [N, H] (float32), static expert ids [N, k] and each slot's expert
-    output norm [N, k] (float64), on at most MAX_TOKENS tokens of `feeds`. ix: the model's
+    output norm [N, k] (float64), or with `outputs` the outputs themselves [N, k, H] (float32, on
+    at most OUTPUT_BYTES of them), on at most MAX_TOKENS tokens of `feeds`. ix: the model's
     GraphIndex, where the caller has one."""
     reader = SectionReader(model, base_dir, r, ix or GraphIndex(model.graph))
     k, unread = r.k, reader.unread
@@ -167,10 +151,12 @@ def expert_sizes(model, base_dir, feeds, r, progress=None, ix=None):
             raise
         except Exception as e:
             raise MoeExportError(f"{unread} (onnxruntime: {str(e).splitlines()[0][:160]})") from None
-    xs, ids, norms, seen = [], [], [], 0
+    xs, ids, got, seen, most = [], [], [], 0, MAX_TOKENS
     for rows in batches(model, feeds):
         cut, x, w, idx = run(reader.prefix_run, rows)
         H = x.shape[-1]
+        if outputs:
+            most = min(MAX_TOKENS, max(1, OUTPUT_BYTES // (4 * k * H)))
         x, w, idx = x.reshape(-1, H), w.reshape(-1, w.shape[-1])[:, :k], idx.reshape(-1, idx.shape[-1])[:, :k]
         slots = [run(reader.slot, cut, j).reshape(-1, H).astype(np.float64) for j in range(k)]
         if idx.shape[0] != x.shape[0] or slots[0].size != x.size:
@@ -187,13 +173,14 @@ def expert_sizes(model, base_dir, feeds, r, progress=None, ix=None):
                 raise MoeExportError(unread)
         xs.append(x.astype(np.float32))
         ids.append(idx)
-        norms.append(np.stack([np.linalg.norm(y, axis=1) for y in slots], axis=1))
+        got.append(np.stack(slots, axis=1).astype(np.float32)[:most - seen] if outputs else
+                   np.stack([np.linalg.norm(y, axis=1) for y in slots], axis=1))
         seen += x.shape[0]
         if progress is not None:
             progress()
-        if seen >= MAX_TOKENS:
+        if seen >= most:
             break
-    return np.concatenate(xs)[:MAX_TOKENS], np.concatenate(ids)[:MAX_TOKENS], np.concatenate(norms)[:MAX_TOKENS]
+    return np.concatenate(xs)[:most], np.concatenate(ids)[:most], np.concatenate(got)[:most]
 
 
 def fit(x, ids, norms, num_experts):
@@ -235,16 +222,21 @@ def check_width(routing) -> None:
                                  "or use another policy")
 
 
-def fit_probes(model, base_dir, feeds) -> dict:
-    """{layer: (P, b)} for every router of the converted (static) `model`, fitted on `feeds`."""
+def fit_probes(model, base_dir, feeds, probe=True, stand_in=None) -> tuple:
+    """({layer: (P, b)} or None, {layer: (c, G, V)} or None) for every router of the converted
+    (static) `model`, fitted on `feeds`: the probes (`probe`), of the log size of what the
+    stand-in of rank `stand_in` misses where one is fitted (run/stand_in.py), else of the output's."""
     routing = Routing.read(model)
-    check_width(routing)
+    if probe:
+        check_width(routing)
     for r in routing.routers:
         if r.static_only:
-            raise MoeExportError(f"policy probe drops slots: {r.static_only}")
-    probes = {}
+            raise MoeExportError(f"policy probe drops slots: {r.static_only}" if probe else r.static_only)
+    probes, stand_ins = {}, {}
     n = len(batches(model, feeds))
-    with Progress("fitting the probes of the experts' output sizes", len(routing.routers) * n) as bar:
+    what = " and ".join(["the probes of the experts' output sizes"] * probe + ["the experts' stand-ins"] *
+                        (stand_in is not None))
+    with Progress(f"fitting {what}", len(routing.routers) * n) as bar:
         done = [0]
 
         def tick():
@@ -252,6 +244,10 @@ def fit_probes(model, base_dir, feeds) -> dict:
             bar.update(done[0])
         ix = GraphIndex(model.graph)
         for r in routing.routers:
-            x, ids, norms = expert_sizes(model, base_dir, feeds, r, tick, ix)
-            probes[r.layer] = fit(x, ids, norms, r.num_experts)
-    return probes
+            x, ids, got = expert_sizes(model, base_dir, feeds, r, tick, ix, outputs=stand_in is not None)
+            if stand_in is not None:
+                stand_ins[r.layer] = fit_stand_in(x, ids, got, r.num_experts, stand_in)
+                got = np.linalg.norm(got - stand_in_at(x, ids, stand_ins[r.layer]), axis=2)
+            if probe:
+                probes[r.layer] = fit(x, ids, got, r.num_experts)
+    return probes if probe else None, stand_ins if stand_in is not None else None

@@ -1,4 +1,5 @@
-"""Expert FLOPs, experts per token and per-expert load of a converted model, static vs dynamic."""
+"""Expert FLOPs, experts per token and per-expert load of a converted model, static vs dynamic
+(the dynamic model's expert FLOPs count its stand-ins' for the dropped experts, where it has them)."""
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -45,13 +46,17 @@ def profile(model_path, data_path, flops_per_pair_override=None, batch=16):
         sload = np.bincount(sidx[sidx < E], minlength=E)
         pairs, spairs = routed_pairs(idx, E), routed_pairs(sidx, E)
         tokens = idx.shape[0]
+        # a stand-in computes (2 r + 1) H multiply-adds for each static pair the router dropped
+        dropped = int((~(sidx[:, :, None] == idx[:, None, :]).any(axis=2)).sum()) if r.stand_in else 0
+        stand_in_flops = 2 * (2 * r.stand_in["rank"] + 1) * r.stand_in["hidden"] * dropped if r.stand_in else 0
         layers.append({
             "layer": r.layer, "tokens": tokens, "num_experts": E, "k": k, "policy": a.policy,
             "threshold": a.threshold, "pairs_static": spairs, "pairs": pairs,
             "mean_experts_static": spairs / max(tokens, 1), "mean_experts": pairs / max(tokens, 1),
             "experts_per_token_hist": np.bincount((idx < E).sum(axis=1), minlength=idx.shape[1] + 1).tolist(),
             "expert_gflops_static": None if fpp is None else spairs * fpp / 1e9,
-            "expert_gflops": None if fpp is None else pairs * fpp / 1e9,
+            "expert_gflops": None if fpp is None else (pairs * fpp + stand_in_flops) / 1e9,
+            "stand_in_gflops": stand_in_flops / 1e9,
             "load_static": sload.tolist(), "load": load.tolist(),
             "load_cv_static": float(sload.std() / max(sload.mean(), 1e-9)),
             "load_cv": float(load.std() / max(load.mean(), 1e-9)),
@@ -77,6 +82,8 @@ def print_profile(rep) -> str:
         top = max(x["load"]) or 1
         lines.append("  load " + "".join(" .:-=+*#%@"[min(9, int(9 * v / top))] for v in x["load"]))
     t = rep["total"]
+    stand_ins = sum(x.get("stand_in_gflops", 0.0) for x in rep["layers"])
     lines.append(f"routed pairs {t['pairs_static']} -> {t['pairs']} ({fewer(t['pair_reduction'])})"
-                 + (f"; expert FLOPs {fewer(t['flops_reduction'])}" if "flops_reduction" in t else ""))
+                 + (f"; expert FLOPs {fewer(t['flops_reduction'])}" if "flops_reduction" in t else "")
+                 + (f" (the stand-ins' {stand_ins:.4g} GFLOPs counted)" if stand_ins else ""))
     return "\n".join(lines + [f"note: {n}" for n in rep.get("notes", [])])

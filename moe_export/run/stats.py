@@ -12,6 +12,7 @@ from ..errors import MoeExportError
 from ..conversion.policy import Policy
 from ..conversion.record import Router, Routing
 from ..conversion.rewrite import rewrite_model, router_nodes, set_policy
+from ..conversion.stand_in import detach_stand_ins
 from ..op.schema import ATTRIBUTES, SpecError
 from ..op.spec import RouterAttrs, policy_counts, policy_view, probe_keep, probe_signals
 from .runtime import run_exposed
@@ -33,6 +34,7 @@ def static_copy(model: onnx.ModelProto, max_experts=None) -> onnx.ModelProto:
         raise MoeExportError("a --portable conversion cannot be retuned; calibrate the original model")
     else:
         set_policy(m, Policy("static", max_experts=max_experts))
+        detach_stand_ins(m)  # (they add nothing where nothing drops, and a read-out must not see them)
     return m
 
 
