@@ -26,7 +26,8 @@ timed beside the original and the static conversion.
     .venv/bin/python benchmarks/load_cpu.py --probe --stand-in 4    # -> benchmarks/results/load_cpu_stand_in.json
 
 The same, with also `calibrate --policy probe --stand-in 4 --target-experts 2`, its graph timed
-beside the others (the stand-in computed for the dropped pairs).
+beside the others (the stand-in computed for the dropped pairs), and in one process against
+itself with the stand-ins removed (the same routing: the stand-in's own cost).
 
     .venv/bin/python benchmarks/load_cpu.py --probe --probe-baseline /tmp/old   # a checkout of an earlier commit
 
@@ -123,6 +124,37 @@ def child(args) -> tuple[float, float]:
         return wall, int(Path(f.name).read_text()) / 2**20
 
 
+def stand_in_ab(graph: Path, rounds=(200, 40)) -> dict:
+    """The stand-in's own cost: `graph` timed against itself with its stand-ins removed (the same
+    routing), in one process, the two alternating; medians in ms at 1 and 128 tokens."""
+    import numpy as np
+    import onnx
+
+    import moe_export
+    from moe_export.conversion import Policy, repolicy
+    from moe_export.conversion.record import Routing
+
+    routers = Routing.read(onnx.load(str(graph), load_external_data=False)).routers
+    bare = graph.parent / "ab_without_stand_ins.onnx"
+    bare.unlink(missing_ok=True)
+    repolicy(graph, bare, Policy("static", 0.0, per_layer={r.layer: (r.attrs.policy, r.attrs.threshold, 0.0)
+                                                          for r in routers}, stand_ins={}))
+    sessions = {"with": moe_export.session(str(graph)), "without": moe_export.session(str(bare))}
+    rng, out = np.random.default_rng(0), {}
+    for tokens, n in zip((1, 128), rounds):
+        ids = rng.integers(0, 32000, (1, tokens))
+        times = {k: [] for k in sessions}
+        for _ in range(n):
+            for k, sess in sessions.items():
+                t = time.perf_counter()
+                sess.run(None, {"input_ids": ids})
+                times[k].append(time.perf_counter() - t)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        out[f"{tokens}_tokens_ms"] = med | {"with_over_without": med["with"] / med["without"]}
+    bare.unlink()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=8)
@@ -204,11 +236,17 @@ def main():
     for row in rows:
         row["load_vs_original"] = row["load_s"] / base["load_s"]
         row["load_rss_vs_original"] = row["load_rss_gb"] / base["load_rss_gb"]
+    ab = {}
+    if a.probe and a.stand_in is not None:
+        ab = stand_in_ab(paths[f"calibrated, probe + stand-in rank {a.stand_in}"])
+        for k, v in ab.items():
+            print(f"stand-in on / off, same routing, {k}: {v['with']:.2f} / {v['without']:.2f} ms "
+                  f"({v['with_over_without']:.3f}x)")
     result = {"date": date.today().isoformat(), "machine": f"{os.cpu_count()}-core {platform.machine()} build VM",
               "onnxruntime": __import__("onnxruntime").__version__, "layers": a.layers,
               "sizes": DEEP if a.deep else SIZES,
               "weights_gb": sum(f.stat().st_size for f in graph.parent.glob("model.onnx*")) / 2**30,
-              "turns": a.turns, "rows": rows, "calibrate_32x128": calib}
+              "turns": a.turns, "rows": rows, "calibrate_32x128": calib} | ({"stand_in_on_off": ab} if ab else {})
     a.out.write_text(json.dumps(result, indent=1))
     for row in rows:
         print(f"{row['graph']:20s} load {row['load_s']:.2f} s ({row['load_vs_original']:.2f}x) "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_export.run.budget import BudgetSearch, budget_policy
+from moe_export.run.budget import BudgetSearch, best_of, budget_policy
 from moe_export.run.calibrate import calibrate
 from moe_export.model.export import export_checkpoint
 from moe_export.model.graph import load_model
@@ -174,18 +174,24 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
     searches = {}  # the measured curves do not depend on the budget or the check
     for policy, wide, rn, check in runs:
         wide = gates_k + 1 if wide else None  # hard tokens may take one expert more than the model's k
-        if (policy, wide, rn) not in searches:
-            searches[policy, wide, rn] = BudgetSearch(model, work, {"input_ids": calib}, policy, max_experts=wide,
-                                                      renormalize=rn if rn is not None else renormalize_grid,
-                                                      stand_in=stand_in)
+        if (policy, wide, rn) not in searches:  # (with a stand-in: the search with and without, as calibrate)
+            searches[policy, wide, rn] = [
+                BudgetSearch(model, work, {"input_ids": calib}, policy, max_experts=wide,
+                             renormalize=rn if rn is not None else renormalize_grid, stand_in=rank)
+                for rank in [None] + [stand_in] * (stand_in is not None)]
         for b in BUDGETS:
-            rep = searches[policy, wide, rn].run(b, se=budget_se, check=check)
+            rep = best_of([s.run(b, se=budget_se, check=check) for s in searches[policy, wide, rn]])
             out = work / f"{name}.budget.{policy}.{wide}.{rn}.{check}.{b}.onnx"
             convert(original, out, budget_policy(rep, max_experts=wide))
             point(budget_label(policy, wide, gates_k, rn, check, stand_in), b, out,
                   {"budget_fit": rep["fit"], "budget_heldout": rep["heldout"], "budget_all": rep["all"],
-                   "max_experts": wide or gates_k, **stand_in_cost(ckpt, stand_in),
-                   "routing": [[x["policy"], x["threshold"], x["renormalize"]] for x in rep["layers"]]})
+                   "max_experts": wide or gates_k, **stand_in_cost(ckpt, rep["stand_in"]), "notes": rep["notes"],
+                   "routing": [[x["policy"], x["threshold"], x["renormalize"]] + ["stand-in"] * x["stand_in"]
+                               for x in rep["layers"]]})
+            if rep["stand_in"] is not None:  # the cut in expert multiply-adds: each dropped pair less its stand-in's
+                row, cost = curve[-1], curve[-1]["stand_in_cost_per_dropped_pair"]
+                row["net_reduction"] = float(np.mean([(1 - m / gates_k) * (1 - cost * x["stand_in"])
+                                                      for m, x in zip(row["per_layer_mean"], rep["layers"])]))
     # The bound of the search space on this text: the same search with the evaluation windows as
     # its data and the mean over all of them as the check. Not a deployable result (it is chosen on
     # the text it is measured on): where even it cannot reach a cut within a budget, no per-layer

@@ -384,9 +384,11 @@ def _calibrate_args(c):
     c.add_argument("--max-experts", type=int, default=None, help="most experts per token (default: the graph's k)")
     _renormalize_arg(c, "1; with --max-ppl-increase chosen per layer among 1, 0.5 and 0")
     c.add_argument("--stand-in", type=int, default=None, metavar="RANK",
-                   help="add for each dropped (token, expert) pair a linear stand-in of the expert fitted on the data, "
-                        "of rank RANK (0: its mean output; 4 measured best), which takes the dropped weight "
-                        "(renormalize 0); it costs (2 x RANK + 1) x hidden multiply-adds per dropped pair")
+                   help="fit for each expert a linear stand-in of rank RANK (0: its mean output; 4 measured best) that "
+                        "replaces it where it is dropped, taking the dropped weight (renormalize 0); it costs (2 x RANK "
+                        "+ 1) x hidden multiply-adds per dropped pair. With --target-experts every layer takes it; "
+                        "--max-ppl-increase searches with it at every layer and without, and keeps the routing that "
+                        "cuts more expert FLOPs")
     c.add_argument("--portable", action="store_true", help="write the routers in standard ONNX ops")
     _json_arg(c)
 
@@ -433,6 +435,7 @@ def cmd_calibrate(args):
             print(f"{r['layer']}: threshold {r['threshold']:.4f} -> {r['mean_experts']:.3f} experts/token (k={r['k']})")
         else:
             rn = f", renormalize {r['renormalize']:g}" if r["policy"] != "static" and r["renormalize"] != 1 else ""
+            rn += " + stand-in" if r.get("stand_in") else ""
             print(f"{r['layer']}: {r['policy']} threshold {r['threshold']:.4f}{rn} -> {r['mean_experts']:.3f} "
                   f"experts/token (k={r['k']}), est. perplexity cost {100 * r['est_ppl_cost']:+.2f}%")
     if report is not None:
@@ -442,7 +445,8 @@ def cmd_calibrate(args):
                      if part == "heldout" else "")
             print(f"{'fitting part' if part == 'fit' else 'held out'} ({x['sequences']} sequences): perplexity "
                   f"{100 * x['ppl_increase']:+.2f}%{upper} (static {x['static_ppl']:.4f}), routed pairs "
-                  f"{-100 * x['pair_reduction']:+.1f}%")
+                  f"{-100 * x['pair_reduction']:+.1f}%" + (f", expert FLOPs {-100 * x['net_reduction']:+.1f}% with the "
+                                                           "stand-ins'" if report["stand_ins"] else ""))
     print(f"wrote {args.output}{_data_line(notes)}")
 
 

@@ -16,6 +16,7 @@ from moe_export.conversion.rewrite import router_nodes, set_policy
 from moe_export.conversion.stand_in import attach_stand_ins
 from moe_export.model.graph import GraphIndex
 from moe_export.model.source import Source
+from moe_export.run.budget import BudgetSearch
 from moe_export.run.probe import fit_probes
 from moe_export.run.runtime import load_inputs, run_exposed
 from moe_export.run.stand_in import fit_stand_in, stand_in_at
@@ -147,17 +148,29 @@ def test_calibrate_writes_stand_ins_and_calibrating_again_replaces_or_removes_th
 
 
 def test_budget_search_with_a_stand_in(tmp_path):
-    """--max-ppl-increase with --stand-in: a routing within the budget, renormalize 0, and a stand-in
-    at each layer that drops (none at a static one)."""
+    """--max-ppl-increase with --stand-in: the search with a stand-in at every layer and without
+    any, the routing cutting more expert FLOPs on the fitting part taken (each within the budget),
+    and the written model has the stand-ins exactly where the report says."""
+    ids = _ids(n=16)
+    data = tmp_path / "ids.npy"
+    np.save(data, ids)
+    model = onnx.load(str(GRAPHS / "qwen3_moe.onnx"))
+    each = [BudgetSearch(model, GRAPHS, {"input_ids": ids}, "probe", stand_in=rank).run(0.05) for rank in (None, 2)]
+    assert each[0]["stand_in"] is None and not each[0]["stand_ins"] and each[1]["stand_in"] == 2
+    assert all(x["stand_in"] and x["renormalize"] == 0 for x in each[1]["layers"] if x["policy"] != "static")
+    # a stand-in's multiply-adds count against the pairs it lets drop
+    assert each[1]["fit"]["net_reduction"] < each[1]["fit"]["pair_reduction"] or not each[1]["routing"]
     out = tmp_path / "out.onnx"
     r = _calibrate(tmp_path, GRAPHS / "qwen3_moe.onnx", out, "--max-ppl-increase", 0.05, "--policy", "probe",
                    "--stand-in", 2, "--json")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
-    assert any(x["policy"] == "probe" for x in rep["layers"]) and rep["heldout"]["ppl_increase_upper"] <= 0.05
-    assert all(x["renormalize"] == 0 for x in rep["layers"] if x["policy"] != "static")
+    best = max(each, key=lambda x: x["fit"]["net_reduction"])
+    assert rep["fit"]["net_reduction"] == pytest.approx(best["fit"]["net_reduction"])
+    assert rep["heldout"]["ppl_increase_upper"] <= 0.05
+    assert any("stand-ins cut" in w for w in rep["warnings"])
     ranks, _ = _stand_ins(out)
-    assert ranks == [2 if x["policy"] != "static" else None for x in rep["layers"]]
+    assert ranks == [2 if x["stand_in"] else None for x in rep["layers"]]
     session_of(str(out)).run(None, {"input_ids": _ids(n=2)})
 
 
@@ -190,3 +203,24 @@ def test_a_graph_whose_expert_outputs_cannot_be_read_refuses_a_stand_in(tmp_path
     out = tmp_path / "out.onnx"
     r = _calibrate(tmp_path, GRAPHS / "llama4_text.onnx", out, "--target-experts", 1.5, "--stand-in", 2)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and not out.exists(), r.stderr
+
+
+def test_the_python_api_holds_stand_ins_to_their_shapes(tmp_path):
+    from moe_export.conversion import convert
+    from moe_export.errors import MoeExportError, UsageError
+
+    E, H = 8, 32  # make_graphs' tiny mixtral
+    ok = (np.zeros((E, H)), np.zeros((E, H, 2)), np.zeros((E, 2, H)))
+    for bad in ([1, 2], (np.zeros((E, H)), np.zeros((E, H, 2)), np.zeros((E, 3, H))), ok[:2] + (np.full((E, 2, H), np.nan),)):
+        with pytest.raises(UsageError):
+            Policy("top-p", 0.5, renormalize=0.0, stand_ins={"x": bad})
+    layers = [r.layer for r in Routing.read(static_copy(onnx.load(str(GRAPHS / "mixtral.onnx")))).routers]
+    wrong_h = (np.zeros((E, 16)), np.zeros((E, 16, 2)), np.zeros((E, 2, 16)))
+    for stand_ins, words in (({"nope": ok}, "not a MoE layer"), ({layers[0]: wrong_h}, "H 32")):
+        with pytest.raises((MoeExportError, UsageError), match=words):
+            convert(GRAPHS / "mixtral.onnx", tmp_path / "o.onnx", Policy("top-p", 0.5, renormalize=0.0,
+                                                                         stand_ins=stand_ins))
+        assert not (tmp_path / "o.onnx").exists()
+    out = tmp_path / "ok.onnx"
+    convert(GRAPHS / "mixtral.onnx", out, Policy("top-p", 0.5, renormalize=0.0, stand_ins={layers[0]: ok}))
+    assert _stand_ins(out)[0] == [2, None]

@@ -106,7 +106,6 @@ def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p
             raise UsageError("a stand-in takes the dropped experts' weight: renormalize must be 0 (or left out) with it")
         if portable:
             raise UsageError("a stand-in needs the DynamicRouter nodes: it cannot be written --portable")
-        renormalize = 0.0
     src, out = Source.of(model_path), Path(out)
     protect = src.files() + [Path(data_path)]
     if src.is_folder:  # before the long part
@@ -132,7 +131,7 @@ def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p
         layers = calibrate(src, feeds, target, policy, mode, min_experts, max_experts, stand_in=stand_in)
         pol = Policy(policy, layers[0]["threshold"], min_experts, max_experts,
                      per_layer={r["layer"]: r["threshold"] for r in layers},
-                     renormalize=1.0 if renormalize is None else renormalize,
+                     renormalize=0.0 if stand_in is not None else 1.0 if renormalize is None else renormalize,
                      probes={r["layer"]: r.pop("probe") for r in layers if "probe" in r} or None,
                      stand_ins={r["layer"]: r.pop("stand_in") for r in layers if "stand_in" in r})
         warnings = unreachable(layers, target, mode)
