@@ -423,7 +423,7 @@ def cmd_calibrate(args):
     for w in warnings:
         _warn(w)
     if args.json:
-        summary = {"output": str(args.output), "policy": args.policy, "mode": args.mode,
+        summary = {"output": str(args.output), "policy": args.policy, "mode": args.mode, "stand_in": args.stand_in,
                    "target_experts": args.target_experts, "layers": layers, "warnings": warnings, "notes": notes}
         if report is not None:
             summary |= {k: report[k] for k in ("max_ppl_increase", "fit", "heldout", "all", "evaluations")}
@@ -438,6 +438,8 @@ def cmd_calibrate(args):
             rn += " + stand-in" if r.get("stand_in") else ""
             print(f"{r['layer']}: {r['policy']} threshold {r['threshold']:.4f}{rn} -> {r['mean_experts']:.3f} "
                   f"experts/token (k={r['k']}), est. perplexity cost {100 * r['est_ppl_cost']:+.2f}%")
+    if report is None and args.stand_in is not None:
+        print(f"a stand-in of rank {args.stand_in} for the dropped experts at every layer")
     if report is not None:
         for part in ("fit", "heldout"):
             x = report[part]

@@ -130,7 +130,9 @@ def test_calibrate_writes_stand_ins_and_calibrating_again_replaces_or_removes_th
     # profile counts the stand-ins' multiply-adds in the expert FLOPs: one per pair dropped
     r = run_cli("profile", one, "--data", tmp_path / "ids.npy", "--json")
     assert r.returncode == 0, r.stderr
-    for x in json.loads(r.stdout)["layers"]:
+    plain = run_cli("profile", none, "--data", tmp_path / "ids.npy", "--json")
+    for x, y in zip(json.loads(r.stdout)["layers"], json.loads(plain.stdout)["layers"]):
+        assert x["expert_gflops_static"] == y["expert_gflops_static"]  # (the stand-ins' factors are no expert's)
         H = 32  # make_graphs' tiny mixtral
         assert x["stand_in_gflops"] * 1e9 == pytest.approx(2 * 5 * H * (x["pairs_static"] - x["pairs"]))
         assert x["expert_gflops"] > x["pairs"] / x["pairs_static"] * x["expert_gflops_static"]
@@ -224,3 +226,21 @@ def test_the_python_api_holds_stand_ins_to_their_shapes(tmp_path):
     out = tmp_path / "ok.onnx"
     convert(GRAPHS / "mixtral.onnx", out, Policy("top-p", 0.5, renormalize=0.0, stand_ins={layers[0]: ok}))
     assert _stand_ins(out)[0] == [2, None]
+
+
+def test_stand_ins_leave_an_experts_flops_unknown_where_they_were_and_refuse_wide_routers(tmp_path):
+    """Per-expert weights (a TorchScript loop) tell no expert's FLOPs: the stand-ins' factors [E, H,
+    r] are not taken for them. A router wider than k (--max-experts above k) is refused: the
+    stand-in replaces the static k's dropped experts."""
+    out = tmp_path / "loop.onnx"
+    assert _calibrate(tmp_path, GRAPHS / "legacy_mixtral_torchscript.onnx", out, "--target-experts", 1.5,
+                      "--stand-in", 2).returncode == 0
+    r = run_cli("profile", out, "--data", tmp_path / "ids.npy", "--json")
+    assert r.returncode == 0, r.stderr
+    assert all(x["expert_gflops"] is None for x in json.loads(r.stdout)["layers"])
+    wide = tmp_path / "wide.onnx"
+    assert run_cli("convert", GRAPHS / "qwen3_moe.onnx", "--policy", "top-p", "--threshold", 0.9, "--max-experts", 5,
+                   "-o", wide).returncode == 0
+    r = _calibrate(tmp_path, wide, tmp_path / "w.onnx", "--target-experts", 2, "--stand-in", 2)
+    assert r.returncode == 1 and "5 wide" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "w.onnx").exists()

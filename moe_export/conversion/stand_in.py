@@ -19,7 +19,8 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from ..errors import MoeExportError, UsageError
-from ..model.graph import GraphIndex, NodeBuilder, Surgery, drop_named, opset_version, rename_reads
+from ..model.graph import (GraphIndex, NodeBuilder, Surgery, drop_named, opset_version, rename_reads,
+                           share_constants)
 from ..op.schema import DOMAIN, OP_TYPE, node_attributes
 from .probe import cast_like, router_input, section_output
 from .record import Routing
@@ -45,22 +46,18 @@ def check_stand_in(layer, v, hidden=None, num_experts=None) -> tuple:
     return c, G, V
 
 
-def _stand_in_sum(b: NodeBuilder, x, static_w, static_ids, k, ids, stand_in, y):
-    """Nodes computing, per token, the sum over its dropped pairs of w S_e(x), shaped and typed
-    as the experts' sum `y`."""
+def _stand_in_sum(b: NodeBuilder, x, static_w, static_ids, k, ids, width, stand_in, y):
+    """Nodes computing, per token, the sum over its dropped pairs of w S_e(x), shaped as the
+    experts' sum `y` (in float32)."""
     c, G, V = stand_in
     E, H = c.shape
     i64 = lambda v: b.const(np.asarray(v, np.int64))
-    filled = lambda shape, value, dtype: b.op("ConstantOfShape", [shape],
-                                              value=helper.make_tensor("value", dtype, [1], [value]))
     sid = b.op("Reshape", [static_ids, i64([-1, k])])  # [T, k]
     sw = b.op("Reshape", [b.op("Cast", [static_w], to=TensorProto.FLOAT), i64([-1, k])])
-    width = b.op("Slice", [b.op("Shape", [ids]), i64([-1]), i64([2**62])])
-    did = b.op("Reshape", [ids, b.op("Concat", [i64([-1]), width], axis=0)])  # [T, W], E where dropped
+    did = b.op("Reshape", [ids, i64([-1, width])])  # [T, width], E where dropped
     # kept[t, e] (column E: the dropped slots' id), then at each static slot: was it kept?
-    tokens = b.op("Slice", [b.op("Shape", [sid]), i64([0]), i64([1])])
-    kept = b.op("ScatterElements", [filled(b.op("Concat", [tokens, i64([E + 1])], axis=0), 0, TensorProto.INT32), did,
-                                    filled(b.op("Shape", [did]), 1, TensorProto.INT32)], axis=1)
+    kept = b.op("ScatterElements", [b.filled(sid, E + 1, 0, TensorProto.INT32), did,
+                                    b.filled(did, width, 1, TensorProto.INT32)], axis=1)
     dropped = b.op("Equal", [b.op("GatherElements", [kept, sid], axis=1), b.const(np.int32(0))])
     pairs = b.op("Transpose", [b.op("NonZero", [dropped])], perm=[1, 0])  # [P, 2]: (token, slot)
     e = b.op("GatherND", [sid, pairs])
@@ -73,7 +70,7 @@ def _stand_in_sum(b: NodeBuilder, x, static_w, static_ids, k, ids, stand_in, y):
         lin = b.op("MatMul", [z, b.op("Gather", [b.const(V, hint="stand_in_out"), e])])
         s = b.op("Add", [s, b.op("Reshape", [lin, i64([-1, H])])])
     # back to (token, slot) places (each once), then summed over the slots by a matmul with ones
-    zeros = filled(b.op("Concat", [b.op("Shape", [sid]), i64([H])], axis=0), 0.0, TensorProto.FLOAT)
+    zeros = b.filled(b.op("Reshape", [sid, i64([-1, k, 1])]), H, 0.0, TensorProto.FLOAT)  # [T, k, H]
     placed = b.op("ScatterND", [zeros, pairs, b.op("Mul", [s, w])])
     per_token = b.op("MatMul", [b.op("Transpose", [placed], perm=[0, 2, 1]), b.const(np.ones((k, 1), np.float32))])
     return b.op("Reshape", [per_token, b.op("Shape", [y])])
@@ -125,12 +122,16 @@ def attach_stand_ins(model, stand_ins: dict) -> None:
         si = check_stand_in(r.layer, stand_ins[r.layer], ix.static_last_dim(x), r.num_experts)
         b = NodeBuilder(f"{PREFIX}/{r.layer}")
         sw, sid = _static_twin(b, node, r)
-        s = _stand_in_sum(b, x, sw, sid, r.k, r.indices, si, y)
-        ftype = ix.elem_type(y) or ix.elem_type(node.output[0]) or TensorProto.FLOAT
-        total = b.op("Add", [y, cast_like(b, s, y, ftype, opset)], hint="with_stand_in")
+        s = _stand_in_sum(b, x, sw, sid, r.k, r.indices, r.attrs.width, si, y)
+        ftype = ix.elem_type(y) or ix.elem_type(x)  # (the experts' sum has the hidden states' type)
+        if ftype is None and opset < 15:
+            raise MoeExportError(f"--stand-in: the type of {r.layer}'s expert output is not stated in this opset-{opset} "
+                                 "graph (no value_info); run onnx shape inference on it first")
+        total = b.op("Add", [y, cast_like(b, s, y, ftype or TensorProto.FLOAT, opset)], hint="with_stand_in")
         surgery.rewire(y, total)
         surgery.insert(b, after=ix.producer[y].name)
         r.stand_in = {"rank": int(si[1].shape[2]), "hidden": int(si[0].shape[1]), "of": y, "sum": total}
         r.check_drops(r.attrs)
     surgery.apply()
+    share_constants(model.graph, f"{PREFIX}/")
     routing.write(model)

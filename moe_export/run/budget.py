@@ -380,7 +380,7 @@ def calibrate_budget(model, base_dir, feeds, max_ppl_increase, policy="top-p", m
     `stand_in`: the rank of the dropped experts' stand-ins, None: none)."""
     if not 0 < max_ppl_increase < 1:
         raise MoeExportError(f"--max-ppl-increase {max_ppl_increase}: a fraction, e.g. 0.01 for +1% perplexity")
-    ranks = [None] + [stand_in] * (stand_in is not None)
+    ranks = [stand_in, None] if stand_in is not None else [None]  # (a graph refusing the stand-in fails first)
     return best_of([BudgetSearch(model, base_dir, feeds, policy, min_experts, max_experts, holdout, batch,
                                  renormalize, rank).run(max_ppl_increase, se, check) for rank in ranks])
 

@@ -212,14 +212,14 @@ def fit(x, ids, norms, num_experts):
     return P, b
 
 
-def check_width(routing) -> None:
+def check_width(routing, what="policy probe") -> None:
     """Refuses routers wider than their k (converted or calibrated with --max-experts above k):
-    policy probe chooses among the static k."""
+    policy probe chooses among the static k, and a stand-in replaces those of them dropped."""
     for r in routing.routers:
         if r.attrs.width > r.k:
-            raise MoeExportError(f"policy probe keeps at most the graph's k={r.k} experts, and {r.layer}'s router is "
-                                 f"{r.attrs.width} wide (--max-experts {r.attrs.width}); calibrate the original model, "
-                                 "or use another policy")
+            raise MoeExportError(f"{what} works among the graph's k={r.k} experts, and {r.layer}'s router is "
+                                 f"{r.attrs.width} wide (--max-experts {r.attrs.width}); calibrate the original model "
+                                 "without --max-experts" + (", or use another policy" if what == "policy probe" else ""))
 
 
 def fit_probes(model, base_dir, feeds, probe=True, stand_in=None) -> tuple:
@@ -227,8 +227,8 @@ def fit_probes(model, base_dir, feeds, probe=True, stand_in=None) -> tuple:
     (static) `model`, fitted on `feeds`: the probes (`probe`), of the log size of what the
     stand-in of rank `stand_in` misses where one is fitted (run/stand_in.py), else of the output's."""
     routing = Routing.read(model)
-    if probe:
-        check_width(routing)
+    if probe or stand_in is not None:
+        check_width(routing, "policy probe" if probe else "--stand-in")
     for r in routing.routers:
         if r.static_only:
             raise MoeExportError(f"policy probe drops slots: {r.static_only}" if probe else r.static_only)
@@ -247,7 +247,8 @@ def fit_probes(model, base_dir, feeds, probe=True, stand_in=None) -> tuple:
             x, ids, got = expert_sizes(model, base_dir, feeds, r, tick, ix, outputs=stand_in is not None)
             if stand_in is not None:
                 stand_ins[r.layer] = fit_stand_in(x, ids, got, r.num_experts, stand_in)
-                got = np.linalg.norm(got - stand_in_at(x, ids, stand_ins[r.layer]), axis=2)
+                got -= stand_in_at(x, ids, stand_ins[r.layer])  # (in place: the outputs are the fit's largest array)
+                got = np.linalg.norm(got, axis=2)
             if probe:
                 probes[r.layer] = fit(x, ids, got, r.num_experts)
     return probes if probe else None, stand_ins if stand_in is not None else None

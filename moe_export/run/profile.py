@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import MoeExportError
 from ..conversion.record import Routing
+from ..conversion.stand_in import PREFIX as STAND_IN_PREFIX
 from ..model.source import Source
 from ..op.spec import dynamic_router
 from .runtime import load_inputs, run_exposed
@@ -16,8 +17,10 @@ from .stats import fewer, logits_in, routed_pairs, router_inputs, router_tensors
 
 def flops_per_pair(model, E, n_layers):
     """2 x the parameters of one expert, read off the per-expert weight tensors ([E, ...], rank 3,
-    as exported with batched experts); None where the experts are not stored that way."""
-    per_expert = sum(int(np.prod(t.dims[1:])) for t in model.graph.initializer if len(t.dims) == 3 and t.dims[0] == E)
+    as exported with batched experts; not the stand-ins' factors); None where the experts are not
+    stored that way."""
+    per_expert = sum(int(np.prod(t.dims[1:])) for t in model.graph.initializer
+                     if len(t.dims) == 3 and t.dims[0] == E and not t.name.startswith(STAND_IN_PREFIX))
     return 2.0 * per_expert / n_layers if per_expert else None
 
 
@@ -85,5 +88,5 @@ def print_profile(rep) -> str:
     stand_ins = sum(x.get("stand_in_gflops", 0.0) for x in rep["layers"])
     lines.append(f"routed pairs {t['pairs_static']} -> {t['pairs']} ({fewer(t['pair_reduction'])})"
                  + (f"; expert FLOPs {fewer(t['flops_reduction'])}" if "flops_reduction" in t else "")
-                 + (f" (the stand-ins' {stand_ins:.4g} GFLOPs counted)" if stand_ins else ""))
+                 + (f" (the stand-ins' {stand_ins:.4g} GFLOPs counted)" if stand_ins and "flops_reduction" in t else ""))
     return "\n".join(lines + [f"note: {n}" for n in rep.get("notes", [])])
