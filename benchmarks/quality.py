@@ -102,7 +102,7 @@ def slices(seqs, calib_seqs, eval_seqs):
 
 
 def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget_se=0.5, reuse=None,
-              budget_policies=None, oracle=False, renormalize_grid=None, stand_in=None):
+              budget_policies=None, oracle=False, renormalize_grid=None, stand_in=None, stand_in_only=False):
     ckpt = CACHE / "models" / name
     if not (ckpt / "config.json").is_file():
         raise SystemExit(f"{ckpt} missing: run samples/train_moe.py {name} first")
@@ -178,7 +178,7 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
             searches[policy, wide, rn] = [
                 BudgetSearch(model, work, {"input_ids": calib}, policy, max_experts=wide,
                              renormalize=rn if rn is not None else renormalize_grid, stand_in=rank)
-                for rank in [None] + [stand_in] * (stand_in is not None)]
+                for rank in ([stand_in] if stand_in_only else [None] + [stand_in] * (stand_in is not None))]
         for b in BUDGETS:
             rep = best_of([s.run(b, se=budget_se, check=check) for s in searches[policy, wide, rn]])
             out = work / f"{name}.budget.{policy}.{wide}.{rn}.{check}.{b}.onnx"
@@ -302,6 +302,9 @@ def main():
                     help="the renormalize values the budget search tries per layer (default budget.RENORMALIZE)")
     ap.add_argument("--stand-in", type=int, metavar="RANK",
                     help="the budget rows with a stand-in of this rank for each dropped expert (calibrate --stand-in)")
+    ap.add_argument("--stand-in-only", action="store_true",
+                    help="with --stand-in: only the search with a stand-in at every layer (calibrate runs it beside "
+                         "the search without and takes the better)")
     ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
                     help="measure nothing: write --out (and its plot) from these runs' models (runs of one model "
                          "each can go side by side, one per core)")
@@ -311,7 +314,8 @@ def main():
     else:
         with tempfile.TemporaryDirectory() as d:
             results = [run_model(m, args.eval_seqs, args.calib_seqs, Path(d), args.budget_only, args.budget_se,
-                                 args.reuse, args.budget_policies, args.oracle, args.renormalize_grid, args.stand_in)
+                                 args.reuse, args.budget_policies, args.oracle, args.renormalize_grid, args.stand_in,
+                                 args.stand_in_only)
                        for m in args.models]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # Top level: every model's curve in one list, and the weaker of the models' best points.

@@ -31,7 +31,7 @@ With a stand-in for the dropped experts (`calibrate_budget(stand_in=rank)`, conv
 stand_in.py) the search runs twice, with a stand-in at every layer (renormalize 0) and without
 any, and the routing that cuts more expert FLOPs (stand-ins counted) on the fitting part is
 taken: a choice per layer, measured with one layer dynamic at a time, picked the noise of those
-measurements (BENCHMARKS.md, mixtral8: -39.5% against -41.2% with every layer's).
+measurements (BENCHMARKS.md, "The stand-in, built").
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ from ..conversion.stand_in import attach_stand_ins
 from ..model.files import Progress
 from .runtime import BATCH_TOKENS, expose, fixed_batch, run_guarded, session_from_proto, take_rows
 from .probe import fit_probes
-from .profile import flops_per_pair as expert_flops_per_pair
+from .profile import router_flops_per_pair
 from .stats import Thresholds, routed_pairs, router_logits, static_copy
 
 DYNAMIC = ("top-p", "ratio", "entropy")
@@ -190,16 +190,9 @@ def _renormalizations(router, renormalize=None):
 def _stand_in_costs(model) -> dict:
     """{layer: a stand-in's multiply-adds per dropped pair over an expert's (0: not known)} of the
     routers of converted `model` that have a stand-in."""
-    routers = Routing.read(model).routers
-    per_e = {}
-    for r in routers:
-        per_e[r.num_experts] = per_e.get(r.num_experts, 0) + 1
-    out = {}
-    for r in routers:
-        if r.stand_in:
-            fpp = r.flops_per_pair or expert_flops_per_pair(model, r.num_experts, per_e[r.num_experts])
-            out[r.layer] = 2 * (2 * r.stand_in["rank"] + 1) * r.stand_in["hidden"] / fpp if fpp else 0.0
-    return out
+    routing = Routing.read(model)
+    return {r.layer: 2 * (2 * r.stand_in["rank"] + 1) * r.stand_in["hidden"] / fpp if fpp else 0.0
+            for r, fpp in zip(routing.routers, router_flops_per_pair(model, routing)) if r.stand_in}
 
 
 class BudgetSearch:

@@ -24,6 +24,16 @@ def flops_per_pair(model, E, n_layers):
     return 2.0 * per_expert / n_layers if per_expert else None
 
 
+def router_flops_per_pair(model, routing, override=None) -> list:
+    """FLOPs of one (token, expert) pair at each router (None where not known): `override`, else
+    what conversion measured of a fused op, else read off the expert weights."""
+    by_e = {}
+    for r in routing.routers:
+        by_e[r.num_experts] = by_e.get(r.num_experts, 0) + 1
+    return [override or r.flops_per_pair or flops_per_pair(model, r.num_experts, by_e[r.num_experts])
+            for r in routing.routers]
+
+
 def profile(model_path, data_path, flops_per_pair_override=None, batch=16):
     src = Source.of(model_path)
     model = src.model
@@ -34,17 +44,14 @@ def profile(model_path, data_path, flops_per_pair_override=None, batch=16):
     feeds = load_inputs(data_path, model, src.base_dir, notes)
     tensors = routing.tensors("indices") + router_tensors(model, routing)
     got = dict(zip(tensors, run_exposed(model, src.base_dir, tensors, feeds, batch, custom_ops=not routing.portable)))
-    layers, by_e = [], {}
-    for r in routing.routers:
-        by_e[r.num_experts] = by_e.get(r.num_experts, 0) + 1
-    for r, lg in zip(routing.routers, logits_in(model, routing)):
+    layers = []
+    fpps = router_flops_per_pair(model, routing, flops_per_pair_override)
+    for r, lg, fpp in zip(routing.routers, logits_in(model, routing), fpps):
         a = r.attrs
         E, k = r.num_experts, r.k
         idx = np.concatenate([x.reshape(-1, x.shape[-1]) for x in got[r.indices]])
         logits, bias, _ = router_inputs(got, r, lg)
         _, sidx = dynamic_router(logits, bias, **asdict(r.with_policy("static", 0.0, max_experts=k, min_experts=1)))
-        # a fused op's experts were measured at conversion (quantized weights unpacked)
-        fpp = flops_per_pair_override or r.flops_per_pair or flops_per_pair(model, E, by_e[E])
         load = np.bincount(idx[idx < E], minlength=E)
         sload = np.bincount(sidx[sidx < E], minlength=E)
         pairs, spairs = routed_pairs(idx, E), routed_pairs(sidx, E)
