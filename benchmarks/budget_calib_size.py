@@ -38,6 +38,8 @@ def main():
     ap.add_argument("--sizes", nargs="+", type=int, default=[20, 30, 60, 96])
     ap.add_argument("--budget", type=float, default=0.01)
     ap.add_argument("--eval-seqs", type=int, default=200)
+    ap.add_argument("--check", choices=("crossfit", "heldout"), default="crossfit",
+                    help="the search's check (calibrate --check; until 2026-12-07 the held-out one alone)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "budget_calib_size.json")
     args = ap.parse_args()
     ckpt = CACHE / "models" / args.model
@@ -65,14 +67,14 @@ def main():
                 print(json.dumps(row), flush=True)
             for p in ("top-p", "ratio"):
                 measure(f"budget {p} +{100 * args.budget:g}%",
-                        budget_policy(BudgetSearch(model, work, {"input_ids": calib}, p).run(args.budget)))
+                        budget_policy(BudgetSearch(model, work, {"input_ids": calib}, p, check=args.check).run(args.budget)))
             layers = calibrate(original, {"input_ids": calib}, 0.65 * k, policy="top-p", mode="per-layer")
             measure(f"target top-p {0.65 * k:g} experts",
                     Policy("top-p", layers[0]["threshold"], per_layer={x["layer"]: x["threshold"] for x in layers}))
     args.out.write_text(json.dumps({
         "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "command": "benchmarks/budget_calib_size.py " + " ".join(sys.argv[1:]), "model": args.model,
-        "budget": args.budget, "eval_seqs": args.eval_seqs, "results": rows}, indent=1) + "\n")
+        "budget": args.budget, "eval_seqs": args.eval_seqs, "check": args.check, "results": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -43,16 +43,18 @@ BUDGETS = (0.005, 0.01)
 # was before renormalize, the pooled check (budget.py, step 4), and hard tokens taking one expert
 # more than the model was trained with while easy ones take fewer (issue 27); probe: a linear
 # probe of each expert's output size beside the router (conversion/probe.py), also among auto's
-BUDGET_RUNS = (("top-p", False, None, "heldout"), ("ratio", False, None, "heldout"),
-               ("entropy", False, None, "heldout"), ("probe", False, None, "heldout"), ("auto", False, None, "heldout"),
-               ("auto", False, 1.0, "heldout"), ("ratio", False, None, "pooled"),
-               ("auto", True, None, "heldout"))
+# (the default check is cross-fitting; the rows before 2026-12-07's "Cross-fitted check" were
+# measured with the held-out check, their labels without ", heldout check": --budget-check heldout)
+BUDGET_RUNS = (("top-p", False, None, "crossfit"), ("ratio", False, None, "crossfit"),
+               ("entropy", False, None, "crossfit"), ("probe", False, None, "crossfit"),
+               ("auto", False, None, "crossfit"), ("auto", False, 1.0, "crossfit"), ("ratio", False, None, "pooled"),
+               ("auto", True, None, "crossfit"))
 
 
-def budget_label(policy, wide, k, renormalize=None, check="heldout", stand_in=None):
+def budget_label(policy, wide, k, renormalize=None, check="crossfit", stand_in=None):
     return (f"{policy} budget" + (f", max {wide}" if wide and wide != k else "")
             + ("" if renormalize is None else f", renormalize {renormalize:g}")
-            + ("" if check == "heldout" else f", {check} check")
+            + ("" if check == "crossfit" else f", {check} check")
             + ("" if stand_in is None else f", stand-in rank {stand_in}"))
 
 
@@ -102,7 +104,8 @@ def slices(seqs, calib_seqs, eval_seqs):
 
 
 def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget_se=0.5, reuse=None,
-              budget_policies=None, oracle=False, renormalize_grid=None, stand_in=None, stand_in_only=False):
+              budget_policies=None, oracle=False, renormalize_grid=None, stand_in=None, stand_in_only=False,
+              budget_check="crossfit"):
     ckpt = CACHE / "models" / name
     if not (ckpt / "config.json").is_file():
         raise SystemExit(f"{ckpt} missing: run samples/train_moe.py {name} first")
@@ -120,7 +123,8 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
     print(f"{name}: static held-out ppl {base['ppl']:.4f} over {base['tokens']} bytes "
           f"(PyTorch: {log['torch_heldout_ppl']:.4f}; chance 256)")
     gates_k = routing_indices(load_model(original))[1][0]["k"]
-    runs = [r for r in BUDGET_RUNS if not budget_policies or r[0] in budget_policies]
+    runs = [r[:3] + (budget_check if r[3] == "crossfit" else r[3],) for r in BUDGET_RUNS
+            if not budget_policies or r[0] in budget_policies]
     # rows of an earlier run of this model (same slices) that this run does not measure anew: the
     # sweep and target-calibrated rows, and the budget rows of runs not selected
     if stand_in is not None:  # (a stand-in takes the dropped weight: renormalize is 0, not searched)
@@ -171,16 +175,16 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
     # Quality budgets: calibrate --max-ppl-increase on the calibration slice, measured on the
     # evaluation slice (held out from the search entirely).
     model = load_model(original)
-    searches = {}  # the measured curves do not depend on the budget or the check
+    searches = {}  # the measured curves do not depend on the budget
     for policy, wide, rn, check in runs:
         wide = gates_k + 1 if wide else None  # hard tokens may take one expert more than the model's k
-        if (policy, wide, rn) not in searches:  # (with a stand-in: the search with and without, as calibrate)
-            searches[policy, wide, rn] = [
+        if (policy, wide, rn, check) not in searches:  # (with a stand-in: the search with and without, as calibrate)
+            searches[policy, wide, rn, check] = [
                 BudgetSearch(model, work, {"input_ids": calib}, policy, max_experts=wide,
-                             renormalize=rn if rn is not None else renormalize_grid, stand_in=rank)
+                             renormalize=rn if rn is not None else renormalize_grid, stand_in=rank, check=check)
                 for rank in ([stand_in] if stand_in_only else [None] + [stand_in] * (stand_in is not None))]
         for b in BUDGETS:
-            rep = best_of([s.run(b, se=budget_se, check=check) for s in searches[policy, wide, rn]])
+            rep = best_of([s.run(b, se=budget_se) for s in searches[policy, wide, rn, check]])
             out = work / f"{name}.budget.{policy}.{wide}.{rn}.{check}.{b}.onnx"
             convert(original, out, budget_policy(rep, max_experts=wide))
             point(budget_label(policy, wide, gates_k, rn, check, stand_in), b, out,
@@ -197,9 +201,9 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
     # the text it is measured on): where even it cannot reach a cut within a budget, no per-layer
     # choice of policy, threshold and renormalize can.
     if oracle:
-        search = BudgetSearch(model, work, {"input_ids": ev}, "auto", renormalize=renormalize_grid)
+        search = BudgetSearch(model, work, {"input_ids": ev}, "auto", renormalize=renormalize_grid, check="pooled")
         for b in BUDGETS:
-            rep = search.run(b, se=0.0, check="pooled")
+            rep = search.run(b, se=0.0)
             out = work / f"{name}.budget.oracle.{b}.onnx"
             convert(original, out, budget_policy(rep))
             point(ORACLE, b, out, {"budget_all": rep["all"], "max_experts": gates_k,
@@ -305,6 +309,8 @@ def main():
     ap.add_argument("--stand-in-only", action="store_true",
                     help="with --stand-in: only the search with a stand-in at every layer (calibrate runs it beside "
                          "the search without and takes the better)")
+    ap.add_argument("--budget-check", choices=("crossfit", "heldout"), default="crossfit",
+                    help="how the budget rows' search checks the budget (calibrate --check)")
     ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
                     help="measure nothing: write --out (and its plot) from these runs' models (runs of one model "
                          "each can go side by side, one per core)")
@@ -315,7 +321,7 @@ def main():
         with tempfile.TemporaryDirectory() as d:
             results = [run_model(m, args.eval_seqs, args.calib_seqs, Path(d), args.budget_only, args.budget_se,
                                  args.reuse, args.budget_policies, args.oracle, args.renormalize_grid, args.stand_in,
-                                 args.stand_in_only)
+                                 args.stand_in_only, args.budget_check)
                        for m in args.models]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # Top level: every model's curve in one list, and the weaker of the models' best points.

@@ -371,7 +371,12 @@ def _calibrate_args(c):
                         help="a quality budget: the cheapest routing whose next-token perplexity on the data rises "
                              "at most this much (0.01 = +1%%); a causal LM graph (input_ids -> logits) is needed")
     c.add_argument("--holdout", type=float, default=None, metavar="FRACTION",
-                     help="with --max-ppl-increase: the part of --data held out to check the budget (default 0.25)")
+                     help="with --max-ppl-increase: the part of --data held out to check the budget (default 0.25: "
+                          "four folds)")
+    c.add_argument("--check", choices=("crossfit", "heldout"), default=None,
+                     help="with --max-ppl-increase: how the budget is checked. crossfit (default): every sequence, "
+                          "each on the routing chosen without its fold, the routing itself fitted on all of --data; "
+                          "heldout: one held-out part, the routing fitted on the rest")
     _output_arg(c, "the calibrated, converted model")
     c.add_argument("--policy", choices=[p for p in POLICIES if p != "static"] + ["auto"], default="top-p",
                      help="dynamic policy whose threshold is calibrated (default top-p); probe fits a linear probe "
@@ -404,6 +409,8 @@ def cmd_calibrate(args):
     if args.target_experts is not None and args.holdout is not None:
         raise UsageError("--holdout applies to --max-ppl-increase (the part of --data that checks the quality budget); "
                          "--target-experts uses all of --data")
+    if args.target_experts is not None and args.check is not None:
+        raise UsageError("--check applies to --max-ppl-increase (how the quality budget is checked)")
     if args.max_ppl_increase is not None and args.mode is not None:
         raise UsageError("--mode applies to --target-experts; --max-ppl-increase chooses each layer's routing")
     args.mode = args.mode or "per-layer"
@@ -419,14 +426,14 @@ def cmd_calibrate(args):
         args.model, args.data, args.output, args.target_experts, policy=args.policy, mode=args.mode,
         min_experts=args.min_experts, max_experts=args.max_experts, portable=args.portable,
         max_ppl_increase=args.max_ppl_increase, holdout=args.holdout, renormalize=args.renormalize,
-        stand_in=args.stand_in)
+        stand_in=args.stand_in, check=args.check)
     for w in warnings:
         _warn(w)
     if args.json:
         summary = {"output": str(args.output), "policy": args.policy, "mode": args.mode, "stand_in": args.stand_in,
                    "target_experts": args.target_experts, "layers": layers, "warnings": warnings, "notes": notes}
         if report is not None:
-            summary |= {k: report[k] for k in ("max_ppl_increase", "fit", "heldout", "all", "evaluations")}
+            summary |= {k: report[k] for k in ("max_ppl_increase", "check", "fit", "heldout", "all", "evaluations")}
             summary["mode"] = "quality budget"
         print(json.dumps(summary, indent=2))
         return
@@ -441,11 +448,13 @@ def cmd_calibrate(args):
     if report is None and args.stand_in is not None:
         print(f"a stand-in of rank {args.stand_in} for the dropped experts at every layer")
     if report is not None:
-        for part in ("fit", "heldout"):
+        crossfit = report["check"] == "crossfit"
+        for part, label in (("fit", "all of --data" if crossfit else "fitting part"),
+                            ("heldout", "cross-fitted" if crossfit else "held out")):
             x = report[part]
             upper = (f", {100 * x['ppl_increase_upper']:+.2f}% {report['se']:g} standard errors up"
                      if part == "heldout" else "")
-            print(f"{'fitting part' if part == 'fit' else 'held out'} ({x['sequences']} sequences): perplexity "
+            print(f"{label} ({x['sequences']} sequences): perplexity "
                   f"{100 * x['ppl_increase']:+.2f}%{upper} (static {x['static_ppl']:.4f}), routed pairs "
                   f"{-100 * x['pair_reduction']:+.1f}%" + (f", expert FLOPs {-100 * x['net_reduction']:+.1f}% with the "
                                                            "stand-ins'" if report["stand_ins"] else ""))

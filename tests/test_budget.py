@@ -64,32 +64,38 @@ def nll_and_pairs(path, ids):
     return float((lse[:, :-1] - tgt).mean()), pairs
 
 
-@pytest.mark.parametrize("graph, policy, wide", [("qwen3_moe.onnx", "top-p", None), ("mixtral.onnx", "auto", None),
-                                                 ("deepseek_v3.onnx", "ratio", None), ("mixtral.onnx", "auto", 3)])
-def test_budget_holds_on_both_parts_and_the_report_is_what_the_output_does(graph, policy, wide, tmp_path):
+@pytest.mark.parametrize("graph, policy, wide, check", [
+    ("qwen3_moe.onnx", "top-p", None, None), ("mixtral.onnx", "auto", None, "heldout"),
+    ("deepseek_v3.onnx", "ratio", None, None), ("mixtral.onnx", "auto", 3, "heldout")])
+def test_budget_holds_on_both_parts_and_the_report_is_what_the_output_does(graph, policy, wide, check, tmp_path):
     """`wide`: --max-experts above the gate's k, hard tokens taking more experts than the model
     was trained with while easy ones take fewer."""
     ids = np.random.default_rng(0).integers(0, 128, (16, 24))
     data, out = tmp_path / "ids.npy", tmp_path / "out.onnx"
     np.save(data, ids)
     r = run_cli("calibrate", GRAPHS / graph, "--data", data, "--max-ppl-increase", "0.002", "--policy", policy,
-                "-o", out, "--json", *(["--max-experts", wide] if wide else []))
+                "-o", out, "--json", *(["--max-experts", wide] if wide else []), *(["--check", check] if check else []))
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
-    assert rep["mode"] == "quality budget"
-    # the check: the fitting part, and the held-out part half a standard error above its mean
+    assert rep["mode"] == "quality budget" and rep["check"] == (check or "crossfit")
+    # the check: the fitting part's mean, and the checked sequences half a standard error above theirs
     assert rep["fit"]["ppl_increase"] <= 0.002 + 1e-9 and rep["heldout"]["ppl_increase_upper"] <= 0.002 + 1e-9
     assert rep["heldout"]["ppl_increase"] <= rep["heldout"]["ppl_increase_upper"]
     assert rep["all"]["ppl_increase"] <= rep["all"]["ppl_increase_upper"]
     log = lambda part: math.log1p(rep[part]["ppl_increase"])
-    assert log("all") == pytest.approx((12 * log("fit") + 4 * log("heldout")) / 16, abs=1e-12)
-    assert rep["fit"]["sequences"] == 12 and rep["heldout"]["sequences"] == 4
+    if check == "heldout":
+        assert log("all") == pytest.approx((12 * log("fit") + 4 * log("heldout")) / 16, abs=1e-12)
+        assert rep["fit"]["sequences"] == 12 and rep["heldout"]["sequences"] == 4
+        fit, held = rep["fit"], rep["heldout"]
+        want = (fit["pair_reduction"] * 12 + held["pair_reduction"] * 4) / 16
+    else:  # every sequence fits and is checked (on the routing chosen without its fold)
+        assert rep["fit"]["sequences"] == rep["heldout"]["sequences"] == rep["all"]["sequences"] == 16
+        assert log("all") == pytest.approx(log("fit"), abs=1e-12)
+        want = rep["fit"]["pair_reduction"]
     # the written model routes as reported: the whole data's perplexity and pairs, measured anew
     static = tmp_path / "static.onnx"
     assert run_cli("convert", GRAPHS / graph, "-o", static).returncode == 0
     (n0, p0), (n1, p1) = nll_and_pairs(static, ids), nll_and_pairs(out, ids)
-    fit, held = rep["fit"], rep["heldout"]
-    want = (fit["pair_reduction"] * 12 + held["pair_reduction"] * 4) / 16
     assert 1 - p1 / p0 == pytest.approx(want, abs=1e-9)
     assert math.exp(n1 - n0) - 1 <= 0.002 + 1e-6
     meta = routers_metadata(onnx.load(str(out), load_external_data=False))
@@ -126,8 +132,8 @@ def test_a_given_renormalize_is_kept_and_the_search_tries_others(tmp_path):
     for points in BudgetSearch(model, GRAPHS, {"input_ids": ids}, renormalize=grid).curves.values():
         assert sorted(ch[2] for _, _, ch in points) == sorted(grid * len({ch[1] for _, _, ch in points}))
     # the pooled check, kept for comparison: every calibration sequence, half a standard error up
-    rep = search.run(0.05, check="pooled")
-    assert rep["routing"] and rep["all"]["ppl_increase_upper"] <= 0.05
+    rep = BudgetSearch(model, GRAPHS, {"input_ids": ids}, check="pooled").run(0.05)
+    assert rep["routing"] and rep["all"]["ppl_increase_upper"] <= 0.05 and rep["fit"]["sequences"] == 12
 
 
 def test_budget_errors_are_one_line(tmp_path):
@@ -145,6 +151,8 @@ def test_budget_errors_are_one_line(tmp_path):
         (["calibrate", GRAPHS / "mixtral.onnx", "--data", ids, "--max-ppl-increase", "5"], "a fraction"),
         (["calibrate", GRAPHS / "mixtral.onnx", "--data", ids, "--max-ppl-increase", "0.01", "--renormalize", "2"],
          "must be in [0, 1]"),
+        (["calibrate", GRAPHS / "mixtral.onnx", "--data", ids, "--target-experts", "1.5", "--check", "heldout"],
+         "--check applies to --max-ppl-increase"),
     ]
     for args, msg in cases:
         r = run_cli(*args, "-o", tmp_path / "o.onnx")
@@ -153,6 +161,8 @@ def test_budget_errors_are_one_line(tmp_path):
     from moe_export.run.budget import BudgetSearch  # a grid of the Python API: the same message
     with pytest.raises(moe_export.MoeExportError, match=r"must be in \[0, 1\]"):
         BudgetSearch(onnx.load(str(GRAPHS / "mixtral.onnx")), GRAPHS, {"input_ids": np.load(ids)}, renormalize=(1.0, 2.0))
+    with pytest.raises(moe_export.MoeExportError, match="check 'kfold': one of crossfit, heldout, pooled"):
+        BudgetSearch(onnx.load(str(GRAPHS / "mixtral.onnx")), GRAPHS, {"input_ids": np.load(ids)}, check="kfold")
 
 
 def test_costs_are_monotone_in_the_saving_per_policy_and_renormalize():
@@ -181,7 +191,7 @@ def test_the_search_is_never_worse_than_target_calibration_on_every_gate_form(gr
     renormalize value the gate allows) that passes the search's own check routes no fewer pairs
     than what the search returns, so the search is not static where a routing within the budget
     exists."""
-    from moe_export.run.budget import BudgetSearch, _renormalizations
+    from moe_export.run.budget import BudgetSearch, _renormalizations, _upper
 
     model = onnx.load(str(GRAPHS / graph))
     ids = np.random.default_rng(1).integers(0, 100, (6, 16))
@@ -189,16 +199,57 @@ def test_the_search_is_never_worse_than_target_calibration_on_every_gate_form(gr
     rep = search.run(BUDGET)
     for r in search.ev.routers:  # (which renormalize serves a model best differs: deepseek16 wants 0)
         assert {u[r.layer][2] for u in search.uniform.values() if r.layer in u} == set(_renormalizations(r))
-    pairs = lambda routing: search._joint(routing)[2].sum()
-    got = pairs(rep["routing"]) if rep["routing"] else search.static_pairs.sum()
-    budget, passed = math.log1p(BUDGET), 0
+    passed, static = 0, search.base_pairs.sum()
     for routing in search.uniform.values():
-        fit_cost, _, _, _, rows = search._joint(routing)
-        held = rows[len(search.fit):]
-        if fit_cost <= budget and held.mean() + 0.5 * held.std(ddof=1) / math.sqrt(len(held)) <= budget:
+        ok, d, pairs, seen, _ = search._judge(routing, math.log1p(BUDGET), 0.5)
+        # (cross-fitted: each fold at the thresholds fitted on the others)
+        assert ok == (d.mean() <= math.log1p(BUDGET) and _upper(seen, 0.5) <= math.log1p(BUDGET))
+        if ok:
             passed += 1
-            assert rep["routing"] and got <= pairs(routing)
+            assert rep["routing"] and rep["fit"]["pair_reduction"] >= 1 - pairs.sum() / static - 1e-12
     assert passed  # the budget leaves room for some uniform routing on every form: the check above ran
+
+
+def test_cross_fitting_checks_each_fold_on_the_routing_chosen_without_it():
+    """The default check: the folds partition the sequences in runs of consecutive ones; each point
+    is measured on a fold's sequences with the thresholds fitted on the other folds (a fresh run
+    agrees), a fold's curves are the means over the other folds' sequences; and what the check
+    sees of a fold is its run under that fold's own routing, the written routing's mean over
+    every sequence staying within the budget besides."""
+    from moe_export.run.budget import BudgetSearch, allocate
+
+    ids = np.random.default_rng(3).integers(0, 128, (12, 16))
+    search = BudgetSearch(onnx.load(str(GRAPHS / "mixtral.onnx")), GRAPHS, {"input_ids": ids}, "top-p")
+    folds, base = search.folds, search.base_nll
+    assert [len(f) for f in folds] == [3] * 4 and sorted(np.concatenate(folds)) == list(range(12))
+    # consecutive sequences: a document cut into sequences stays in one fold
+    assert all(np.array_equal(f, np.arange(f[0], f[-1] + 1)) for f in folds)
+    layer, pts = next(iter(search.points.items()))
+    for choice, cut, d in pts[:3]:
+        for j, rows in enumerate(folds):
+            ev, thresholds = search.fits[j + 1]
+            assert thresholds != search.fits[0][1]  # (fitted on other sequences)
+            nll, pairs = ev.run(search.concrete({layer: choice}, j + 1), rows)
+            np.testing.assert_allclose(d[rows], nll - base[rows], atol=1e-12)
+            np.testing.assert_array_equal(cut[rows], (search.base_pairs[rows] - pairs).sum(1))
+        others = np.setdiff1d(search.fit, folds[0])
+        saving, cost = next((s_, c) for s_, c, ch in search._curves(others)[layer] if ch == choice)
+        assert saving == pytest.approx(cut[others].sum() / search.base_pairs[others].sum(), abs=1e-12)
+        assert cost >= d[others].mean() - 1e-12  # (monotone: raised to a smaller cut's cost at most)
+    budget = math.log1p(0.05)
+    per_fold = [{l: ch for l, ch in allocate(search._curves(np.setdiff1d(search.fit, f)), budget)[0].items() if ch}
+                for f in folds]
+    routing = {l: ch for l, ch in allocate(search.curves, budget)[0].items() if ch}
+    ok, d, _, seen, _ = search._judge(routing, budget, 0.5, per_fold)
+    for j, (rows, r) in enumerate(zip(folds, per_fold)):
+        ev, _ = search.fits[j + 1]
+        nll, _ = ev.run(search.concrete(r, j + 1), rows)
+        np.testing.assert_allclose(seen[rows], nll - base[rows], atol=1e-12)
+    assert ok == (d.mean() <= budget and seen.mean() + 0.5 * seen.std(ddof=1) / math.sqrt(12) <= budget)
+    rep = search.run(0.05)
+    assert rep["check"] == "crossfit" and rep["heldout"]["sequences"] == 12
+    # the routing written: thresholds fitted on every sequence
+    assert rep["routing"] and all(t in search.fits[0][1].values() for _, t, _ in rep["routing"].values())
 
 
 def test_a_converted_model_is_searched_as_its_original():

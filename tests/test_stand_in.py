@@ -57,6 +57,21 @@ def _feeds(tmp_path, model, base_dir, seed):
     return load_inputs(path, model, base_dir)
 
 
+def test_fits_on_subsets_of_one_read_out_are_each_subsets_own():
+    """Cross-fitting's fits (budget.py): the probes and stand-ins fitted on subsets of the
+    sequences from one read-out are those fitted on each subset's sequences alone."""
+    static = static_copy(onnx.load(str(GRAPHS / "qwen3_moe.onnx")))
+    ids = _ids(n=8, seq=12)
+    subsets = [np.arange(8), np.array([0, 2, 5]), np.array([1, 3, 4, 6, 7])]
+    together = fit_probes(static, GRAPHS, {"input_ids": ids}, True, 2, subsets)
+    for rows, (probes, stand_ins) in zip(subsets, together):
+        alone_p, alone_s = fit_probes(static, GRAPHS, {"input_ids": ids[rows]}, True, 2)
+        for layer in alone_p:
+            for a, b in zip(probes[layer] + stand_ins[layer], alone_p[layer] + alone_s[layer]):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(together[1][1][layer][0], together[2][1][layer][0])
+
+
 @pytest.mark.parametrize("graph,policy", [("mixtral.onnx", Policy("top-p", 0.5, renormalize=0.0)),
                                           ("deepseek_v3.onnx", Policy("ratio", 0.5, renormalize=0.0)),
                                           ("gpt_oss.onnx", Policy("top-p", 0.6, renormalize=0.0)),
@@ -244,3 +259,27 @@ def test_stand_ins_leave_an_experts_flops_unknown_where_they_were_and_refuse_wid
     r = _calibrate(tmp_path, wide, tmp_path / "w.onnx", "--target-experts", 2, "--stand-in", 2)
     assert r.returncode == 1 and "5 wide" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "w.onnx").exists()
+
+
+def test_a_stand_in_generates_through_the_kv_cache_past_the_sliding_window(tmp_path):
+    """The stand-in is per token and keeps no state: a GPT-OSS-style export with a KV cache and a
+    sliding window, calibrated with stand-ins, generates through the cache, three windows past its
+    prompt, what a prefill of the whole sequence so far predicts at every step."""
+    import moe_export
+    from moe_export.run.runtime import greedy
+
+    sys.path.insert(0, str(GRAPHS))
+    from make_graphs import tiny_model
+
+    ckpt, graph, out = tmp_path / "ckpt", tmp_path / "m.onnx", tmp_path / "s.onnx"
+    tiny_model("gpt_oss").save_pretrained(ckpt)
+    window = tiny_model("gpt_oss").config.sliding_window
+    assert run_cli("export", ckpt, "-o", graph, "--with-past").returncode == 0
+    r = _calibrate(tmp_path, graph, out, "--target-experts", 1.2, "--stand-in", 2)
+    assert r.returncode == 0, r.stderr
+    assert all(_stand_ins(out)[0])
+    sess = moe_export.session(out)
+    prompt = np.random.default_rng(0).integers(3, 100, (2, 7))
+    seq = greedy(sess, prompt, 3 * window)
+    for t in range(prompt.shape[1], seq.shape[1]):
+        np.testing.assert_array_equal(greedy(sess, seq[:, :t], 1)[:, -1], seq[:, t])

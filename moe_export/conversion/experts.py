@@ -164,7 +164,7 @@ def _static_rest(ix, t):
 
 def _pair_zeros(b, lead, like, ftype=None):
     """Zeros of like's type (ftype, where known) and trailing shape, with `lead` ([n]) rows."""
-    i64 = lambda v: b.const(v, np.int64)
+    i64 = b.i64
     shape = b.op("Concat", [lead, b.op("Slice", [b.op("Shape", [like]), i64([1]), i64([2**62])])], axis=0)
     zero = b.zero(ftype) if ftype else b.op("CastLike", [b.const(np.float32(0)), like])
     return b.op("Expand", [zero, shape])
@@ -183,7 +183,7 @@ def _scanned(b, ix, prefix, ids_flat, E, tables, wmul, expert, per_token):
     rows x hidden per call, so per token it is k times less. Its trailing shape is the graph's
     recorded one, or else comes from the section run on no pairs in each call (Gather of no
     expert's slice; more nodes, so more load time)."""
-    i64 = lambda v: b.const(v, np.int64)
+    i64 = b.i64
     op = b.op
     ftype = (ix.elem_type(wmul.output[0]) or ix.elem_type(wmul.input[0]) or ix.elem_type(wmul.input[1])
              or ix.initializers[next(iter(tables.values()))].data_type)
@@ -257,7 +257,7 @@ def _group(model, ix, router, prefix, per_expert_weights):
         raise _Skip("no weight tables gathered by expert id")
 
     b = NodeBuilder(prefix)
-    i64 = lambda v: b.const(v, np.int64)  # constants live in the main graph; a Scan body reads them there
+    i64 = b.i64  # constants live in the main graph; a Scan body reads them there
 
     def own(gathered_t):  # a table slice only expert MatMuls read: their own initializers replace it
         return all(c.op_type == "MatMul" and gathered_t in c.input[:2] for c in ix.consumers_of(gathered_t))

@@ -15,7 +15,7 @@ def portable_router(b: NodeBuilder, a: RouterAttrs, logits: str, bias: str | Non
     sizes: the log predicted output sizes [..., E], read by policy probe (required there)."""
     E, W = a.num_experts, a.width
     f32 = lambda v: b.const(np.float32(v))
-    i64 = lambda v: b.const(np.asarray(v, dtype=np.int64))
+    i64 = b.i64
     x = b.op("Cast", [logits], to=TensorProto.FLOAT) if float_type != TensorProto.FLOAT else logits
     lead = b.op("Slice", [b.op("Shape", [x]), i64([0]), i64([-1])])
     x = b.op("Reshape", [x, i64([-1, E])])

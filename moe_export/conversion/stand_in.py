@@ -51,7 +51,7 @@ def _stand_in_sum(b: NodeBuilder, x, static_w, static_ids, k, ids, width, stand_
     experts' sum `y` (in float32)."""
     c, G, V = stand_in
     E, H = c.shape
-    i64 = lambda v: b.const(np.asarray(v, np.int64))
+    i64 = b.i64
     sid = b.op("Reshape", [static_ids, i64([-1, k])])  # [T, k]
     sw = b.op("Reshape", [b.op("Cast", [static_w], to=TensorProto.FLOAT), i64([-1, k])])
     did = b.op("Reshape", [ids, i64([-1, width])])  # [T, width], E where dropped

@@ -247,6 +247,10 @@ class NodeBuilder:
         self.inits.append(t)
         return t.name
 
+    def i64(self, value):
+        """An int64 constant (the type of every shape, axis and index input)."""
+        return self.const(value, np.int64)
+
     def zero(self, elem_type):
         """A scalar 0 of an ONNX element type (bfloat16 too, which numpy lacks)."""
         t = helper.make_tensor(self.name("zero"), elem_type, [], [0])
@@ -260,7 +264,7 @@ class NodeBuilder:
 
     def filled(self, like, last, value, dtype):
         """A tensor of `value` shaped as `like` but with `last` elements on the last axis."""
-        i64 = lambda v: self.const(v, np.int64)
+        i64 = self.i64
         shape = self.op("Concat", [self.op("Slice", [self.op("Shape", [like]), i64([0]), i64([-1])]), i64([last])], axis=0)
         return self.op("ConstantOfShape", [shape], value=helper.make_tensor("value", dtype, [1], [value]))
 

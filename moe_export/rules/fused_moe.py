@@ -71,7 +71,7 @@ def feed(w: Wiring) -> str:
     surgery, b, ix, a, weights, indices = w.surgery, w.builder, w.ix, w.attrs, w.weights, w.indices
     node, E, logits = w.gate.topk, a.num_experts, w.gate.logits
     ftype = ix.elem_type(logits) or TensorProto.FLOAT
-    i64 = lambda v: b.const(np.asarray(v, dtype=np.int64))
+    i64 = b.i64
     last = i64([-1])
     low = b.const(np.array(_lowest(ftype), dtype=np.float32))
     if ftype != TensorProto.FLOAT:

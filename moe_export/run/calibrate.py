@@ -81,10 +81,11 @@ def unreachable(layers, target, mode, tolerance=0.05):
 
 def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p", mode="per-layer",
                           min_experts=1, max_experts=None, portable=False, max_ppl_increase=None, holdout=None,
-                          renormalize=None, stand_in=None):
+                          renormalize=None, stand_in=None, check=None):
     """Calibrates and writes the model: to `target` experts per token, or (max_ppl_increase) to
     the cheapest routing within that perplexity budget (budget.py; `renormalize` None: searched
-    per layer, else fixed; `holdout`: the part of the data checking it, default 0.25). `stand_in`:
+    per layer, else fixed; `holdout`: the part of the data checking it, default 0.25; `check`:
+    "crossfit" (default) or "heldout", how the budget is checked). `stand_in`:
     the rank of a linear stand-in fitted for each dropped expert (conversion/stand_in.py; None:
     none), which takes the dropped weight (renormalize 0). Returns (layers, warnings, notes
     about the written files, the budget search's report or None)."""
@@ -95,6 +96,8 @@ def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p
             raise UsageError(f"{name} must be a number, got {v!r}")
     if target is not None and holdout is not None:
         raise UsageError("holdout applies to a quality budget (max_ppl_increase); a target uses all the data")
+    if target is not None and check is not None:
+        raise UsageError("check applies to a quality budget (max_ppl_increase)")
     if max_ppl_increase is not None and mode != "per-layer":
         raise UsageError("mode applies to a target (experts per token); a quality budget chooses each layer's routing")
     if policy == "auto" and max_ppl_increase is None:
@@ -121,7 +124,8 @@ def calibrate_and_convert(model_path, data_path, out, target=None, policy="top-p
     report, warnings = None, []
     if max_ppl_increase is not None:
         report = calibrate_budget(src.model, src.base_dir, feeds, max_ppl_increase, policy, min_experts, max_experts,
-                                  0.25 if holdout is None else holdout, renormalize=renormalize, stand_in=stand_in)
+                                  0.25 if holdout is None else holdout, renormalize=renormalize, stand_in=stand_in,
+                                  check=check or "crossfit")
         layers, pol = report["layers"], budget_policy(report, min_experts, max_experts)
         warnings += report["notes"]
         if not report["routing"]:

@@ -136,11 +136,12 @@ class SectionReader:
         return run_guarded(self.ssess, [self.y], cut | {_SLOT: np.array(slot, np.int64)})[0]
 
 
-def expert_sizes(model, base_dir, feeds, r, progress=None, ix=None, outputs=False):
+def expert_sizes(model, base_dir, feeds, r, progress=None, ix=None, outputs=False, rows=False):
     """Layer r's router inputs x [N, H] (float32), static expert ids [N, k] and each slot's expert
     output norm [N, k] (float64), or with `outputs` the outputs themselves [N, k, H] (float32, on
-    at most OUTPUT_BYTES of them), on at most MAX_TOKENS tokens of `feeds`. ix: the model's
-    GraphIndex, where the caller has one."""
+    at most OUTPUT_BYTES of them), on at most MAX_TOKENS tokens of `feeds`; with `rows`, also each
+    token's sequence (its row of input_ids) [N]. ix: the model's GraphIndex, where the caller has
+    one."""
     reader = SectionReader(model, base_dir, r, ix or GraphIndex(model.graph))
     k, unread = r.k, reader.unread
 
@@ -151,9 +152,9 @@ def expert_sizes(model, base_dir, feeds, r, progress=None, ix=None, outputs=Fals
             raise
         except Exception as e:
             raise MoeExportError(f"{unread} (onnxruntime: {str(e).splitlines()[0][:160]})") from None
-    xs, ids, got, seen, most = [], [], [], 0, MAX_TOKENS
-    for rows in batches(model, feeds):
-        cut, x, w, idx = run(reader.prefix_run, rows)
+    xs, ids, got, seqs, seen, most, first = [], [], [], [], 0, MAX_TOKENS, 0
+    for batch in batches(model, feeds):
+        cut, x, w, idx = run(reader.prefix_run, batch)
         H = x.shape[-1]
         if outputs:
             most = min(MAX_TOKENS, max(1, OUTPUT_BYTES // (4 * k * H)))
@@ -171,6 +172,13 @@ def expert_sizes(model, base_dir, feeds, r, progress=None, ix=None, outputs=Fals
             if len(read) < 2 <= len(np.unique(idx)) or \
                     not np.allclose(total, ref, rtol=1e-2, atol=1e-3 * max(float(np.abs(ref).max()), 1e-30)):
                 raise MoeExportError(unread)
+        if rows:
+            n = len(batch["input_ids"])
+            if x.shape[0] % n:
+                raise MoeExportError(f"{r.layer}: {x.shape[0]} tokens read out of {n} sequences; cross-fitting needs "
+                                     "each token's sequence")
+            seqs.append(first + np.arange(x.shape[0]) // (x.shape[0] // n))
+            first += n
         xs.append(x.astype(np.float32))
         ids.append(idx)
         got.append(np.stack(slots, axis=1).astype(np.float32)[:most - seen] if outputs else
@@ -180,7 +188,8 @@ def expert_sizes(model, base_dir, feeds, r, progress=None, ix=None, outputs=Fals
             progress()
         if seen >= most:
             break
-    return np.concatenate(xs)[:most], np.concatenate(ids)[:most], np.concatenate(got)[:most]
+    out = np.concatenate(xs)[:most], np.concatenate(ids)[:most], np.concatenate(got)[:most]
+    return out + (np.concatenate(seqs)[:most],) if rows else out
 
 
 def fit(x, ids, norms, num_experts):
@@ -222,17 +231,19 @@ def check_width(routing, what="policy probe") -> None:
                                  "without --max-experts" + (", or use another policy" if what == "policy probe" else ""))
 
 
-def fit_probes(model, base_dir, feeds, probe=True, stand_in=None) -> tuple:
+def fit_probes(model, base_dir, feeds, probe=True, stand_in=None, subsets=None):
     """({layer: (P, b)} or None, {layer: (c, G, V)} or None) for every router of the converted
     (static) `model`, fitted on `feeds`: the probes (`probe`), of the log size of what the
-    stand-in of rank `stand_in` misses where one is fitted (run/stand_in.py), else of the output's."""
+    stand-in of rank `stand_in` misses where one is fitted (run/stand_in.py), else of the output's.
+    With `subsets` (arrays of rows of `feeds`' input_ids): a list of those, one fitted on each
+    subset's sequences, from one read-out."""
     routing = Routing.read(model)
     if probe or stand_in is not None:
         check_width(routing, "policy probe" if probe else "--stand-in")
     for r in routing.routers:
         if r.static_only:
             raise MoeExportError(f"policy probe drops slots: {r.static_only}" if probe else r.static_only)
-    probes, stand_ins = {}, {}
+    fits = [({}, {}) for _ in (subsets if subsets is not None else [None])]
     n = len(batches(model, feeds))
     what = " and ".join(["the probes of the experts' output sizes"] * probe + ["the experts' stand-ins"] *
                         (stand_in is not None))
@@ -244,11 +255,22 @@ def fit_probes(model, base_dir, feeds, probe=True, stand_in=None) -> tuple:
             bar.update(done[0])
         ix = GraphIndex(model.graph)
         for r in routing.routers:
-            x, ids, got = expert_sizes(model, base_dir, feeds, r, tick, ix, outputs=stand_in is not None)
-            if stand_in is not None:
-                stand_ins[r.layer] = fit_stand_in(x, ids, got, r.num_experts, stand_in)
-                got -= stand_in_at(x, ids, stand_ins[r.layer])  # (in place: the outputs are the fit's largest array)
-                got = np.linalg.norm(got, axis=2)
-            if probe:
-                probes[r.layer] = fit(x, ids, got, r.num_experts)
-    return probes if probe else None, stand_ins if stand_in is not None else None
+            x, ids, got, *seq = expert_sizes(model, base_dir, feeds, r, tick, ix, outputs=stand_in is not None,
+                                             rows=subsets is not None)
+            # the stand-in's residual is taken in place (the outputs are the fit's largest array):
+            # in the outputs themselves for the first subset, which is fitted last, in copies for
+            # the others
+            for i in reversed(range(len(fits))):
+                probes, stand_ins = fits[i]
+                keep = slice(None) if subsets is None else np.isin(seq[0], subsets[i])
+                whole = subsets is None or keep.all()
+                xs, ids_s = (x, ids) if whole else (x[keep], ids[keep])
+                got_s = got if whole and i == 0 else got[keep]
+                if stand_in is not None:
+                    stand_ins[r.layer] = fit_stand_in(xs, ids_s, got_s, r.num_experts, stand_in)
+                    got_s -= stand_in_at(xs, ids_s, stand_ins[r.layer])
+                    got_s = np.linalg.norm(got_s, axis=2)
+                if probe:
+                    probes[r.layer] = fit(xs, ids_s, got_s, r.num_experts)
+    fits = [(p if probe else None, s if stand_in is not None else None) for p, s in fits]
+    return fits if subsets is not None else fits[0]
