@@ -44,7 +44,8 @@ BUDGETS = (0.005, 0.01)
 # more than the model was trained with while easy ones take fewer (issue 27); probe: a linear
 # probe of each expert's output size beside the router (conversion/probe.py), also among auto's
 # (the default check is cross-fitting; the rows before 2026-12-07's "Cross-fitted check" were
-# measured with the held-out check, their labels without ", heldout check": --budget-check heldout)
+# measured with the held-out check, their labels without ", heldout check": --budget-check heldout;
+# a --reuse of such a run reads its held-out rows as cross-fitted ones)
 BUDGET_RUNS = (("top-p", False, None, "crossfit"), ("ratio", False, None, "crossfit"),
                ("entropy", False, None, "crossfit"), ("probe", False, None, "crossfit"),
                ("auto", False, None, "crossfit"), ("auto", False, 1.0, "crossfit"), ("ratio", False, None, "pooled"),
@@ -211,7 +212,7 @@ def run_model(name, eval_seqs, calib_seqs, work: Path, budget_only=False, budget
     ok = [c for c in curve if c["ppl_increase"] <= 0.01 and c["policy"] != ORACLE]
     best = max(ok, key=lambda c: c["pair_reduction"]) if ok else None
     return {"model": name, "corpus": log["corpus"], "train_steps": log["steps"], "k": gates_k,
-            "at_budget": None if budget_only else at_budget(curve),
+            "at_budget": None if budget_only else at_budget(curve, budget_check),
             "static_ppl": base["ppl"], "eval_tokens": base["tokens"],
             "static_ppl_on_torch_slice": {"onnx": onnx_on_torch_slice, "torch": log["torch_heldout_ppl"]},
             "calib_tokens": int(calib.size),
@@ -233,7 +234,7 @@ def stand_in_cost(ckpt, rank):
     return {"stand_in": rank, "stand_in_cost_per_dropped_pair": (2 * rank + 1) / (3 * inter)}
 
 
-def at_budget(curve):
+def at_budget(curve, budget_check="crossfit"):
     """Per policy and budget: the pair cut of the budget-calibrated model (and its evaluation
     perplexity increase), against the best target-calibrated (per layer) and global-threshold
     points whose evaluation increase is within that budget."""
@@ -243,7 +244,7 @@ def at_budget(curve):
     out = {}
     k = next(c["max_experts"] for c in curve if "budget" in c["policy"] and "max " not in c["policy"])
     for policy, wide, rn, check in BUDGET_RUNS:
-        label = budget_label(policy, wide and k + 1, k, rn, check)
+        label = budget_label(policy, wide and k + 1, k, rn, budget_check if check == "crossfit" else check)
         for b in BUDGETS:
             row = next((c for c in curve if c["policy"] == label and c["threshold"] == b), None)
             if row is None:  # not run (--budget-policies)

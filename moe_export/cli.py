@@ -371,12 +371,13 @@ def _calibrate_args(c):
                         help="a quality budget: the cheapest routing whose next-token perplexity on the data rises "
                              "at most this much (0.01 = +1%%); a causal LM graph (input_ids -> logits) is needed")
     c.add_argument("--holdout", type=float, default=None, metavar="FRACTION",
-                     help="with --max-ppl-increase: the part of --data held out to check the budget (default 0.25: "
-                          "four folds)")
+                     help="with --max-ppl-increase: the size of each fold the budget is checked on, a fraction of "
+                          "--data (default 0.25: four folds; with --check heldout, the part held out)")
     c.add_argument("--check", choices=("crossfit", "heldout"), default=None,
-                     help="with --max-ppl-increase: how the budget is checked. crossfit (default): every sequence, "
-                          "each on the routing chosen without its fold, the routing itself fitted on all of --data; "
-                          "heldout: one held-out part, the routing fitted on the rest")
+                     help="with --max-ppl-increase: how the budget is checked. crossfit (default): on every "
+                          "sequence, each fold run with the routing allocated and fitted on the other folds (the "
+                          "routing written is fitted on all of --data); heldout: on one held-out part, the routing "
+                          "fitted on the rest")
     _output_arg(c, "the calibrated, converted model")
     c.add_argument("--policy", choices=[p for p in POLICIES if p != "static"] + ["auto"], default="top-p",
                      help="dynamic policy whose threshold is calibrated (default top-p); probe fits a linear probe "

@@ -23,7 +23,9 @@ the calibration tokens stays within `max_ppl_increase` of the static model's.
    - "crossfit": at each scale, each fold is run with the routing allocated on the other folds'
      curves, at thresholds and with probes and stand-ins fitted on the other folds, and every
      sequence's increase so measured counts (and the routing allocated on all the curves, which
-     is the one written, must keep the mean of all within the budget). Whatever was chosen or
+     is the one written, must keep the mean of all within the budget). (The other folds' points
+     were measured with fits that saw this fold, among the others': a second-order leak into
+     which choices its routing makes, none into how they are fitted or what it measures.) Whatever was chosen or
      fitted on some text under-states what other text sees: the allocation (BENCHMARKS.md:
      mixtral8, ratio, +1%: fitting part +0.32%, held-out +0.66%, evaluation +0.78%), and a
      stand-in more (deepseek16, 48 sequences, one uniform cut: +2.2% on the sequences it was
@@ -234,7 +236,7 @@ class BudgetSearch:
             raise MoeExportError("--max-ppl-increase needs at least 2 sequences in --data (one is held out)")
         order, self.check, self.notes, self.folds = np.random.default_rng(0).permutation(n), check, [], []
         self.joint = {}  # (choices, fit, sequences) -> their run, shared by every budget
-        if check == "crossfit":  # every sequence fits, and each fold is checked on a routing chosen without it
+        if check == "crossfit":  # every sequence fits, and each fold is checked on a routing fitted without it
             k = min(n, max(2, round(1 / holdout)))
             self.fit, self.hold = np.arange(n), np.arange(0)
             # folds of consecutive sequences: a document cut into sequences stays in one fold, so
@@ -250,8 +252,9 @@ class BudgetSearch:
             self.hold, self.fit = np.sort(order[:n_hold]), np.sort(order[n_hold:])
             checked = n_hold
         if checked < MIN_HELDOUT:
-            self.notes.append(f"the budget is checked on {checked} held-out sequence{'s' * (checked > 1)} of the {n} "
-                              "in --data, too few to bound the increase on other text; give more sequences")
+            self.notes.append(f"the budget is checked on {checked} sequence{'s' * (checked > 1)}" +
+                              ("" if check == "crossfit" else f" held out of the {n} in --data") +
+                              ", too few to bound the increase on other text; give more sequences")
         m = static_copy(model, max_experts)
         Routing.read(m).check_dynamic()
         self.policy, self.stand_in = policy, stand_in
@@ -326,7 +329,10 @@ class BudgetSearch:
         want_probe = policy in ("probe", "auto")
         if not (want_probe or stand_in is not None):
             return [(None, None)] * len(subsets)
-        fit_on = lambda probe: fit_probes(m, base_dir, feeds, probe, stand_in, subsets)
+        if len(subsets) == 1:  # (the fitting part alone: read out only it)
+            fit_on = lambda probe: [fit_probes(m, base_dir, take_rows(m, feeds, subsets[0]), probe, stand_in)]
+        else:
+            fit_on = lambda probe: fit_probes(m, base_dir, feeds, probe, stand_in, subsets)
         try:  # (one read-out: a probe learns what the stand-in misses)
             return fit_on(want_probe)
         except MoeExportError as e:
@@ -348,11 +354,11 @@ class BudgetSearch:
         thresholds = self.fits[j][1]
         return {layer: (p, thresholds[layer, p, f], rn) for layer, (p, f, rn) in routing.items()}
 
-    def _net(self, routing, pairs, static):
+    def _net(self, pairs, static):
         """The cut in expert FLOPs: routed pairs cut, less each dropped pair's stand-in in pairs' worth
         (`pairs`, `static`: per layer)."""
         spent = pairs.sum() + sum((static[i] - pairs[i]) * self.stand_in_cost.get(r.layer, 0.0)
-                                  for i, r in enumerate(self.ev.routers) if r.layer in routing)
+                                  for i, r in enumerate(self.ev.routers))  # (a static layer drops none)
         return float(1 - spent / static.sum())
 
     def _joint(self, routing, j, rows):
@@ -424,7 +430,7 @@ class BudgetSearch:
                            "est_ppl_cost": math.expm1(est)})
         part = lambda rows_d, p, static, base: {
             "sequences": int(len(rows_d)), "ppl_increase": math.expm1(float(rows_d.mean())),
-            "pair_reduction": float(1 - p.sum() / static.sum()), "net_reduction": self._net(routing, p.sum(0), static.sum(0)),
+            "pair_reduction": float(1 - p.sum() / static.sum()), "net_reduction": self._net(p.sum(0), static.sum(0)),
             "static_ppl": math.exp(float(base.mean()))}
         return {"max_ppl_increase": max_ppl_increase, "policy": self.policy, "routing": routing, "layers": layers,
                 "fit": part(d[fit], pairs[fit], self.base_pairs[fit], self.base_nll[fit]),

@@ -23,7 +23,7 @@ from ..conversion.record import Routing
 from ..model.files import Progress
 from ..model.graph import (GraphIndex, NodeBuilder, drop_unused_initializers, needed, reads_of,
                            rename_reads)
-from .runtime import batches, expose, run_guarded, session_from_proto
+from .runtime import batches, expose, run_guarded, session_from_proto, take_rows
 from .stand_in import fit_stand_in, stand_in_at
 
 RIDGE = 1.0       # the least squares' regularizer, in units of the inputs' mean square
@@ -231,6 +231,11 @@ def check_width(routing, what="policy probe") -> None:
                                  "without --max-experts" + (", or use another policy" if what == "policy probe" else ""))
 
 
+def _spread(n):
+    """0 .. n-1 in an order whose every prefix is spread over the whole range (golden-ratio steps)."""
+    return np.argsort((np.arange(n) * 0.6180339887498949) % 1.0, kind="stable")
+
+
 def fit_probes(model, base_dir, feeds, probe=True, stand_in=None, subsets=None):
     """({layer: (P, b)} or None, {layer: (c, G, V)} or None) for every router of the converted
     (static) `model`, fitted on `feeds`: the probes (`probe`), of the log size of what the
@@ -244,6 +249,10 @@ def fit_probes(model, base_dir, feeds, probe=True, stand_in=None, subsets=None):
         if r.static_only:
             raise MoeExportError(f"policy probe drops slots: {r.static_only}" if probe else r.static_only)
     fits = [({}, {}) for _ in (subsets if subsets is not None else [None])]
+    if subsets is not None:  # read in an order any prefix of which spans the data: the read-out
+        # stops at its token cap, and every subset needs its share of what it read
+        order = _spread(len(feeds["input_ids"]))
+        feeds = take_rows(model, feeds, order)
     n = len(batches(model, feeds))
     what = " and ".join(["the probes of the experts' output sizes"] * probe + ["the experts' stand-ins"] *
                         (stand_in is not None))
@@ -262,7 +271,11 @@ def fit_probes(model, base_dir, feeds, probe=True, stand_in=None, subsets=None):
             # the others
             for i in reversed(range(len(fits))):
                 probes, stand_ins = fits[i]
-                keep = slice(None) if subsets is None else np.isin(seq[0], subsets[i])
+                keep = slice(None) if subsets is None else np.isin(order[seq[0]], subsets[i])
+                if subsets is not None and not keep.any():
+                    raise MoeExportError(f"{r.layer}: the read-out of the experts' outputs stops at {len(x)} tokens, "
+                                         f"{len(np.unique(seq[0]))} sequences, too few to fit on each fold's "
+                                         "complement; give shorter sequences, or --check heldout")
                 whole = subsets is None or keep.all()
                 xs, ids_s = (x, ids) if whole else (x[keep], ids[keep])
                 got_s = got if whole and i == 0 else got[keep]
