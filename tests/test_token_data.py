@@ -121,24 +121,29 @@ def test_usage_errors_exit_2(work, args, expect):
 
 
 def test_a_holdout_that_leaves_nothing_to_fit_on_is_one_line(work):
-    """16 sequences, --holdout 0.99: all held out (it divided by zero in the search)."""
+    """16 sequences, --holdout 0.99, --check heldout: all held out (it divided by zero in the search).
+    (Cross-fitting, the default, makes it two folds.)"""
     r = run_cli("calibrate", MIXTRAL, "--data", work / "ids.npy", "--max-ppl-increase", "0.01", "--holdout", "0.99",
-                "-o", work / "out.onnx")
+                "--check", "heldout", "-o", work / "out.onnx")
     assert_clean_failure(r, work, "holds out all 16 sequences")
     assert r.returncode == 1
 
 
 def test_a_budget_checked_on_a_few_sequences_says_so(work):
-    """4 sequences: the held-out check rests on one, which bounds nothing; the output is written
-    with a warning rather than in silence."""
+    """4 sequences: the check rests on four (cross-fitted) or one (held out), which bound nothing;
+    the output is written with a warning rather than in silence."""
     ids = work / "ids4.npy"
     np.save(ids, np.load(work / "ids.npy")[:4])
     r = run_cli("calibrate", MIXTRAL, "--data", ids, "--max-ppl-increase", "0.01", "-o", work / "few.onnx")
     assert r.returncode == 0, r.stderr
-    assert "checked on 1 held-out sequence of the 4 in --data" in r.stderr
+    assert "checked on 4 sequences, too few to bound" in r.stderr
+    r = run_cli("calibrate", MIXTRAL, "--data", ids, "--max-ppl-increase", "0.01", "--check", "heldout",
+                "-o", work / "few.onnx")
+    assert r.returncode == 0, r.stderr
+    assert "checked on 1 sequence held out of the 4 in --data" in r.stderr
     quiet = run_cli("calibrate", MIXTRAL, "--data", work / "ids.npy", "--max-ppl-increase", "0.01",
-                    "--holdout", "0.5", "-o", work / "more.onnx")  # 8 of 16 held out
-    assert quiet.returncode == 0 and "held-out sequence" not in quiet.stderr
+                    "--holdout", "0.5", "--check", "heldout", "-o", work / "more.onnx")  # 8 of 16 held out
+    assert quiet.returncode == 0 and "too few to bound" not in quiet.stderr
     (work / "few.onnx").unlink()
     (work / "more.onnx").unlink()
     ids.unlink()
